@@ -1,0 +1,1 @@
+"""The core: events, metadata, codecs and errors. No I/O, no drivers."""

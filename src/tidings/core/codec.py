@@ -1,0 +1,104 @@
+"""The JSON codec: events and metadata to stored text and back.
+
+Every store and broker goes through one `JSONCodec`, so size limits, unknown types and (later)
+upcasting behave the same everywhere. Data is the event's fields as a JSON object; metadata is
+a JSON object, or nothing when empty.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+from tidings.core.errors import EventDecodeError, NotAnEvent, UnknownEventType
+from tidings.core.events import Event, TypeRegistry, UnknownEvent, default_registry
+from tidings.core.metadata import EMPTY, Metadata
+from tidings.core.recorded import RecordedEvent
+
+__all__ = ["EncodedEvent", "JSONCodec"]
+
+
+@dataclass(frozen=True, slots=True)
+class EncodedEvent:
+    """An event ready to store: its id, type, schema version and JSON data."""
+
+    id: UUID
+    type: str
+    schema_version: int
+    data: str
+    size: int
+
+
+class JSONCodec:
+    """Encodes events to JSON and decodes stored rows into `RecordedEvent`s.
+
+    Args:
+        registry: where (type, version) pairs find their classes.
+        keep_unknown: decode unregistered types as `UnknownEvent` instead of raising.
+    """
+
+    def __init__(
+        self, registry: TypeRegistry | None = None, *, keep_unknown: bool = False
+    ) -> None:
+        self.registry = registry if registry is not None else default_registry
+        self.keep_unknown = keep_unknown
+
+    def encode(self, event: Event, index: int = 0) -> EncodedEvent:
+        """Encode one event; `NotAnEvent` for anything that is not a storable `Event`."""
+        if isinstance(event, UnknownEvent):
+            text = json.dumps(event.data, ensure_ascii=False, separators=(",", ":"))
+            return EncodedEvent(event.event_id, event.type, event.version, text, len(text.encode()))
+        if not isinstance(event, Event) or event.__event_type__ is None:
+            raise NotAnEvent(event, index)
+        raw = event.__pydantic_serializer__.to_json(event)
+        return EncodedEvent(
+            event.event_id, event.__event_type__, event.__event_version__, raw.decode(), len(raw)
+        )
+
+    @staticmethod
+    def encode_metadata(metadata: Metadata) -> str | None:
+        """The stored form of `metadata`: None when it is empty."""
+        if not metadata:
+            return None
+        return json.dumps(metadata.to_dict(), ensure_ascii=False, separators=(",", ":"))
+
+    def decode_event(self, type: str, schema_version: int, data: str | bytes) -> Event:
+        """Decode one event's data into its registered class (or `UnknownEvent`)."""
+        cls = self.registry.find(type, schema_version)
+        if cls is None:
+            if not self.keep_unknown:
+                raise UnknownEventType(type, schema_version)
+            return UnknownEvent(type=type, version=schema_version, data=json.loads(data))
+        return cls.__pydantic_validator__.validate_json(data)  # type: ignore[no-any-return]
+
+    def decode(
+        self,
+        position: int,
+        id: UUID,
+        stream_id: str,
+        version: int,
+        type: str,
+        schema_version: int,
+        recorded_at: datetime,
+        data: str | bytes,
+        metadata: str | None,
+    ) -> RecordedEvent[Any]:
+        """Build a `RecordedEvent` from a stored row; `EventDecodeError` names the row."""
+        try:
+            event = self.decode_event(type, schema_version, data)
+            meta = EMPTY if metadata is None else Metadata.from_dict(json.loads(metadata))
+        except Exception as exc:
+            raise EventDecodeError(stream_id, version, position, _reason(exc)) from exc
+        event.__pydantic_private__["_id"] = id  # type: ignore[index]
+        return RecordedEvent(
+            id, stream_id, version, position, type, schema_version, recorded_at, event, meta
+        )
+
+
+def _reason(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    first = text[0] if text else type(exc).__name__
+    return f"{type(exc).__name__}: {first}" if not isinstance(exc, UnknownEventType) else first

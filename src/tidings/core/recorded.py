@@ -1,0 +1,45 @@
+"""What a store hands back: an event together with where and when it was stored."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Generic, TypeVar
+from uuid import UUID
+
+from tidings.core.events import Event
+from tidings.core.metadata import Metadata
+
+__all__ = ["RecordedEvent"]
+
+E = TypeVar("E", bound=Event, covariant=True)
+
+
+@dataclass(frozen=True, slots=True)
+class RecordedEvent(Generic[E]):
+    """A stored event: its typed `event` plus its place in its stream and in the global log.
+
+    `version` counts from 1 within `stream_id`; `position` is the event's place in the store's
+    global log, strictly increasing in commit order. `recorded_at` is timezone-aware UTC.
+    """
+
+    id: UUID
+    stream_id: str
+    version: int
+    position: int
+    type: str
+    schema_version: int
+    recorded_at: datetime
+    event: E
+    metadata: Metadata
+
+    @property
+    def correlation_id(self) -> str | None:
+        """Shortcut for `metadata.correlation_id`."""
+        return self.metadata.correlation_id
+
+    @property
+    def causation_id(self) -> str | None:
+        """Shortcut for `metadata.causation_id`."""
+        return self.metadata.causation_id
+

@@ -1,0 +1,541 @@
+"""The `EventStore` protocol, its value types, and the behaviour every backend shares.
+
+A backend subclasses `StoreBase` and implements the `_`-prefixed primitives (open, close,
+append encoded rows, read one batch). Validation, encoding, paging, and the catch-up-then-wait
+loop of `subscribe` live here once, so every backend behaves the same.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Iterable, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, NamedTuple, Protocol, Self, runtime_checkable
+from urllib.parse import parse_qsl, urlsplit
+
+from tidings.core.codec import EncodedEvent, JSONCodec
+from tidings.core.errors import (
+    ConfigurationError,
+    EventIdConflict,
+    EventTooLarge,
+    InvalidStreamId,
+    StoreClosed,
+    WrongExpectedVersion,
+)
+from tidings.core.events import Event
+from tidings.core.metadata import Metadata, MetadataLike
+from tidings.core.recorded import RecordedEvent
+
+__all__ = [
+    "ANY",
+    "NO_STREAM",
+    "STREAM_EXISTS",
+    "AppendResult",
+    "EventStore",
+    "ExpectedVersion",
+    "StoreBase",
+    "StreamInfo",
+    "StreamState",
+]
+
+MAX_STREAM_ID_LENGTH = 512
+DEFAULT_MAX_EVENT_SIZE = 1024 * 1024
+
+
+class StreamState(enum.Enum):
+    """Expected-version values that are not a number."""
+
+    ANY = "any"
+    STREAM_EXISTS = "stream_exists"
+
+    def __repr__(self) -> str:
+        return self.name
+
+    __str__ = __repr__
+
+
+ANY = StreamState.ANY
+"""Append whatever the stream's version is."""
+STREAM_EXISTS = StreamState.STREAM_EXISTS
+"""Append only to a stream that has at least one event."""
+NO_STREAM = 0
+"""Append only if the stream has no events yet."""
+
+ExpectedVersion = int | StreamState
+
+
+@dataclass(frozen=True, slots=True)
+class AppendResult:
+    """Where an append left things: the stream's `version` and the last event's `position`."""
+
+    version: int
+    position: int
+
+
+class StreamInfo(NamedTuple):
+    """A stream id and its current version (its number of events)."""
+
+    stream_id: str
+    version: int
+
+
+@runtime_checkable
+class EventStore(Protocol):
+    """An append-only store of event streams with one global, ordered log.
+
+    Streams are numbered from version 1; every event also has a global `position` that grows
+    in commit order. Implementations are async context managers holding their connections.
+    """
+
+    async def open(self) -> Self:
+        """Connect and create or migrate the schema; idempotent."""
+        ...
+
+    async def aclose(self) -> None:
+        """Close connections; waiting subscribers raise `StoreClosed`."""
+        ...
+
+    async def __aenter__(self) -> Self: ...
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None: ...
+
+    async def append(
+        self,
+        stream_id: str,
+        events: Sequence[Event],
+        expected_version: ExpectedVersion = ANY,
+        metadata: MetadataLike | None = None,
+    ) -> AppendResult:
+        """Append `events` to `stream_id` atomically: all are stored or none.
+
+        `expected_version` is the version the writer last saw (`NO_STREAM` is 0), or `ANY`, or
+        `STREAM_EXISTS`; a clash raises `WrongExpectedVersion`. Re-appending events whose ids
+        are already stored, in this stream and in this order, stores nothing and returns the
+        original result, whatever `expected_version` says (a safe retry).
+        """
+        ...
+
+    def read_stream(
+        self,
+        stream_id: str,
+        from_version: int | None = None,
+        *,
+        backwards: bool = False,
+        limit: int | None = None,
+    ) -> AsyncIterator[RecordedEvent[Any]]:
+        """Events of one stream, starting at `from_version` (inclusive).
+
+        Forwards from version 1 by default; with `backwards=True`, from the last version down.
+        An unknown stream reads as empty. Streams in batches: memory stays constant.
+        """
+        ...
+
+    def read_all(
+        self,
+        after: int = 0,
+        *,
+        limit: int | None = None,
+        types: Iterable[type[Event] | str] | None = None,
+    ) -> AsyncIterator[RecordedEvent[Any]]:
+        """The global log after position `after` (exclusive), in position order.
+
+        `types` keeps only those event types (classes or type names). Reading again from the
+        last position seen never skips an event committed since, nor repeats one.
+        """
+        ...
+
+    def subscribe(
+        self, after: int = 0, *, types: Iterable[type[Event] | str] | None = None
+    ) -> AsyncIterator[RecordedEvent[Any]]:
+        """Like `read_all`, but once caught up it waits for new events instead of ending.
+
+        Appends through this process wake it at once; appends by other processes are found by
+        polling with a short backoff. It never spins the CPU while idle.
+        """
+        ...
+
+    async def stream_version(self, stream_id: str) -> int:
+        """The stream's current version: its number of events, 0 when it does not exist."""
+        ...
+
+    def streams(self) -> AsyncIterator[StreamInfo]:
+        """Every stream with its version, ordered by stream id."""
+        ...
+
+    async def last_position(self) -> int:
+        """The position of the newest event in the global log, 0 when empty."""
+        ...
+
+
+def validate_stream_id(stream_id: object) -> str:
+    """Return `stream_id` if it is storable; `InvalidStreamId` saying why if not."""
+    if not isinstance(stream_id, str):
+        raise InvalidStreamId(stream_id, f"must be a str, not {type(stream_id).__name__}")
+    if not stream_id:
+        raise InvalidStreamId(stream_id, "must not be empty")
+    if len(stream_id) > MAX_STREAM_ID_LENGTH:
+        raise InvalidStreamId(
+            stream_id, f"{len(stream_id)} characters, over the limit of {MAX_STREAM_ID_LENGTH}"
+        )
+    try:
+        stream_id.encode()
+    except UnicodeEncodeError as exc:
+        raise InvalidStreamId(stream_id, f"not valid unicode text ({exc.reason})") from None
+    return stream_id
+
+
+def validate_expected(expected: object) -> ExpectedVersion:
+    """Check the `expected_version` argument itself (not yet against the stream)."""
+    if isinstance(expected, StreamState):
+        return expected
+    if isinstance(expected, bool) or not isinstance(expected, int) or expected < 0:
+        raise TypeError(
+            f"expected_version must be an int >= 0, NO_STREAM, STREAM_EXISTS or ANY; "
+            f"got {expected!r}"
+        )
+    return expected
+
+
+def expected_matches(expected: ExpectedVersion, actual: int) -> bool:
+    """Whether a stream at version `actual` satisfies `expected`."""
+    if expected is ANY:
+        return True
+    if expected is STREAM_EXISTS:
+        return actual > 0
+    return expected == actual
+
+
+def type_names(types: Iterable[type[Event] | str] | None) -> frozenset[str] | None:
+    """Normalise a `types=` filter to a set of type names."""
+    if types is None:
+        return None
+    names = set()
+    for item in types:
+        if isinstance(item, str):
+            names.add(item)
+        elif isinstance(item, type) and issubclass(item, Event) and item.__event_type__:
+            names.add(item.__event_type__)
+        else:
+            raise TypeError(f"types= takes Event classes or type names, not {item!r}")
+    return frozenset(names)
+
+
+def resolve_duplicates(
+    stream_id: str,
+    ids: Sequence[Any],
+    found: dict[Any, tuple[str, int, int]],
+) -> AppendResult:
+    """Decide a retry: `found` maps already-stored ids to (stream, version, position).
+
+    The same events, in this stream, at consecutive versions in this order, are the original
+    append: its result is returned. Anything else is an `EventIdConflict`.
+    """
+    for event_id in ids:
+        if event_id in found and found[event_id][0] != stream_id:
+            raise EventIdConflict(
+                stream_id, event_id, f"already stored in stream {found[event_id][0]!r}"
+            )
+    missing = [event_id for event_id in ids if event_id not in found]
+    if missing:
+        stored = next(event_id for event_id in ids if event_id in found)
+        raise EventIdConflict(
+            stream_id, stored,
+            f"already stored, but {len(missing)} of the {len(ids)} events in this append are not; "
+            "a retry must resend exactly the original events",
+        )
+    versions = [found[event_id][1] for event_id in ids]
+    if versions != list(range(versions[0], versions[0] + len(versions))):
+        raise EventIdConflict(
+            stream_id, ids[0], "stored, but not in this order as one append"
+        )
+    return AppendResult(version=versions[-1], position=found[ids[-1]][2])
+
+
+class AppendSignal:
+    """Wakes waiting subscribers when this process appends; safe to notify from any thread."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._seq = 0
+        self._waiters: set[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = set()
+
+    @property
+    def seq(self) -> int:
+        """Changes every time `notify` is called."""
+        return self._seq
+
+    def notify(self) -> None:
+        """Wake every waiter (from any thread)."""
+        with self._lock:
+            self._seq += 1
+            waiters, self._waiters = self._waiters, set()
+        for loop, future in waiters:
+            try:
+                loop.call_soon_threadsafe(_wake, future)
+            except RuntimeError:  # that loop is closed; nobody is waiting any more
+                pass
+
+    async def wait(self, seen: int, timeout: float | None) -> None:
+        """Return once `seq` differs from `seen`, or after `timeout` seconds."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        entry = (loop, future)
+        with self._lock:
+            if self._seq != seen:
+                return
+            self._waiters.add(entry)
+        try:
+            await asyncio.wait_for(future, timeout)
+        except TimeoutError:
+            pass
+        finally:
+            with self._lock:
+                self._waiters.discard(entry)
+
+
+def _wake(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+class StoreBase(ABC):
+    """Shared behaviour of the store backends; see `EventStore` for the contract."""
+
+    #: Whether other processes may append to the same store (then subscribers also poll).
+    shared_across_processes: bool = False
+    #: Polling backoff, first and longest wait, for stores shared across processes.
+    poll_interval: tuple[float, float] = (0.01, 0.5)
+
+    def __init__(
+        self,
+        *,
+        codec: JSONCodec | None = None,
+        max_event_size: int = DEFAULT_MAX_EVENT_SIZE,
+        batch_size: int = 1000,
+    ) -> None:
+        if max_event_size < 1 or batch_size < 1:
+            raise ConfigurationError("max_event_size and batch_size must be positive")
+        self.codec = codec or JSONCodec()
+        self.max_event_size = max_event_size
+        self.batch_size = batch_size
+        self._signal = AppendSignal()
+        self._opened = False
+        self._closed = False
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def open(self) -> Self:
+        if self._closed:
+            raise StoreClosed(f"{type(self).__name__} was closed; open a new one")
+        if not self._opened:
+            await self._open()
+            self._opened = True
+        return self
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._signal.notify()
+        if self._opened:
+            await self._close()
+
+    async def __aenter__(self) -> Self:
+        return await self.open()
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    def _check_open(self) -> None:
+        if not self._opened or self._closed:
+            state = "closed" if self._closed else "not open yet (use `async with` or `await store.open()`)"
+            raise StoreClosed(f"{type(self).__name__} is {state}")
+
+    # -- writing ---------------------------------------------------------------------------
+
+    async def append(
+        self,
+        stream_id: str,
+        events: Sequence[Event],
+        expected_version: ExpectedVersion = ANY,
+        metadata: MetadataLike | None = None,
+    ) -> AppendResult:
+        stream_id = validate_stream_id(stream_id)
+        expected = validate_expected(expected_version)
+        if isinstance(events, Event) or not isinstance(events, Sequence):
+            raise TypeError(
+                f"events must be a sequence of Event instances, not {type(events).__name__}"
+            )
+        if not events:
+            raise ValueError(f"append to {stream_id!r} got no events")
+        encoded = self._encode(stream_id, events)
+        meta = self.codec.encode_metadata(Metadata.coerce(metadata))
+        self._check_open()
+        result = await self._append(stream_id, expected, encoded, meta)
+        self._signal.notify()
+        return result
+
+    def _encode(self, stream_id: str, events: Sequence[Event]) -> list[EncodedEvent]:
+        encoded = []
+        seen = set()
+        for index, event in enumerate(events):
+            item = self.codec.encode(event, index)
+            if item.size > self.max_event_size:
+                raise EventTooLarge(stream_id, index, item.type, item.size, self.max_event_size)
+            if item.id in seen:
+                raise EventIdConflict(stream_id, item.id, f"events[{index}] repeats an event of this append")
+            seen.add(item.id)
+            encoded.append(item)
+        return encoded
+
+    # -- reading ---------------------------------------------------------------------------
+
+    async def read_stream(
+        self,
+        stream_id: str,
+        from_version: int | None = None,
+        *,
+        backwards: bool = False,
+        limit: int | None = None,
+    ) -> AsyncIterator[RecordedEvent[Any]]:
+        stream_id = validate_stream_id(stream_id)
+        self._check_open()
+        if from_version is None:
+            cursor = await self.stream_version(stream_id) if backwards else 1
+        else:
+            cursor = from_version
+        remaining = limit
+        while remaining is None or remaining > 0:
+            size = self.batch_size if remaining is None else min(self.batch_size, remaining)
+            if backwards and cursor < 1:
+                return
+            batch = await self._read_stream_batch(stream_id, cursor, backwards, size)
+            for record in batch:
+                yield record
+            if len(batch) < size:
+                return
+            cursor = batch[-1].version + (-1 if backwards else 1)
+            if remaining is not None:
+                remaining -= len(batch)
+
+    async def read_all(
+        self,
+        after: int = 0,
+        *,
+        limit: int | None = None,
+        types: Iterable[type[Event] | str] | None = None,
+    ) -> AsyncIterator[RecordedEvent[Any]]:
+        names = type_names(types)
+        self._check_open()
+        remaining = limit
+        while remaining is None or remaining > 0:
+            size = self.batch_size if remaining is None else min(self.batch_size, remaining)
+            batch, scanned_to = await self._read_all_batch(after, size, names)
+            for record in batch:
+                yield record
+            if scanned_to <= after:
+                return
+            after = scanned_to
+            if remaining is not None:
+                remaining -= len(batch)
+
+    async def subscribe(
+        self, after: int = 0, *, types: Iterable[type[Event] | str] | None = None
+    ) -> AsyncIterator[RecordedEvent[Any]]:
+        names = type_names(types)
+        first_wait, longest_wait = self.poll_interval
+        wait = first_wait
+        while True:
+            self._check_open()
+            seen = self._signal.seq
+            batch, scanned_to = await self._read_all_batch(after, self.batch_size, names)
+            for record in batch:
+                yield record
+            if scanned_to > after:
+                after = scanned_to
+                wait = first_wait
+                continue
+            if self.shared_across_processes:
+                await self._signal.wait(seen, wait)
+                wait = min(wait * 2, longest_wait)
+            else:
+                await self._signal.wait(seen, None)
+
+    # -- backend primitives ----------------------------------------------------------------
+
+    @abstractmethod
+    async def _open(self) -> None:
+        """Connect and make the schema current."""
+
+    @abstractmethod
+    async def _close(self) -> None:
+        """Release every connection and thread."""
+
+    @abstractmethod
+    async def _append(
+        self,
+        stream_id: str,
+        expected: ExpectedVersion,
+        events: list[EncodedEvent],
+        metadata: str | None,
+    ) -> AppendResult:
+        """Store validated, encoded events atomically, checking `expected` and retries."""
+
+    @abstractmethod
+    async def _read_stream_batch(
+        self, stream_id: str, from_version: int, backwards: bool, limit: int
+    ) -> list[RecordedEvent[Any]]:
+        """Up to `limit` events of a stream from `from_version` (inclusive) in the direction."""
+
+    @abstractmethod
+    async def _read_all_batch(
+        self, after: int, limit: int, types: frozenset[str] | None
+    ) -> tuple[list[RecordedEvent[Any]], int]:
+        """Up to `limit` matching events after `after`, and the last position scanned.
+
+        The scanned position may pass events filtered out by `types`, so the next batch
+        starts beyond them; it equals `after` only when nothing newer exists.
+        """
+
+    @abstractmethod
+    async def stream_version(self, stream_id: str) -> int: ...
+
+    @abstractmethod
+    def streams(self) -> AsyncIterator[StreamInfo]: ...
+
+    @abstractmethod
+    async def last_position(self) -> int: ...
+
+
+def url_options(url: str, known: dict[str, type]) -> dict[str, Any]:
+    """The query parameters of `url`, converted to the types in `known`.
+
+    An unknown parameter or a bad value is a `ConfigurationError` naming it.
+    """
+    options: dict[str, Any] = {}
+    for key, raw in parse_qsl(urlsplit(url).query, keep_blank_values=True):
+        if key not in known:
+            raise ConfigurationError(
+                f"unknown option {key!r} in {url!r}; known: {', '.join(sorted(known)) or 'none'}"
+            )
+        kind = known[key]
+        try:
+            if kind is bool:
+                if raw.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                    raise ValueError(raw)
+                options[key] = raw.lower() in ("1", "true", "yes")
+            else:
+                options[key] = kind(raw)
+        except ValueError:
+            raise ConfigurationError(
+                f"option {key}={raw!r} in {url!r} is not a valid {kind.__name__}"
+            ) from None
+    return options

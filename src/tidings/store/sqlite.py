@@ -1,0 +1,552 @@
+"""`SQLiteEventStore`: the embedded default, one file, WAL, no server.
+
+One writer thread owns the write connection and commits appends in groups: every append
+waiting when a commit starts joins it, each checked against its own expected version inside a
+savepoint, so one failing append never takes others with it, and a hundred appends share one
+fsync. Reads run on a small pool of reader threads, each with its own connection, so the event
+loop never waits on SQLite. Other processes may write the same file; their appends reach this
+process's subscribers by polling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import queue
+import sqlite3
+import threading
+import time
+import weakref
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Any, TypeVar
+from urllib.parse import unquote, urlsplit
+from uuid import UUID
+
+from tidings.core.codec import EncodedEvent, JSONCodec
+from tidings.core.errors import (
+    ConfigurationError,
+    StoreClosed,
+    StoreError,
+    StoreNotFound,
+    TidingsError,
+    WrongExpectedVersion,
+)
+from tidings.core.recorded import RecordedEvent
+from tidings.store.base import (
+    DEFAULT_MAX_EVENT_SIZE,
+    AppendResult,
+    AppendSignal,
+    ExpectedVersion,
+    StoreBase,
+    StreamInfo,
+    expected_matches,
+    resolve_duplicates,
+    url_options,
+)
+
+__all__ = ["SQLiteEventStore"]
+
+T = TypeVar("T")
+
+# -- schema -------------------------------------------------------------------------------
+
+MIGRATIONS: list[tuple[int, list[str]]] = [
+    (
+        1,
+        [
+            """CREATE TABLE tidings_events (
+                position       INTEGER PRIMARY KEY,
+                id             BLOB    NOT NULL UNIQUE,
+                stream_id      TEXT    NOT NULL,
+                version        INTEGER NOT NULL,
+                type           TEXT    NOT NULL,
+                schema_version INTEGER NOT NULL,
+                recorded_at    INTEGER NOT NULL,  -- microseconds since the Unix epoch, UTC
+                data           TEXT    NOT NULL,
+                metadata       TEXT,
+                UNIQUE (stream_id, version)
+            )""",
+            """CREATE TABLE tidings_streams (
+                stream_id TEXT PRIMARY KEY,
+                version   INTEGER NOT NULL
+            ) WITHOUT ROWID""",
+        ],
+    ),
+]
+
+_COLUMNS = "position, id, stream_id, version, type, schema_version, recorded_at, data, metadata"
+_INSERT = (
+    "INSERT INTO tidings_events (position, id, stream_id, version, type, schema_version, "
+    "recorded_at, data, metadata) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_UPSERT_STREAM = (
+    "INSERT INTO tidings_streams (stream_id, version) VALUES (?, ?) "
+    "ON CONFLICT (stream_id) DO UPDATE SET version = excluded.version"
+)
+_SYNCHRONOUS = ("off", "normal", "full", "extra")
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_MAX_GROUP = 512  # appends committed together at most
+
+# One signal per database file, so stores on the same file in one process wake each other.
+_signals: weakref.WeakValueDictionary[str, AppendSignal] = weakref.WeakValueDictionary()
+_signals_lock = threading.Lock()
+
+
+@contextmanager
+def _mapped_errors(path: str) -> Iterator[None]:
+    """Translate sqlite3 errors into tidings errors, in one place."""
+    try:
+        yield
+    except sqlite3.DatabaseError as exc:
+        raise StoreError(f"sqlite ({path}): {exc}") from exc
+
+
+@dataclass(slots=True)
+class _Append:
+    stream_id: str
+    expected: ExpectedVersion
+    events: list[EncodedEvent]
+    metadata: str | None
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[AppendResult] = field(repr=False)
+
+
+class SQLiteEventStore(StoreBase):
+    """An event store in one SQLite file: `sqlite:///relative.db` or `sqlite:////abs/path.db`.
+
+    Args:
+        synchronous: SQLite's `synchronous` pragma; `full` (default) makes every commit
+            durable against power loss, `normal` only against a crash of the process.
+        create: create the file and tables when missing (default); False raises
+            `StoreNotFound` instead, for tools that only read.
+        busy_timeout: milliseconds to wait for another process's write lock.
+        readers: reader threads (and connections).
+    """
+
+    shared_across_processes = True
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        codec: JSONCodec | None = None,
+        max_event_size: int = DEFAULT_MAX_EVENT_SIZE,
+        batch_size: int = 1000,
+        synchronous: str = "full",
+        create: bool = True,
+        busy_timeout: int = 5000,
+        readers: int = 2,
+    ) -> None:
+        super().__init__(codec=codec, max_event_size=max_event_size, batch_size=batch_size)
+        self.url = url
+        self.path = _path_from_url(url)
+        if synchronous.lower() not in _SYNCHRONOUS:
+            raise ConfigurationError(
+                f"synchronous={synchronous!r}; choose one of {', '.join(_SYNCHRONOUS)}"
+            )
+        self.synchronous = synchronous.lower()
+        self.create = create
+        self.busy_timeout = busy_timeout
+        self.readers = max(1, readers)
+        with _signals_lock:
+            key = os.path.realpath(self.path)
+            signal = _signals.get(key)
+            if signal is None:
+                signal = _signals[key] = AppendSignal()
+        self._signal = signal
+        self._requests: queue.SimpleQueue[_Append | None] = queue.SimpleQueue()
+        self._writer: threading.Thread | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+
+    @classmethod
+    def from_url(cls, url: str, **options: Any) -> SQLiteEventStore:
+        """Build from a `sqlite:///` URL; query parameters and keywords set the options."""
+        known = {
+            "max_event_size": int,
+            "batch_size": int,
+            "synchronous": str,
+            "create": bool,
+            "busy_timeout": int,
+            "readers": int,
+        }
+        return cls(url, **(url_options(url, known) | options))
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def _open(self) -> None:
+        loop = asyncio.get_running_loop()
+        writer_conn = await loop.run_in_executor(None, self._prepare)
+        self._pool = ThreadPoolExecutor(self.readers, thread_name_prefix="tidings-sqlite-read")
+        self._writer = threading.Thread(
+            target=self._write_loop, args=(writer_conn,), name="tidings-sqlite-write", daemon=True
+        )
+        self._writer.start()
+
+    async def _close(self) -> None:
+        self._requests.put(None)
+        loop = asyncio.get_running_loop()
+        if self._writer is not None:
+            await loop.run_in_executor(None, self._writer.join)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+        for conn in self._connections:
+            conn.close()
+        self._connections.clear()
+
+    def _connect(self, *, writer: bool) -> sqlite3.Connection:
+        if self.create:
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        else:
+            uri = "file:" + _quote_path(self.path) + "?mode=rw"
+            conn = sqlite3.connect(uri, isolation_level=None, check_same_thread=False, uri=True)
+        conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout)}")
+        conn.execute(f"PRAGMA synchronous = {self.synchronous}")
+        if not writer:
+            conn.execute("PRAGMA query_only = 1")
+        return conn
+
+    def _prepare(self) -> sqlite3.Connection:
+        """Open the writer connection, switch to WAL and migrate the schema (in a thread)."""
+        if not self.create and not os.path.exists(self.path):
+            raise StoreNotFound(self.path)
+        with _mapped_errors(self.path):
+            conn = self._connect(writer=True)
+            try:
+                mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+                if str(mode).lower() != "wal":
+                    raise StoreError(f"sqlite ({self.path}): cannot use WAL (journal_mode={mode})")
+                self._migrate(conn)
+            except BaseException:
+                conn.close()
+                raise
+        return conn
+
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        if not self.create:
+            exists = conn.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'tidings_schema'"
+            ).fetchone()
+            if not exists:
+                raise StoreNotFound(f"{self.path} (it holds no tidings tables)")
+        conn.execute("BEGIN IMMEDIATE")  # one process migrates; the others wait, then see it done
+        try:
+            conn.execute("CREATE TABLE IF NOT EXISTS tidings_schema (version INTEGER NOT NULL)")
+            current = conn.execute("SELECT coalesce(max(version), 0) FROM tidings_schema").fetchone()[0]
+            for version, statements in MIGRATIONS:
+                if version > current:
+                    for statement in statements:
+                        conn.execute(statement)
+                    conn.execute("INSERT INTO tidings_schema (version) VALUES (?)", (version,))
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    # -- writing ---------------------------------------------------------------------------
+
+    async def _append(
+        self,
+        stream_id: str,
+        expected: ExpectedVersion,
+        events: list[EncodedEvent],
+        metadata: str | None,
+    ) -> AppendResult:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[AppendResult] = loop.create_future()
+        self._requests.put(_Append(stream_id, expected, events, metadata, loop, future))
+        return await future
+
+    def _write_loop(self, conn: sqlite3.Connection) -> None:
+        """The writer thread: take every waiting append, commit them as one transaction."""
+        try:
+            while True:
+                first = self._requests.get()
+                if first is None:
+                    break
+                group = [first]
+                stop = False
+                while len(group) < _MAX_GROUP:
+                    try:
+                        item = self._requests.get_nowait()
+                    except queue.Empty:
+                        break
+                    if item is None:
+                        stop = True
+                        break
+                    group.append(item)
+                _settle(group, self._commit_group(conn, group))
+                if stop:
+                    break
+        finally:
+            conn.close()
+            while True:  # anything queued behind the close is refused, not left hanging
+                try:
+                    item = self._requests.get_nowait()
+                except queue.Empty:
+                    break
+                if item is not None:
+                    _settle([item], [StoreClosed("the store was closed before this append ran")])
+
+    def _commit_group(
+        self, conn: sqlite3.Connection, group: list[_Append]
+    ) -> list[AppendResult | BaseException]:
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            error = StoreError(f"sqlite ({self.path}): cannot start a write: {exc}")
+            error.__cause__ = exc
+            return [error] * len(group)
+        outcomes: list[AppendResult | BaseException] = []
+        try:
+            next_position = conn.execute(
+                "SELECT coalesce(max(position), 0) + 1 FROM tidings_events"
+            ).fetchone()[0]
+            versions: dict[str, int] = {}
+            now = time.time_ns() // 1000
+            for request in group:
+                try:
+                    result = self._apply(conn, request, versions, next_position, now)
+                except (TidingsError, sqlite3.Error) as exc:
+                    outcomes.append(_as_tidings_error(exc, self.path))
+                    continue
+                outcomes.append(result)
+                if result.position >= next_position:
+                    next_position = result.position + 1
+            conn.execute("COMMIT")
+        except BaseException as exc:
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            error = _as_tidings_error(exc, self.path) if isinstance(exc, Exception) else exc
+            return [error] * len(group)
+        return outcomes
+
+    def _apply(
+        self,
+        conn: sqlite3.Connection,
+        request: _Append,
+        versions: dict[str, int],
+        next_position: int,
+        now: int,
+    ) -> AppendResult:
+        """Check and insert one append inside the open transaction, under a savepoint."""
+        stream_id = request.stream_id
+        actual = versions.get(stream_id)
+        if actual is None:
+            row = conn.execute(
+                "SELECT version FROM tidings_streams WHERE stream_id = ?", (stream_id,)
+            ).fetchone()
+            actual = row[0] if row else 0
+        if not expected_matches(request.expected, actual):
+            found = self._find_ids(conn, request.events)
+            if found:
+                return resolve_duplicates(stream_id, [e.id for e in request.events], found)
+            raise WrongExpectedVersion(stream_id, request.expected, actual)
+        rows = [
+            (next_position + i, e.id.bytes, stream_id, actual + 1 + i, e.type, e.schema_version,
+             now, e.data, request.metadata)
+            for i, e in enumerate(request.events)
+        ]
+        conn.execute("SAVEPOINT append")
+        try:
+            conn.executemany(_INSERT, rows)
+            conn.execute(_UPSERT_STREAM, (stream_id, actual + len(rows)))
+        except sqlite3.Error as exc:
+            conn.execute("ROLLBACK TO append")
+            conn.execute("RELEASE append")
+            if isinstance(exc, sqlite3.IntegrityError):  # an event id stored before
+                found = self._find_ids(conn, request.events)
+                if found:
+                    return resolve_duplicates(stream_id, [e.id for e in request.events], found)
+            raise
+        conn.execute("RELEASE append")
+        versions[stream_id] = actual + len(rows)
+        return AppendResult(version=actual + len(rows), position=next_position + len(rows) - 1)
+
+    @staticmethod
+    def _find_ids(
+        conn: sqlite3.Connection, events: list[EncodedEvent]
+    ) -> dict[Any, tuple[str, int, int]]:
+        found: dict[Any, tuple[str, int, int]] = {}
+        ids = [e.id.bytes for e in events]
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            marks = ", ".join("?" * len(chunk))
+            for raw, stream_id, version, position in conn.execute(
+                f"SELECT id, stream_id, version, position FROM tidings_events WHERE id IN ({marks})",
+                chunk,
+            ):
+                found[UUID(bytes=raw)] = (stream_id, version, position)
+        return found
+
+    # -- reading ---------------------------------------------------------------------------
+
+    async def _run(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `work` with this thread's reader connection on the reader pool."""
+        self._check_open()
+        assert self._pool is not None
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._pool, self._with_reader, work)
+        except RuntimeError as exc:
+            if self._closed:
+                raise StoreClosed("the store was closed during a read") from exc
+            raise
+
+    def _with_reader(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        conn = getattr(self._local, "conn", None)
+        with _mapped_errors(self.path):
+            if conn is None:
+                conn = self._local.conn = self._connect(writer=False)
+                self._connections.append(conn)
+            return work(conn)
+
+    def _decode_rows(self, rows: list[tuple[Any, ...]]) -> list[RecordedEvent[Any]]:
+        decode = self.codec.decode
+        return [
+            decode(position, UUID(bytes=raw_id), stream_id, version, type_, schema_version,
+                   _EPOCH + timedelta(microseconds=recorded_at), data, metadata)
+            for position, raw_id, stream_id, version, type_, schema_version, recorded_at, data, metadata
+            in rows
+        ]
+
+    async def _read_stream_batch(
+        self, stream_id: str, from_version: int, backwards: bool, limit: int
+    ) -> list[RecordedEvent[Any]]:
+        order, compare = ("DESC", "<=") if backwards else ("ASC", ">=")
+        sql = (
+            f"SELECT {_COLUMNS} FROM tidings_events WHERE stream_id = ? AND version {compare} ? "
+            f"ORDER BY version {order} LIMIT ?"
+        )
+
+        def work(conn: sqlite3.Connection) -> list[RecordedEvent[Any]]:
+            return self._decode_rows(conn.execute(sql, (stream_id, from_version, limit)).fetchall())
+
+        return await self._run(work)
+
+    async def _read_all_batch(
+        self, after: int, limit: int, types: frozenset[str] | None
+    ) -> tuple[list[RecordedEvent[Any]], int]:
+        def work(conn: sqlite3.Connection) -> tuple[list[RecordedEvent[Any]], int]:
+            if types is None:
+                rows = conn.execute(
+                    f"SELECT {_COLUMNS} FROM tidings_events WHERE position > ? "
+                    "ORDER BY position LIMIT ?",
+                    (after, limit),
+                ).fetchall()
+                return self._decode_rows(rows), rows[-1][0] if rows else after
+            # Filtered: the rows and the end of the log must come from one snapshot, or an
+            # event committed in between could be passed over.
+            marks = ", ".join("?" * len(types))
+            conn.execute("BEGIN")
+            try:
+                rows = conn.execute(
+                    f"SELECT {_COLUMNS} FROM tidings_events WHERE position > ? "
+                    f"AND type IN ({marks}) ORDER BY position LIMIT ?",
+                    (after, *sorted(types), limit),
+                ).fetchall()
+                if len(rows) == limit:
+                    scanned = rows[-1][0]
+                else:
+                    scanned = conn.execute(
+                        "SELECT coalesce(max(position), 0) FROM tidings_events"
+                    ).fetchone()[0]
+            finally:
+                conn.execute("COMMIT")
+            return self._decode_rows(rows), max(scanned, after)
+
+        return await self._run(work)
+
+    async def stream_version(self, stream_id: str) -> int:
+        def work(conn: sqlite3.Connection) -> int:
+            row = conn.execute(
+                "SELECT version FROM tidings_streams WHERE stream_id = ?", (stream_id,)
+            ).fetchone()
+            return row[0] if row else 0
+
+        return await self._run(work)
+
+    async def streams(self) -> AsyncIterator[StreamInfo]:
+        last: str | None = None
+        while True:
+            def work(conn: sqlite3.Connection, last: str | None = last) -> list[Any]:
+                if last is None:
+                    sql, args = "SELECT stream_id, version FROM tidings_streams ORDER BY stream_id LIMIT ?", (self.batch_size,)
+                else:
+                    sql = "SELECT stream_id, version FROM tidings_streams WHERE stream_id > ? ORDER BY stream_id LIMIT ?"
+                    args = (last, self.batch_size)  # type: ignore[assignment]
+                return conn.execute(sql, args).fetchall()
+
+            rows = await self._run(work)
+            for stream_id, version in rows:
+                yield StreamInfo(stream_id, version)
+            if len(rows) < self.batch_size:
+                return
+            last = rows[-1][0]
+
+    async def last_position(self) -> int:
+        def work(conn: sqlite3.Connection) -> int:
+            row = conn.execute("SELECT coalesce(max(position), 0) FROM tidings_events").fetchone()
+            return int(row[0])
+
+        return await self._run(work)
+
+
+def _settle(group: list[_Append], outcomes: list[AppendResult | BaseException]) -> None:
+    """Hand each append its outcome on its own event loop: one wake-up per loop."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Any, Any]]] = {}
+    for request, outcome in zip(group, outcomes, strict=True):
+        by_loop.setdefault(request.loop, []).append((request.future, outcome))
+    for loop, items in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_resolve_all, items)
+        except RuntimeError:  # the loop is gone; nobody waits for these
+            pass
+
+
+def _resolve_all(items: list[tuple[asyncio.Future[AppendResult], Any]]) -> None:
+    for future, outcome in items:
+        if future.done():
+            continue
+        if isinstance(outcome, BaseException):
+            future.set_exception(outcome)
+        else:
+            future.set_result(outcome)
+
+
+def _as_tidings_error(exc: Exception, path: str) -> Exception:
+    if isinstance(exc, TidingsError):
+        return exc
+    error = StoreError(f"sqlite ({path}): {exc}")
+    error.__cause__ = exc
+    return error
+
+
+def _path_from_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme != "sqlite":
+        raise ConfigurationError(f"not a sqlite URL: {url!r}")
+    if parts.netloc:
+        raise ConfigurationError(
+            f"{url!r} has a host part {parts.netloc!r}; write sqlite:///relative.db "
+            "or sqlite:////absolute/path.db (three or four slashes)"
+        )
+    path = unquote(parts.path)
+    if path.startswith("/"):
+        path = path[1:]
+    if not path or path == ":memory:":
+        raise ConfigurationError(
+            f"{url!r} names no file; for a store in memory use 'memory://'"
+        )
+    return path
+
+
+def _quote_path(path: str) -> str:
+    return path.replace("%", "%25").replace("?", "%3f").replace("#", "%23")
