@@ -45,8 +45,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ANY",
-    "NO_STREAM",
-    "STREAM_EXISTS",
     "AppendResult",
     "ConfigurationError",
     "DuplicateEventType",
@@ -62,8 +60,10 @@ __all__ = [
     "InvalidStreamId",
     "JSONCodec",
     "Metadata",
+    "NO_STREAM",
     "NotAnEvent",
     "RecordedEvent",
+    "STREAM_EXISTS",
     "StoreClosed",
     "StoreError",
     "StoreNotFound",

@@ -26,11 +26,11 @@ from tidings.store.base import (
 
 __all__ = [
     "ANY",
-    "NO_STREAM",
-    "STREAM_EXISTS",
     "AppendResult",
     "EventStore",
     "ExpectedVersion",
+    "NO_STREAM",
+    "STREAM_EXISTS",
     "StoreBase",
     "StreamInfo",
     "StreamState",

@@ -32,11 +32,11 @@ from tidings.core.recorded import RecordedEvent
 
 __all__ = [
     "ANY",
-    "NO_STREAM",
-    "STREAM_EXISTS",
     "AppendResult",
     "EventStore",
     "ExpectedVersion",
+    "NO_STREAM",
+    "STREAM_EXISTS",
     "StoreBase",
     "StreamInfo",
     "StreamState",

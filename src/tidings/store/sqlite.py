@@ -163,6 +163,8 @@ class SQLiteEventStore(StoreBase):
         self._pool: ThreadPoolExecutor | None = None
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
+        self.commits = 0
+        """Transactions committed by the writer; appends per commit shows group commit at work."""
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> SQLiteEventStore:
@@ -319,6 +321,7 @@ class SQLiteEventStore(StoreBase):
                 if result.position >= next_position:
                     next_position = result.position + 1
             conn.execute("COMMIT")
+            self.commits += 1
         except BaseException as exc:
             try:
                 conn.execute("ROLLBACK")

@@ -1,0 +1,267 @@
+"""`make bench`: the SQLite event store against raw sqlite3 doing the same work, in one run.
+
+    .venv/bin/python benchmarks/run.py            # the full run (a few minutes)
+    .venv/bin/python benchmarks/run.py --quick    # a smoke run with small counts (seconds)
+
+Prints one table (tidings, raw sqlite3, their ratio, the target, pass or missed) and writes the
+same numbers to benchmarks/results.json (a --quick run writes results-quick.json instead, so it
+never overwrites the numbers the README quotes). A missed target is reported, not an error: the
+exit code is 0 whenever the benchmark itself ran.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sqlite3
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from rich.console import Console  # noqa: E402
+from rich.progress import (  # noqa: E402
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+)
+from rich.table import Table  # noqa: E402
+
+import sqlite_store  # noqa: E402
+import tidings  # noqa: E402
+from sqlite_store import Measured  # noqa: E402
+from workload import check_same_encoding  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@dataclass(frozen=True)
+class Sizes:
+    single_appends: int
+    batch_appends: int
+    concurrent_tasks: int
+    concurrent_per_task: int
+    read_events: int
+    rounds: int
+    read_rounds: int
+
+
+FULL = Sizes(single_appends=2000, batch_appends=300, concurrent_tasks=200,
+             concurrent_per_task=100, read_events=1_000_000, rounds=3, read_rounds=1)
+QUICK = Sizes(single_appends=200, batch_appends=30, concurrent_tasks=200,
+              concurrent_per_task=5, read_events=20_000, rounds=1, read_rounds=1)
+
+
+@dataclass
+class Row:
+    key: str
+    scenario: str
+    unit: str
+    tidings: float
+    raw: float
+    raw_label: str
+    target: float
+    target_text: str
+    measured: Measured
+
+    @property
+    def ratio(self) -> float:
+        return self.tidings / self.raw
+
+    @property
+    def passed(self) -> bool:
+        return self.ratio >= self.target
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "scenario": self.scenario,
+            "unit": self.unit,
+            "tidings": round(self.tidings, 1),
+            "raw_sqlite3": round(self.raw, 1),
+            "raw_baseline": self.raw_label,
+            "ratio": round(self.ratio, 3),
+            "target": self.target,
+            "target_text": self.target_text,
+            "passed": self.passed,
+            "runs": {
+                "tidings": [round(r, 1) for r in self.measured.tidings],
+                "raw_sqlite3": [round(r, 1) for r in self.measured.raw],
+            },
+            "parameters": self.measured.info,
+        }
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="small counts for every scenario: a smoke run in seconds")
+    parser.add_argument("--events", type=int, default=None,
+                        help="events in the read_all scenario (default 1,000,000; 20,000 with --quick)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="rounds of the append scenarios, best one kept (default 3; 1 with --quick)")
+    parser.add_argument("--dir", default=None,
+                        help="where to make the temporary directory for the database files "
+                             "(default: the system's; it must be a real disk for fsync to count)")
+    parser.add_argument("--json", default=None,
+                        help="where to write the results (default benchmarks/results.json, "
+                             "benchmarks/results-quick.json with --quick)")
+    args = parser.parse_args(argv)
+    for name in ("events", "rounds"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name} must be at least 1")
+    return args
+
+
+class Phases:
+    """One rich progress bar per phase, advanced in chunks from inside the timed loops."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+
+    @contextmanager
+    def phase(self, description: str, total: int) -> Iterator[Callable[[int], None]]:
+        task = self.progress.add_task(description, total=total)
+        progress = self.progress
+
+        def advance(n: int) -> None:
+            progress.advance(task, n)
+
+        yield advance
+        progress.update(task, completed=total)
+
+
+def best(rates: list[float]) -> float:
+    return max(rates)
+
+
+def run(sizes: Sizes, directory: str, phases: Phases) -> list[Row]:
+    rows: list[Row] = []
+    r = sizes.rounds
+
+    with phases.phase(f"1. single-event appends ({r} rounds x 2 sides)",
+                      r * 2 * sizes.single_appends) as advance:
+        single = sqlite_store.single_appends(directory, sizes.single_appends, r, advance)
+    rows.append(Row("single_event_appends", "1. single-event appends, durable (FULL, WAL)",
+                    "appends/s", best(single.tidings), best(single.raw), "raw sqlite3, same work",
+                    0.8, ">= 0.8x raw", single))
+
+    batch_events = sizes.batch_appends * 100
+    with phases.phase(f"2. 100-event appends ({r} rounds x 2 sides)",
+                      r * 2 * batch_events) as advance:
+        batch = sqlite_store.batch_appends(directory, sizes.batch_appends, r, advance)
+    rows.append(Row("batch_appends_100", "2. 100-event appends", "events/s",
+                    best(batch.tidings), best(batch.raw), "raw sqlite3 executemany, same work",
+                    0.6, ">= 0.6x raw", batch))
+
+    concurrent_events = sizes.concurrent_tasks * sizes.concurrent_per_task
+    with phases.phase(f"3. {sizes.concurrent_tasks} concurrent appenders ({r} rounds)",
+                      r * concurrent_events) as advance:
+        concurrent = sqlite_store.concurrent_appends(
+            directory, sizes.concurrent_tasks, sizes.concurrent_per_task, r, advance
+        )
+    concurrent.raw = list(single.raw)  # the baseline is scenario 1's raw rate, this run
+    concurrent.info["raw_baseline"] = "scenario 1's raw sqlite3 single-event rate (best round)"
+    rows.append(Row("concurrent_single_appends",
+                    f"3. {sizes.concurrent_tasks} concurrent single-event appenders",
+                    "events/s", best(concurrent.tidings), best(single.raw),
+                    "scenario 1 raw rate", 5.0, ">= 5x raw single", concurrent))
+
+    n = sizes.read_events
+    with phases.phase(f"4. populating {n:,} events", n) as advance:
+        tidings_path, raw_path = sqlite_store.populate(directory, n, advance)
+    rr = sizes.read_rounds
+    with phases.phase(f"4. read_all of {n:,} events ({rr} round{'s' * (rr > 1)} x 2 sides)",
+                      rr * 2 * n) as advance:
+        reads = sqlite_store.read_all(tidings_path, raw_path, n, rr, advance)
+    rows.append(Row("read_all_decoded", f"4. read_all of {n:,} events, decoded", "events/s",
+                    best(reads.tidings), best(reads.raw), "raw sqlite3 + json.loads",
+                    0.5, ">= 0.5x raw", reads))
+    return rows
+
+
+def table(rows: list[Row], title: str) -> Table:
+    out = Table(title=title, title_justify="left")
+    out.add_column("scenario")
+    out.add_column("tidings", justify="right")
+    out.add_column("raw sqlite3", justify="right")
+    out.add_column("ratio tidings/raw", justify="right")
+    out.add_column("target", justify="right")
+    out.add_column("pass/fail")
+    for row in rows:
+        verdict = "[green]pass[/]" if row.passed else "[bold red]MISSED[/]"
+        raw = f"{row.raw:,.0f} {row.unit}"
+        if row.key == "concurrent_single_appends":
+            raw += " (scen. 1)"
+        out.add_row(row.scenario, f"{row.tidings:,.0f} {row.unit}", raw,
+                    f"{row.ratio:.2f}x", row.target_text, verdict)
+    return out
+
+
+def environment() -> dict[str, Any]:
+    return {
+        "python": platform.python_version(),
+        "sqlite": sqlite3.sqlite_version,
+        "tidings": tidings.__version__,
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    sizes = QUICK if args.quick else FULL
+    if args.events is not None:
+        sizes = Sizes(**{**sizes.__dict__, "read_events": args.events})
+    if args.rounds is not None:
+        sizes = Sizes(**{**sizes.__dict__, "rounds": args.rounds})
+    json_path = args.json or os.path.join(HERE, "results-quick.json" if args.quick else "results.json")
+
+    console = Console()
+    check_same_encoding()
+    started = time.perf_counter()
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TimeElapsedColumn(), console=console, refresh_per_second=4)
+    with tempfile.TemporaryDirectory(prefix="tidings-bench-", dir=args.dir) as directory, progress:
+        rows = run(sizes, directory, Phases(progress))
+    seconds = time.perf_counter() - started
+
+    env = environment()
+    title = (f"tidings {env['tidings']} vs raw sqlite3 {env['sqlite']} — Python {env['python']}, "
+             f"{env['cpus']} CPUs, {'quick' if args.quick else 'full'} run, best of "
+             f"{sizes.rounds} for scenarios 1-3")
+    console.print(table(rows, title))
+    missed = [row.scenario for row in rows if not row.passed]
+    if missed:
+        console.print(f"[bold red]Missed {len(missed)} target(s):[/] " + "; ".join(missed))
+    else:
+        console.print("[green]Every target met.[/]")
+    console.print(f"Took {seconds:.0f} s. Results written to {os.path.relpath(json_path)}.")
+
+    result = {
+        "generated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "run": "quick" if args.quick else "full",
+        "seconds": round(seconds, 1),
+        "environment": env,
+        "durability": "journal_mode=WAL, synchronous=FULL on both sides",
+        "scenarios": {row.key: row.to_json() for row in rows},
+    }
+    with open(json_path, "w") as fh:
+        json.dump(result, fh, indent=2)
+        fh.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,307 @@
+"""The SQLite event store against raw sqlite3: four scenarios, both sides in one run.
+
+Each function returns the rates measured for both sides (a list per side, one entry per round)
+and leaves the choosing of the best and the judging to `run.py`. Every round uses fresh
+database files; tidings and raw sqlite3 take turns going first, so a noisy neighbour hurts both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import raw_sqlite
+from tidings import open_store
+from workload import Item, make_items
+
+Advance = Callable[[int], None]
+
+
+@dataclass
+class Measured:
+    """Rates per round for each side, plus whatever else is worth recording."""
+
+    tidings: list[float] = field(default_factory=list)
+    raw: list[float] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def _url(path: str) -> str:
+    return "sqlite:///" + path  # an absolute path gives the four-slash form
+
+
+def _fresh(directory: str, name: str) -> str:
+    path = os.path.join(directory, name)
+    for suffix in ("", "-wal", "-shm"):
+        if os.path.exists(path + suffix):
+            os.remove(path + suffix)
+    return path
+
+
+def _drop(path: str) -> None:
+    for suffix in ("", "-wal", "-shm"):
+        if os.path.exists(path + suffix):
+            os.remove(path + suffix)
+
+
+def _start_clock() -> float:
+    gc.collect()
+    return time.perf_counter()
+
+
+# -- 1. single-event appends, each its own durable commit ------------------------------------
+
+
+async def _tidings_single(path: str, warm: list[Item], timed: list[Item], streams: list[str],
+                          advance: Advance, step: int) -> float:
+    async with open_store(_url(path)) as store:
+        versions = dict.fromkeys(streams, 0)
+        for i, item in enumerate(warm):
+            stream = streams[i % len(streams)]
+            versions[stream] = (await store.append(stream, [item.event], versions[stream])).version
+        start = _start_clock()
+        for i, item in enumerate(timed):
+            stream = streams[i % len(streams)]
+            versions[stream] = (await store.append(stream, [item.event], versions[stream])).version
+            if (i + 1) % step == 0:
+                advance(step)
+        elapsed = time.perf_counter() - start
+    return len(timed) / elapsed
+
+
+def _raw_single(path: str, warm: list[Item], timed: list[Item], streams: list[str],
+                advance: Advance, step: int) -> float:
+    conn = raw_sqlite.connect(path)
+    try:
+        versions = dict.fromkeys(streams, 0)
+        append_one = raw_sqlite.append_one
+        for i, item in enumerate(warm):
+            stream = streams[i % len(streams)]
+            versions[stream] = append_one(conn, stream, versions[stream], item)
+        start = _start_clock()
+        for i, item in enumerate(timed):
+            stream = streams[i % len(streams)]
+            versions[stream] = append_one(conn, stream, versions[stream], item)
+            if (i + 1) % step == 0:
+                advance(step)
+        elapsed = time.perf_counter() - start
+    finally:
+        conn.close()
+    return len(timed) / elapsed
+
+
+def single_appends(directory: str, count: int, rounds: int, advance: Advance,
+                   streams: int = 4, warm: int = 100) -> Measured:
+    names = [f"account-{i}" for i in range(streams)]
+    step = max(1, count // 50)
+    measured = Measured(info={"appends": count, "streams": streams, "warm_up_appends": warm})
+    for round_ in range(rounds):
+        items = make_items(warm + count, seed=round_)
+        args = (items[:warm], items[warm:], names, advance, step)
+        sides: list[tuple[str, Callable[[], float]]] = [
+            ("tidings", lambda: asyncio.run(_tidings_single(_fresh(directory, "s1-tidings.db"), *args))),
+            ("raw", lambda: _raw_single(_fresh(directory, "s1-raw.db"), *args)),
+        ]
+        for side, run in sides if round_ % 2 == 0 else reversed(sides):
+            getattr(measured, side).append(run())
+    _drop(os.path.join(directory, "s1-tidings.db"))
+    _drop(os.path.join(directory, "s1-raw.db"))
+    return measured
+
+
+# -- 2. 100-event appends ------------------------------------------------------------------
+
+
+def _chunks(items: list[Item], size: int) -> list[list[Item]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+async def _tidings_batches(path: str, warm: list[list[Item]], timed: list[list[Item]],
+                           streams: list[str], advance: Advance, size: int) -> float:
+    async with open_store(_url(path)) as store:
+        versions = dict.fromkeys(streams, 0)
+        for i, batch in enumerate(warm):
+            stream = streams[i % len(streams)]
+            events = [item.event for item in batch]
+            versions[stream] = (await store.append(stream, events, versions[stream])).version
+        event_lists = [[item.event for item in batch] for batch in timed]  # what a caller holds
+        start = _start_clock()
+        for i, events in enumerate(event_lists):
+            stream = streams[i % len(streams)]
+            versions[stream] = (await store.append(stream, events, versions[stream])).version
+            advance(size)
+        elapsed = time.perf_counter() - start
+    return len(timed) * size / elapsed
+
+
+def _raw_batches(path: str, warm: list[list[Item]], timed: list[list[Item]],
+                 streams: list[str], advance: Advance, size: int) -> float:
+    conn = raw_sqlite.connect(path)
+    try:
+        versions = dict.fromkeys(streams, 0)
+        append_many = raw_sqlite.append_many
+        for i, batch in enumerate(warm):
+            stream = streams[i % len(streams)]
+            versions[stream] = append_many(conn, stream, versions[stream], batch)
+        start = _start_clock()
+        for i, batch in enumerate(timed):
+            stream = streams[i % len(streams)]
+            versions[stream] = append_many(conn, stream, versions[stream], batch)
+            advance(size)
+        elapsed = time.perf_counter() - start
+    finally:
+        conn.close()
+    return len(timed) * size / elapsed
+
+
+def batch_appends(directory: str, appends: int, rounds: int, advance: Advance,
+                  size: int = 100, streams: int = 4, warm: int = 10) -> Measured:
+    names = [f"account-{i}" for i in range(streams)]
+    measured = Measured(info={"appends": appends, "events_per_append": size, "streams": streams,
+                              "warm_up_appends": warm})
+    for round_ in range(rounds):
+        batches = _chunks(make_items((warm + appends) * size, seed=100 + round_), size)
+        args = (batches[:warm], batches[warm:], names, advance, size)
+        sides: list[tuple[str, Callable[[], float]]] = [
+            ("tidings", lambda: asyncio.run(_tidings_batches(_fresh(directory, "s2-tidings.db"), *args))),
+            ("raw", lambda: _raw_batches(_fresh(directory, "s2-raw.db"), *args)),
+        ]
+        for side, run in sides if round_ % 2 == 0 else reversed(sides):
+            getattr(measured, side).append(run())
+    _drop(os.path.join(directory, "s2-tidings.db"))
+    _drop(os.path.join(directory, "s2-raw.db"))
+    return measured
+
+
+# -- 3. many concurrent single-event appenders (group commit) -------------------------------
+
+
+async def _tidings_concurrent(path: str, per_task: list[list[Item]], warm: int,
+                              advance: Advance) -> tuple[float, dict[str, Any]]:
+    done = [0]
+
+    async def writer(stream: str, items: list[Item], version: int) -> int:
+        for item in items:
+            version = (await store.append(stream, [item.event], version)).version
+            done[0] += 1
+        return version
+
+    async def report() -> None:
+        reported = 0
+        while True:
+            await asyncio.sleep(0.1)
+            advance(done[0] - reported)
+            reported = done[0]
+
+    async with open_store(_url(path)) as store:
+        streams = [f"account-{i}" for i in range(len(per_task))]
+        # Warm-up: every task's first appends, all at once, before the clock starts.
+        versions = await asyncio.gather(
+            *(writer(s, items[:warm], 0) for s, items in zip(streams, per_task, strict=True))
+        )
+        done[0] = 0
+        reporter = asyncio.create_task(report())
+        start = _start_clock()
+        await asyncio.gather(
+            *(writer(s, items[warm:], v)
+              for s, items, v in zip(streams, per_task, versions, strict=True))
+        )
+        elapsed = time.perf_counter() - start
+        reporter.cancel()
+        advance(done[0])
+        total = done[0]
+    return total / elapsed, {"events": total}
+
+
+def concurrent_appends(directory: str, tasks: int, per_task: int, rounds: int,
+                       advance: Advance, warm: int = 2) -> Measured:
+    measured = Measured(info={"tasks": tasks, "appends_per_task": per_task,
+                              "events": tasks * per_task, "warm_up_appends_per_task": warm})
+    for round_ in range(rounds):
+        items = make_items(tasks * (warm + per_task), seed=200 + round_)
+        split = _chunks(items, warm + per_task)
+        rate, _ = asyncio.run(
+            _tidings_concurrent(_fresh(directory, "s3-tidings.db"), split, warm, advance)
+        )
+        measured.tidings.append(rate)
+    _drop(os.path.join(directory, "s3-tidings.db"))
+    return measured
+
+
+# -- 4. read_all of the whole log, decoded ------------------------------------------------
+
+
+async def _populate(path: str, events: int, append_size: int, advance: Advance) -> None:
+    async with open_store(_url(path)) as store:
+        stream = 0
+        remaining = events
+        while remaining:
+            size = min(append_size, remaining)
+            items = make_items(size, seed=300 + stream)
+            await store.append(f"account-{stream}", [item.event for item in items], 0)
+            stream += 1
+            remaining -= size
+            advance(size)
+
+
+async def _tidings_read(path: str, warm: int, advance: Advance, step: int) -> tuple[float, int]:
+    async with open_store(_url(path) + "?create=false") as store:
+        async for record in store.read_all(limit=warm):
+            record.event  # noqa: B018 - touch it, as a reader would
+        count = 0
+        mark = step
+        start = _start_clock()
+        async for record in store.read_all():
+            record.event  # noqa: B018
+            count += 1
+            if count == mark:
+                advance(step)
+                mark += step
+        elapsed = time.perf_counter() - start
+    return count / elapsed, count
+
+
+def _raw_read(path: str, warm: int, advance: Advance, step: int) -> tuple[float, int]:
+    conn = raw_sqlite.connect(path, create=False, read_only=True)
+    try:
+        raw_sqlite.read_all(conn, lambda n: None, step, limit=warm)
+        start = _start_clock()
+        count = raw_sqlite.read_all(conn, advance, step)
+        elapsed = time.perf_counter() - start
+    finally:
+        conn.close()
+    return count / elapsed, count
+
+
+def populate(directory: str, events: int, advance: Advance, append_size: int = 1000) -> tuple[str, str]:
+    """Build the tidings file with large appends, then copy it: the raw file has the same rows."""
+    tidings_path = _fresh(directory, "s4-tidings.db")
+    raw_path = _fresh(directory, "s4-raw.db")
+    asyncio.run(_populate(tidings_path, events, append_size, advance))
+    assert not os.path.exists(tidings_path + "-wal"), "closing the store should checkpoint the WAL"
+    shutil.copyfile(tidings_path, raw_path)
+    return tidings_path, raw_path
+
+
+def read_all(tidings_path: str, raw_path: str, events: int, rounds: int,
+             advance: Advance) -> Measured:
+    warm = min(50_000, max(1, events // 10))
+    step = max(1, events // 100)
+    measured = Measured(info={"events": events, "warm_up_events": warm, "batch_size": 1000})
+    for round_ in range(rounds):
+        sides: list[tuple[str, Callable[[], tuple[float, int]]]] = [
+            ("tidings", lambda: asyncio.run(_tidings_read(tidings_path, warm, advance, step))),
+            ("raw", lambda: _raw_read(raw_path, warm, advance, step)),
+        ]
+        for side, run in sides if round_ % 2 == 0 else reversed(sides):
+            rate, count = run()
+            if count != events:
+                raise SystemExit(f"{side} read {count} events, expected {events}")
+            getattr(measured, side).append(rate)
+    return measured
