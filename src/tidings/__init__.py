@@ -3,8 +3,6 @@
 The public API lives here; import from `tidings`, not from its modules.
 """
 
-from __future__ import annotations
-
 from tidings.core.cloudevents import from_cloudevent, to_cloudevent
 from tidings.core.codec import JSONCodec
 from tidings.core.errors import (

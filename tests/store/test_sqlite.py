@@ -7,13 +7,18 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from uuid import UUID
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import tidings
 from tidings import ConfigurationError, EventDecodeError, StoreError, StoreNotFound
-from tidings.store.sqlite import SQLiteEventStore, _mapped_errors
+from tidings.core.ids import uuid_from_bytes
+from tidings.store.sqlite import SQLiteEventStore, _from_micros, _mapped_errors
 from tests.events import Deposited, Note
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -200,3 +205,36 @@ def test_driver_errors_map_to_store_error(driver_error: sqlite3.Error) -> None:
         raise driver_error
     assert info.value.__cause__ is driver_error
     assert "x.db" in str(info.value)
+
+
+@settings(max_examples=2000)
+@given(
+    st.integers(min_value=0, max_value=253_402_300_799_999_999)  # to 9999-12-31
+    | st.integers(min_value=2**31 * 10**6, max_value=2**32 * 10**6)  # where floats get tight
+)
+def test_stored_microseconds_come_back_exactly(micros: int) -> None:
+    expected = datetime(1970, 1, 1, tzinfo=timezone.utc) + timedelta(microseconds=micros)
+    assert _from_micros(micros) == expected
+
+
+@given(st.binary(min_size=16, max_size=16))
+def test_fast_uuid_equals_the_checked_one(raw: bytes) -> None:
+    fast, checked = uuid_from_bytes(raw), UUID(bytes=raw)
+    assert fast == checked and hash(fast) == hash(checked) and str(fast) == str(checked)
+    assert fast.version == checked.version
+
+
+async def test_read_only_open_leaves_a_foreign_file_untouched(tmp_path: Path) -> None:
+    foreign = tmp_path / "foreign.db"
+    conn = sqlite3.connect(foreign)
+    conn.execute("CREATE TABLE mine (x)")
+    conn.commit()
+    conn.close()
+    before = foreign.read_bytes()
+    with pytest.raises(StoreNotFound):
+        async with tidings.open_store(url(foreign), create=False):
+            pass
+    assert foreign.read_bytes() == before
+    conn = sqlite3.connect(foreign)
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+    conn.close()

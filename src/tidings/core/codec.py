@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from datetime import datetime
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 from uuid import UUID
 
@@ -86,16 +87,66 @@ class JSONCodec:
         data: str | bytes,
         metadata: str | None,
     ) -> RecordedEvent[Any]:
-        """Build a `RecordedEvent` from a stored row; `EventDecodeError` names the row."""
-        try:
-            event = self.decode_event(type, schema_version, data)
-            meta = EMPTY if metadata is None else Metadata.from_dict(json.loads(metadata))
-        except Exception as exc:
-            raise EventDecodeError(stream_id, version, position, _reason(exc)) from exc
-        event.__pydantic_private__["_id"] = id  # type: ignore[index]
-        return RecordedEvent(
-            id, stream_id, version, position, type, schema_version, recorded_at, event, meta
-        )
+        """Build a `RecordedEvent` from one stored row; `EventDecodeError` names the row."""
+        row = (position, id, stream_id, version, type, schema_version, recorded_at, data, metadata)
+        return self.decode_rows([row])[0]
+
+    def decode_rows(
+        self,
+        rows: Iterable[Sequence[Any]],
+        *,
+        id_of: Callable[[Any], UUID] | None = None,
+        time_of: Callable[[Any], datetime] | None = None,
+    ) -> list[RecordedEvent[Any]]:
+        """Decode stored rows `(position, id, stream_id, version, type, schema_version,
+        recorded_at, data, metadata)` in one tight loop, the hot path of every read.
+
+        `id_of` and `time_of` convert a backend's stored id and time (bytes, integers) when
+        they are not already a `UUID` and an aware `datetime`.
+        """
+        validators: dict[tuple[str, int], Any] = {}
+        out: list[RecordedEvent[Any]] = []
+        append = out.append
+        for position, raw_id, stream_id, version, type_, schema_version, at, data, meta in rows:
+            try:
+                key = (type_, schema_version)
+                validator = validators.get(key)
+                if validator is None:
+                    cls = self.registry.find(type_, schema_version)
+                    validator = validators[key] = (
+                        cls.__pydantic_validator__ if cls is not None else self._unknown(key)
+                    )
+                event = validator.validate_json(data)
+                metadata = EMPTY if meta is None else Metadata.from_dict(json.loads(meta))
+            except Exception as exc:
+                raise EventDecodeError(stream_id, version, position, _reason(exc)) from exc
+            event_id = raw_id if id_of is None else id_of(raw_id)
+            _set_private(event, "__pydantic_private__", {"_id": event_id})  # see Event.event_id
+            append(_new_record(RecordedEvent, (
+                event_id, stream_id, version, position, type_, schema_version,
+                at if time_of is None else time_of(at), event, metadata,
+            )))
+        return out
+
+    def _unknown(self, key: tuple[str, int]) -> Any:
+        if not self.keep_unknown:
+            raise UnknownEventType(*key)
+        return _RawValidator(*key)
+
+
+class _RawValidator:
+    """Stands in for a pydantic validator when an unknown type is kept raw."""
+
+    def __init__(self, type: str, version: int) -> None:
+        self.type, self.version = type, version
+
+    def validate_json(self, data: str | bytes) -> UnknownEvent:
+        return UnknownEvent(type=self.type, version=self.version, data=json.loads(data))
+
+
+_new_record = tuple.__new__
+
+_set_private = object.__setattr__
 
 
 def _reason(exc: Exception) -> str:

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, PrivateAttr
+from pydantic import BaseModel, ConfigDict
 
 from tidings.core.errors import DuplicateEventType, EventDefinitionError, UnknownEventType
 from tidings.core.ids import uuid7
@@ -90,8 +90,6 @@ class Event(BaseModel):
     __event_version__: ClassVar[int] = 0
     __event_registry__: ClassVar[TypeRegistry | None] = None
 
-    _id: UUID | None = PrivateAttr(default=None)
-
     def __init_subclass__(
         cls,
         *,
@@ -129,18 +127,18 @@ class Event(BaseModel):
     @property
     def event_id(self) -> UUID:
         """This fact's identity; the store keeps it as `RecordedEvent.id`."""
+        # Kept in pydantic's private slot, not a declared PrivateAttr: declaring one makes
+        # pydantic run Python code on every validation, which doubles the cost of decoding.
         private = self.__pydantic_private__
-        assert private is not None
-        event_id = private["_id"]
-        if event_id is None:
-            event_id = private["_id"] = uuid7()
-        return event_id  # type: ignore[no-any-return]
+        if private is None:
+            private = {"_id": uuid7()}
+            object.__setattr__(self, "__pydantic_private__", private)
+        return private["_id"]  # type: ignore[no-any-return]
 
-    def with_id(self, event_id: UUID) -> Any:
+    def with_id(self, event_id: UUID) -> Self:
         """A copy of this event carrying `event_id` (for ids decided elsewhere)."""
         clone = self.model_copy()
-        assert clone.__pydantic_private__ is not None
-        clone.__pydantic_private__["_id"] = event_id
+        object.__setattr__(clone, "__pydantic_private__", {"_id": event_id})
         return clone
 
     def __eq__(self, other: object) -> bool:

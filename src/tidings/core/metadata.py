@@ -63,7 +63,7 @@ class Metadata:
         return cls(data.get("correlation_id"), data.get("causation_id"), data.get("headers") or {})
 
     def __bool__(self) -> bool:
-        return bool(self.correlation_id or self.causation_id or self.headers)
+        return self.correlation_id is not None or self.causation_id is not None or bool(self.headers)
 
 
 EMPTY = Metadata()

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from datetime import datetime
-from typing import Generic, TypeVar
+from typing import Generic, NamedTuple, TypeVar
 from uuid import UUID
 
 from tidings.core.events import Event
@@ -15,12 +14,12 @@ __all__ = ["RecordedEvent"]
 E = TypeVar("E", bound=Event, covariant=True)
 
 
-@dataclass(frozen=True, slots=True)
-class RecordedEvent(Generic[E]):
+class RecordedEvent(NamedTuple, Generic[E]):
     """A stored event: its typed `event` plus its place in its stream and in the global log.
 
     `version` counts from 1 within `stream_id`; `position` is the event's place in the store's
     global log, strictly increasing in commit order. `recorded_at` is timezone-aware UTC.
+    Immutable; a named tuple because reading a million events builds a million of these.
     """
 
     id: UUID
@@ -42,4 +41,3 @@ class RecordedEvent(Generic[E]):
     def causation_id(self) -> str | None:
         """Shortcut for `metadata.causation_id`."""
         return self.metadata.causation_id
-

@@ -53,8 +53,11 @@ class MemoryEventStore(StoreBase):
         codec: JSONCodec | None = None,
         max_event_size: int = DEFAULT_MAX_EVENT_SIZE,
         batch_size: int = 1000,
+        create: bool = True,
     ) -> None:
+        """`create` is accepted for symmetry with the file and server stores: memory is always new."""
         super().__init__(codec=codec, max_event_size=max_event_size, batch_size=batch_size)
+        del create
         self.url = url
         self._log: list[_Row] = []  # index i holds position i + 1
         self._streams: dict[str, list[int]] = {}  # stream id -> positions of its events
@@ -66,7 +69,7 @@ class MemoryEventStore(StoreBase):
         parts = url.split("?", 1)[0]
         if parts not in ("memory://", "memory:", "memory:///"):
             raise ConfigurationError(f"a memory store URL is just 'memory://', got {url!r}")
-        merged = url_options(url, {"max_event_size": int, "batch_size": int}) | options
+        merged = url_options(url, {"max_event_size": int, "batch_size": int, "create": bool}) | options
         return cls(url, **merged)
 
     async def _open(self) -> None:
@@ -114,27 +117,24 @@ class MemoryEventStore(StoreBase):
             chosen = positions[max(start - limit, 0) : start][::-1]
         else:
             chosen = positions[max(from_version - 1, 0) : max(from_version - 1, 0) + limit]
-        return [self._decode(self._log[p - 1]) for p in chosen]
+        return self.codec.decode_rows([self._log[p - 1] for p in chosen])
 
     async def _read_all_batch(
         self, after: int, limit: int, types: frozenset[str] | None
     ) -> tuple[list[RecordedEvent[Any]], int]:
-        out: list[RecordedEvent[Any]] = []
+        out: list[_Row] = []
         index = max(after, 0)
         end = len(self._log)
         scanned = after
         while index < end and len(out) < limit:
             row = self._log[index]
             if types is None or row.type in types:
-                out.append(self._decode(row))
+                out.append(row)
             scanned = row.position
             index += 1
             if types is not None and index - after >= limit * 10:
                 break  # keep each batch's work bounded when the filter matches little
-        return out, scanned
-
-    def _decode(self, row: _Row) -> RecordedEvent[Any]:
-        return self.codec.decode(*row)
+        return self.codec.decode_rows(out), scanned
 
     async def stream_version(self, stream_id: str) -> int:
         self._check_open()

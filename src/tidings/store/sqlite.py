@@ -27,6 +27,7 @@ from urllib.parse import unquote, urlsplit
 from uuid import UUID
 
 from tidings.core.codec import EncodedEvent, JSONCodec
+from tidings.core.ids import uuid_from_bytes
 from tidings.core.errors import (
     ConfigurationError,
     StoreClosed,
@@ -88,12 +89,51 @@ _UPSERT_STREAM = (
     "ON CONFLICT (stream_id) DO UPDATE SET version = excluded.version"
 )
 _SYNCHRONOUS = ("off", "normal", "full", "extra")
+_FLOAT_EXACT_BELOW = 2**32 * 1_000_000  # microseconds; the year 2106
+
+
+def _from_micros(micros: int, _from_timestamp: Any = datetime.fromtimestamp) -> datetime:
+    """Stored microseconds to an aware UTC datetime, exactly.
+
+    Below 2**32 seconds a double holds micros / 1e6 to within 0.48 microseconds, so the
+    one-call float path rounds back to the stored microsecond; later times take the exact path.
+    """
+    if 0 <= micros < _FLOAT_EXACT_BELOW:
+        return _from_timestamp(micros / 1e6, timezone.utc)  # type: ignore[no-any-return]
+    return _EPOCH + timedelta(microseconds=micros)
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _MAX_GROUP = 512  # appends committed together at most
 
 # One signal per database file, so stores on the same file in one process wake each other.
 _signals: weakref.WeakValueDictionary[str, AppendSignal] = weakref.WeakValueDictionary()
 _signals_lock = threading.Lock()
+
+
+def _schema_version(conn: sqlite3.Connection) -> int | None:
+    """The applied schema version, or None when the file holds no tidings tables."""
+    exists = conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'tidings_schema'"
+    ).fetchone()
+    if not exists:
+        return None
+    return int(conn.execute("SELECT coalesce(max(version), 0) FROM tidings_schema").fetchone()[0])
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Apply the missing migrations; safe when several processes start at once."""
+    conn.execute("BEGIN IMMEDIATE")  # one process migrates; the others wait, then see it done
+    try:
+        conn.execute("CREATE TABLE IF NOT EXISTS tidings_schema (version INTEGER NOT NULL)")
+        current = _schema_version(conn) or 0
+        for version, statements in MIGRATIONS:
+            if version > current:
+                for statement in statements:
+                    conn.execute(statement)
+                conn.execute("INSERT INTO tidings_schema (version) VALUES (?)", (version,))
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
 
 
 @contextmanager
@@ -214,41 +254,28 @@ class SQLiteEventStore(StoreBase):
         return conn
 
     def _prepare(self) -> sqlite3.Connection:
-        """Open the writer connection, switch to WAL and migrate the schema (in a thread)."""
+        """Open the writer connection, switch to WAL and migrate the schema (in a thread).
+
+        With `create=False` nothing is changed in a file that holds no tidings tables, and a
+        current schema is only read, never locked.
+        """
         if not self.create and not os.path.exists(self.path):
             raise StoreNotFound(self.path)
         with _mapped_errors(self.path):
             conn = self._connect(writer=True)
             try:
+                current = _schema_version(conn)
+                if current is None and not self.create:
+                    raise StoreNotFound(f"{self.path} (it holds no tidings tables)")
                 mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
                 if str(mode).lower() != "wal":
                     raise StoreError(f"sqlite ({self.path}): cannot use WAL (journal_mode={mode})")
-                self._migrate(conn)
+                if current is None or current < MIGRATIONS[-1][0]:
+                    _migrate(conn)
             except BaseException:
                 conn.close()
                 raise
         return conn
-
-    def _migrate(self, conn: sqlite3.Connection) -> None:
-        if not self.create:
-            exists = conn.execute(
-                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'tidings_schema'"
-            ).fetchone()
-            if not exists:
-                raise StoreNotFound(f"{self.path} (it holds no tidings tables)")
-        conn.execute("BEGIN IMMEDIATE")  # one process migrates; the others wait, then see it done
-        try:
-            conn.execute("CREATE TABLE IF NOT EXISTS tidings_schema (version INTEGER NOT NULL)")
-            current = conn.execute("SELECT coalesce(max(version), 0) FROM tidings_schema").fetchone()[0]
-            for version, statements in MIGRATIONS:
-                if version > current:
-                    for statement in statements:
-                        conn.execute(statement)
-                    conn.execute("INSERT INTO tidings_schema (version) VALUES (?)", (version,))
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
 
     # -- writing ---------------------------------------------------------------------------
 
@@ -313,7 +340,7 @@ class SQLiteEventStore(StoreBase):
             now = time.time_ns() // 1000
             for request in group:
                 try:
-                    result = self._apply(conn, request, versions, next_position, now)
+                    result = self._apply(conn, request, versions, next_position, now, len(group) == 1)
                 except (TidingsError, sqlite3.Error) as exc:
                     outcomes.append(_as_tidings_error(exc, self.path))
                     continue
@@ -338,6 +365,7 @@ class SQLiteEventStore(StoreBase):
         versions: dict[str, int],
         next_position: int,
         now: int,
+        single: bool,
     ) -> AppendResult:
         """Check and insert one append inside the open transaction, under a savepoint."""
         stream_id = request.stream_id
@@ -357,19 +385,28 @@ class SQLiteEventStore(StoreBase):
              now, e.data, request.metadata)
             for i, e in enumerate(request.events)
         ]
-        conn.execute("SAVEPOINT append")
+        # A savepoint lets one append fail without undoing the others in its group; an
+        # append alone in its transaction can simply roll the transaction back.
+        alone = len(versions) == 0 and single
+        if not alone:
+            conn.execute("SAVEPOINT append")
         try:
             conn.executemany(_INSERT, rows)
             conn.execute(_UPSERT_STREAM, (stream_id, actual + len(rows)))
         except sqlite3.Error as exc:
-            conn.execute("ROLLBACK TO append")
-            conn.execute("RELEASE append")
+            if alone:
+                conn.execute("ROLLBACK")
+                conn.execute("BEGIN IMMEDIATE")
+            else:
+                conn.execute("ROLLBACK TO append")
+                conn.execute("RELEASE append")
             if isinstance(exc, sqlite3.IntegrityError):  # an event id stored before
                 found = self._find_ids(conn, request.events)
                 if found:
                     return resolve_duplicates(stream_id, [e.id for e in request.events], found)
             raise
-        conn.execute("RELEASE append")
+        if not alone:
+            conn.execute("RELEASE append")
         versions[stream_id] = actual + len(rows)
         return AppendResult(version=actual + len(rows), position=next_position + len(rows) - 1)
 
@@ -412,13 +449,7 @@ class SQLiteEventStore(StoreBase):
             return work(conn)
 
     def _decode_rows(self, rows: list[tuple[Any, ...]]) -> list[RecordedEvent[Any]]:
-        decode = self.codec.decode
-        return [
-            decode(position, UUID(bytes=raw_id), stream_id, version, type_, schema_version,
-                   _EPOCH + timedelta(microseconds=recorded_at), data, metadata)
-            for position, raw_id, stream_id, version, type_, schema_version, recorded_at, data, metadata
-            in rows
-        ]
+        return self.codec.decode_rows(rows, id_of=uuid_from_bytes, time_of=_from_micros)
 
     async def _read_stream_batch(
         self, stream_id: str, from_version: int, backwards: bool, limit: int

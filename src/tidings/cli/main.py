@@ -1,0 +1,55 @@
+"""The root `tidings` command: it gathers the command groups and is the error edge.
+
+Library errors (`TidingsError`: a bad URL, a missing store, a version clash) end a command
+with one `error: …` line on stderr and exit code 2, never a traceback. Usage errors keep
+typer's own message and exit code 2.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import typer
+from typer.core import TyperGroup
+
+from tidings.cli import demo, render, store
+from tidings.core.errors import TidingsError
+
+__all__ = ["app", "main"]
+
+
+class _TidingsGroup(TyperGroup):
+    """The root group: runs a command and turns a `TidingsError` into one line, exit 2."""
+
+    # `ctx` is click's Context, which typer vendors privately; Any keeps us off its internals.
+    def invoke(self, ctx: Any) -> Any:
+        """Run the chosen command; a `TidingsError` becomes `error: …` on stderr, exit 2."""
+        try:
+            return super().invoke(ctx)
+        except TidingsError as exc:
+            typer.echo(render.error_line(exc), err=True)
+            raise typer.Exit(2) from None
+
+
+app = typer.Typer(
+    name="tidings",
+    cls=_TidingsGroup,
+    help="Look into event stores and run the demos of tidings, the event-driven toolkit.\n\n"
+    "Commands that read a store take --store URL or $TIDINGS_STORE "
+    "(default sqlite:///./tidings.db).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",
+)
+app.add_typer(store.app)
+app.add_typer(demo.app)
+
+
+def main() -> None:
+    """Run the `tidings` command (the console script's entry point)."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

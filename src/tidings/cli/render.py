@@ -1,0 +1,152 @@
+"""What the CLI shows, as values: rich renderables and JSON-ready dicts, never printed here.
+
+Commands print these at the edge, so the same table or line serves the terminal, tests and
+(later) other front ends. Cells are `Text`, never markup strings: event data containing
+`[brackets]` must show as written.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from datetime import UTC
+from typing import Any
+
+from rich import box
+from rich.table import Table
+from rich.text import Text
+
+from tidings.core.events import Event, UnknownEvent
+from tidings.core.recorded import RecordedEvent
+from tidings.demo.ledger import LedgerStep
+from tidings.store import StreamInfo
+
+__all__ = [
+    "error_line",
+    "event_data",
+    "events_table",
+    "json_line",
+    "ledger_table",
+    "log_line",
+    "record_dict",
+    "stream_dict",
+    "streams_table",
+]
+
+
+def error_line(message: object) -> str:
+    """`error: …` on one line, whatever `message` holds, so scripts can grep stderr."""
+    return "error: " + " ".join(str(message).split())
+
+
+def event_data(event: Event) -> dict[str, Any]:
+    """The event's fields as JSON-ready data, for typed events and `UnknownEvent` alike."""
+    if isinstance(event, UnknownEvent):
+        return event.data
+    return event.model_dump(mode="json")
+
+
+def record_dict(record: RecordedEvent[Any]) -> dict[str, Any]:
+    """One stored event as a flat JSON-ready dict: the shape of `--json` output."""
+    return {
+        "id": str(record.id),
+        "stream_id": record.stream_id,
+        "version": record.version,
+        "position": record.position,
+        "type": record.type,
+        "schema_version": record.schema_version,
+        "recorded_at": record.recorded_at.isoformat(),
+        "data": event_data(record.event),
+        "metadata": record.metadata.to_dict(),
+    }
+
+
+def stream_dict(info: StreamInfo) -> dict[str, Any]:
+    """One stream as a JSON-ready dict: the shape of `streams --json` output."""
+    return {"stream_id": info.stream_id, "version": info.version}
+
+
+def json_line(value: Mapping[str, Any]) -> str:
+    """`value` as one line of JSON (JSON Lines), non-ASCII text kept readable."""
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _compact(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def _when(record: RecordedEvent[Any]) -> str:
+    """`recorded_at` in UTC to the millisecond, for people: `2026-01-02 03:04:05.678`."""
+    return record.recorded_at.astimezone(UTC).isoformat(" ", timespec="milliseconds")[:23]
+
+
+def events_table(stream_id: str, records: Iterable[RecordedEvent[Any]]) -> Table:
+    """A stream's events as a table, one row per version, data and metadata as JSON."""
+    table = Table(
+        title=Text(f"stream {stream_id}"),
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        collapse_padding=True,
+        pad_edge=False,
+    )
+    # Narrow terminals fold long cells instead of hiding columns; --json is for machines.
+    table.add_column("version", justify="right", no_wrap=True)
+    table.add_column("position", justify="right", no_wrap=True)
+    table.add_column("type", overflow="fold", min_width=10)
+    table.add_column("schema", justify="right", no_wrap=True)
+    table.add_column("recorded_at (UTC)", overflow="fold", min_width=10)
+    table.add_column("data", overflow="fold", min_width=14, ratio=3)
+    table.add_column("metadata", overflow="fold", min_width=8, ratio=1)
+    for record in records:
+        metadata = record.metadata.to_dict()
+        table.add_row(
+            Text(str(record.version)),
+            Text(str(record.position)),
+            Text(record.type),
+            Text(str(record.schema_version)),
+            Text(_when(record)),
+            Text(_compact(event_data(record.event))),
+            Text(_compact(metadata) if metadata else ""),
+        )
+    return table
+
+
+def streams_table(streams: Iterable[StreamInfo]) -> Table:
+    """Every stream id with its version (its number of events)."""
+    table = Table(title=Text("streams"), title_justify="left")
+    table.add_column("stream", overflow="fold")
+    table.add_column("version", justify="right")
+    for info in streams:
+        table.add_row(Text(info.stream_id), Text(str(info.version)))
+    return table
+
+
+def log_line(record: RecordedEvent[Any]) -> Text:
+    """One event of the global log as a line: position, time, stream@version, type, data."""
+    line = Text()
+    line.append(f"{record.position:>6}  ", style="bold")
+    line.append(_when(record) + "  ", style="dim")
+    line.append(f"{record.stream_id}@{record.version}  ", style="cyan")
+    line.append(f"{record.type} v{record.schema_version}  ", style="green")
+    line.append(_compact(event_data(record.event)))
+    return line
+
+
+def ledger_table(stream_id: str, steps: Iterable[LedgerStep]) -> Table:
+    """The ledger replay: each event read back from the store and the balance after it."""
+    table = Table(title=Text(f"replaying {stream_id} from the store"), title_justify="left")
+    table.add_column("version", justify="right")
+    table.add_column("position", justify="right")
+    table.add_column("event")
+    table.add_column("data")
+    table.add_column("balance", justify="right", style="bold")
+    for step in steps:
+        record = step.record
+        table.add_row(
+            Text(str(record.version)),
+            Text(str(record.position)),
+            Text(record.type),
+            Text(_compact(event_data(record.event))),
+            Text(str(step.balance)),
+        )
+    return table

@@ -1,0 +1,166 @@
+"""`tidings streams`, `events` and `tail`: look into an event store from the command line.
+
+Every command opens the store for reading only. SQLite stores open with `create=False`, so a
+mistyped path is an error instead of a new empty database, and every store decodes with
+`JSONCodec(keep_unknown=True)`, so events whose classes this process never imported still
+show, as their type and raw data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated, Any
+from urllib.parse import urlsplit
+
+import typer
+from rich.console import Console
+
+from tidings.cli import render
+from tidings.core.codec import JSONCodec
+from tidings.core.recorded import RecordedEvent
+from tidings.store import EventStore, open_store
+
+__all__ = ["DEFAULT_STORE", "app", "events", "open_for_reading", "streams", "tail"]
+
+DEFAULT_STORE = "sqlite:///./tidings.db"
+"""The store the commands read when neither `--store` nor `$TIDINGS_STORE` names one."""
+
+# Options that make a backend open without creating anything, by URL scheme.
+_READ_ONLY: dict[str, dict[str, Any]] = {"sqlite": {"create": False}}
+
+app = typer.Typer()
+
+StoreOption = Annotated[
+    str,
+    typer.Option(
+        "--store",
+        envvar="TIDINGS_STORE",
+        show_envvar=True,
+        metavar="URL",
+        help="The event store to read, e.g. sqlite:///app.db, sqlite:////abs/path.db, "
+        "memory://. It is never created: a missing file is an error.",
+    ),
+]
+JSONOption = Annotated[
+    bool,
+    typer.Option("--json", help="Print one JSON object per line (JSON Lines), for scripts."),
+]
+
+
+def open_for_reading(url: str) -> EventStore:
+    """The store at `url`, set up to read without creating anything and to show any event.
+
+    Raises `ConfigurationError` for a bad URL; `StoreNotFound` comes when it is opened.
+    """
+    options = _READ_ONLY.get(urlsplit(url).scheme.lower(), {})
+    return open_store(url, codec=JSONCodec(keep_unknown=True), **options)
+
+
+def _console() -> Console:
+    return Console(highlight=False)
+
+
+@app.command()
+def streams(store: StoreOption = DEFAULT_STORE, as_json: JSONOption = False) -> None:
+    """List every stream with its version (its number of events), ordered by stream id.
+
+    Start here to find the stream ids that `tidings events` takes.
+    """
+    asyncio.run(_streams(store, as_json))
+
+
+async def _streams(url: str, as_json: bool) -> None:
+    async with open_for_reading(url) as store:
+        if as_json:
+            async for info in store.streams():
+                typer.echo(render.json_line(render.stream_dict(info)))
+        else:
+            found = [info async for info in store.streams()]
+            _console().print(render.streams_table(found))
+
+
+@app.command()
+def events(
+    stream: Annotated[
+        str, typer.Argument(metavar="STREAM", help="The stream id, as `tidings streams` lists it.")
+    ],
+    store: StoreOption = DEFAULT_STORE,
+    as_json: JSONOption = False,
+) -> None:
+    """Show one stream's events in version order, with their data and metadata.
+
+    A stream is the history of one thing (an account, an order): this is that history.
+    """
+    asyncio.run(_events(store, stream, as_json))
+
+
+async def _events(url: str, stream_id: str, as_json: bool) -> None:
+    async with open_for_reading(url) as store:
+        if await store.stream_version(stream_id) == 0:
+            typer.echo(render.error_line(f"no stream {stream_id!r} in {url}"), err=True)
+            raise typer.Exit(2)
+        if as_json:
+            async for record in store.read_stream(stream_id):
+                typer.echo(render.json_line(render.record_dict(record)))
+        else:
+            records = [record async for record in store.read_stream(stream_id)]
+            _console().print(render.events_table(stream_id, records))
+
+
+@app.command()
+def tail(
+    store: StoreOption = DEFAULT_STORE,
+    after: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            metavar="N",
+            help="Start after global position N (exclusive); 0 shows the log from the start.",
+        ),
+    ] = 0,
+    limit: Annotated[
+        int | None,
+        typer.Option(min=1, metavar="N", help="Stop after N events (default: no limit)."),
+    ] = None,
+    follow: Annotated[
+        bool,
+        typer.Option(
+            "--follow",
+            "-f",
+            help="Keep running and print new events as they are appended, until Ctrl-C.",
+        ),
+    ] = False,
+    as_json: JSONOption = False,
+) -> None:
+    """Print the global log, every stream's events in the order they were stored.
+
+    Each line starts with the event's position; pass the last one seen as --after to resume.
+    """
+    try:
+        asyncio.run(_tail(store, after, limit, follow, as_json))
+    except KeyboardInterrupt:
+        if not follow:
+            raise
+        # Ctrl-C is how --follow ends: a normal exit, not an error.
+
+
+async def _tail(url: str, after: int, limit: int | None, follow: bool, as_json: bool) -> None:
+    console = _console()
+
+    def show(record: RecordedEvent[Any]) -> None:
+        if as_json:
+            typer.echo(render.json_line(render.record_dict(record)))
+        else:
+            console.print(render.log_line(record), soft_wrap=True)
+
+    async with open_for_reading(url) as store:
+        if not follow:
+            async for record in store.read_all(after, limit=limit):
+                show(record)
+            return
+        shown = 0
+        async for record in store.subscribe(after):
+            show(record)
+            shown += 1
+            if limit is not None and shown >= limit:
+                return
