@@ -41,7 +41,14 @@ class ParcelShipped(Event, type="clitest.parcel.shipped", registry=ELSEWHERE):
 
 
 JSON_KEYS = {
-    "id", "stream_id", "version", "position", "type", "schema_version", "recorded_at", "data",
+    "id",
+    "stream_id",
+    "version",
+    "position",
+    "type",
+    "schema_version",
+    "recorded_at",
+    "data",
     "metadata",
 }
 
@@ -59,10 +66,15 @@ async def append(url: str, stream_id: str, events: list[Event], **kwargs: Any) -
 def cli_store(tmp_path: Path) -> str:
     """A SQLite store with two streams: cart-1 (2 events) then parcel-1 (1 unknown type)."""
     url = sqlite_url(tmp_path / "cli.db")
-    asyncio.run(append(
-        url, "cart-1", [ItemAdded(name="apple", qty=2)], expected_version=NO_STREAM,
-        metadata={"correlation_id": "req-1", "tenant": "acme"},
-    ))
+    asyncio.run(
+        append(
+            url,
+            "cart-1",
+            [ItemAdded(name="apple", qty=2)],
+            expected_version=NO_STREAM,
+            metadata={"correlation_id": "req-1", "tenant": "acme"},
+        )
+    )
     asyncio.run(append(url, "cart-1", [ItemAdded(name="[bold]pear[/bold]")], expected_version=1))
     asyncio.run(append(url, "parcel-1", [ParcelShipped(carrier="dhl")]))
     return url
@@ -113,9 +125,7 @@ def test_streams_json(runner: CliRunner, cli_store: str) -> None:
 # -- events ----------------------------------------------------------------------------------
 
 
-def test_events_table_shows_data_and_metadata_as_written(
-    runner: CliRunner, cli_store: str
-) -> None:
+def test_events_table_shows_data_and_metadata_as_written(runner: CliRunner, cli_store: str) -> None:
     result = runner.invoke(app, ["events", "cart-1", "--store", cli_store])
     assert result.exit_code == 0, result.output
     out = result.stdout
@@ -215,7 +225,8 @@ def test_default_store_is_tidings_db_in_the_current_folder(
 
 
 @pytest.mark.parametrize(
-    "url", ["nosuch://x", "sqlite://host/x.db", "sqlite:///", "tidings.db", "sqlite:///x.db?bogus=1"]
+    "url",
+    ["nosuch://x", "sqlite://host/x.db", "sqlite:///", "tidings.db", "sqlite:///x.db?bogus=1"],
 )
 def test_bad_url_is_one_line_and_exit_2(runner: CliRunner, url: str) -> None:
     assert_one_line_error(runner.invoke(app, ["streams", "--store", url]))
@@ -291,8 +302,12 @@ def child_env() -> dict[str, str]:
 @pytest.mark.slow
 def test_demo_runs_as_a_command(tmp_path: Path) -> None:
     done = subprocess.run(
-        [*tidings_command(), "demo"], capture_output=True, text=True, timeout=60,
-        cwd=tmp_path, env=child_env(),
+        [*tidings_command(), "demo"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+        env=child_env(),
     )
     assert done.returncode == 0, done.stderr
     assert "Current state: balance = 120" in done.stdout

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -11,7 +11,9 @@ from cloudevents.core.formats.json import JSONFormat
 from cloudevents.core.v1.event import CloudEvent
 from hypothesis import given
 from hypothesis import strategies as st
+from pydantic import Field
 
+from tests.events import Deposited, Note
 from tidings import (
     Event,
     InvalidCloudEvent,
@@ -26,7 +28,6 @@ from tidings import (
     to_cloudevent,
     uuid7,
 )
-from tests.events import Deposited, Note
 
 REGISTRY = TypeRegistry()
 
@@ -36,7 +37,7 @@ class Rich(Event, type="test.codec.rich", version=3, registry=REGISTRY):
     number: float
     items: list[int]
     when: datetime
-    extra: dict[str, str] = {}
+    extra: dict[str, str] = Field(default_factory=dict)
 
 
 CODEC = JSONCodec(REGISTRY)
@@ -46,7 +47,7 @@ rich_events = st.builds(
     text=texts,
     number=st.floats(allow_nan=False, allow_infinity=False),
     items=st.lists(st.integers(min_value=-(2**53), max_value=2**53), max_size=5),
-    when=st.datetimes(timezones=st.just(timezone.utc)),
+    when=st.datetimes(timezones=st.just(UTC)),
     extra=st.dictionaries(texts, texts, max_size=3),
 )
 metadatas = st.builds(
@@ -60,8 +61,14 @@ metadatas = st.builds(
 def record(event: Event, meta: Metadata, position: int = 7) -> RecordedEvent[Any]:
     encoded = CODEC.encode(event)
     return CODEC.decode(
-        position, encoded.id, "stream-1", 3, encoded.type, encoded.schema_version,
-        datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=timezone.utc), encoded.data,
+        position,
+        encoded.id,
+        "stream-1",
+        3,
+        encoded.type,
+        encoded.schema_version,
+        datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC),
+        encoded.data,
         CODEC.encode_metadata(meta),
     )
 
@@ -105,15 +112,28 @@ def _note_record(meta: Metadata) -> RecordedEvent[Any]:
     codec = JSONCodec()
     note = Note(text="hi")
     encoded = codec.encode(note)
-    return codec.decode(7, encoded.id, "stream-1", 3, encoded.type, 1,
-                        datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=timezone.utc),
-                        encoded.data, codec.encode_metadata(meta))
+    return codec.decode(
+        7,
+        encoded.id,
+        "stream-1",
+        3,
+        encoded.type,
+        1,
+        datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC),
+        encoded.data,
+        codec.encode_metadata(meta),
+    )
 
 
 def test_cloudevent_from_a_plain_producer() -> None:
     sdk_event = CloudEvent(
-        {"type": "test.account.deposited", "source": "https://bank.example/accounts",
-         "id": str(uuid7()), "specversion": "1.0", "datacontenttype": "application/json"},
+        {
+            "type": "test.account.deposited",
+            "source": "https://bank.example/accounts",
+            "id": str(uuid7()),
+            "specversion": "1.0",
+            "datacontenttype": "application/json",
+        },
         {"amount": 12},
     )
     recorded = from_cloudevent(json.loads(JSONFormat().write(sdk_event)))

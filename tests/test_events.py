@@ -7,8 +7,8 @@ from uuid import UUID
 import pytest
 from pydantic import ValidationError
 
-from tidings import DuplicateEventType, Event, EventDefinitionError, TypeRegistry, default_registry
 from tests.events import Deposited, Note
+from tidings import DuplicateEventType, Event, EventDefinitionError, TypeRegistry, default_registry
 
 
 def test_declaring_a_class_registers_type_and_version() -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import tracemalloc
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import tidings
+from tests.events import Deposited, Note, Opened, Withdrew
 from tidings import (
     ANY,
     NO_STREAM,
@@ -35,7 +36,6 @@ from tidings import (
     UnknownEvent,
     WrongExpectedVersion,
 )
-from tests.events import Deposited, Note, Opened, Withdrew
 
 
 async def collect(iterator: Any) -> list[Any]:
@@ -56,22 +56,26 @@ async def test_append_returns_version_and_position(store: tidings.EventStore) ->
 
 async def test_read_stream_returns_typed_recorded_events(store: tidings.EventStore) -> None:
     events = [Opened(owner="ada"), Deposited(amount=100), Withdrew(amount=30)]
-    before = datetime.now(timezone.utc)
+    before = datetime.now(UTC)
     await store.append("acc-1", events, metadata={"correlation_id": "c-1", "tenant": "t1"})
     records = await collect(store.read_stream("acc-1"))
     assert [r.event for r in records] == events
     assert [type(r.event) for r in records] == [Opened, Deposited, Withdrew]
     assert [r.version for r in records] == [1, 2, 3]
     assert [r.position for r in records] == [1, 2, 3]
-    assert [r.type for r in records] == ["test.account.opened", "test.account.deposited", "test.account.withdrew"]
+    assert [r.type for r in records] == [
+        "test.account.opened",
+        "test.account.deposited",
+        "test.account.withdrew",
+    ]
     for record, event in zip(records, events, strict=True):
         assert record.stream_id == "acc-1"
         assert record.schema_version == 1
         assert isinstance(record.id, UUID) and record.id.version == 7
         assert record.id == event.event_id == record.event.event_id
         assert record.recorded_at.tzinfo is not None
-        assert record.recorded_at.utcoffset() == timezone.utc.utcoffset(None)
-        assert before.replace(microsecond=0) <= record.recorded_at <= datetime.now(timezone.utc)
+        assert record.recorded_at.utcoffset() == UTC.utcoffset(None)
+        assert before.replace(microsecond=0) <= record.recorded_at <= datetime.now(UTC)
         assert record.metadata == Metadata("c-1", None, {"tenant": "t1"})
         assert record.correlation_id == "c-1"
 
@@ -98,10 +102,18 @@ async def test_read_stream_from_version_backwards_and_limit(open_store: Any) -> 
         forward = await collect(store.read_stream("s"))
         assert [r.event.amount for r in forward] == list(range(1, 11))
         assert [r.version for r in await collect(store.read_stream("s", 4))] == list(range(4, 11))
-        assert [r.version for r in await collect(store.read_stream("s", 4, limit=5))] == [4, 5, 6, 7, 8]
+        assert [r.version for r in await collect(store.read_stream("s", 4, limit=5))] == [
+            4,
+            5,
+            6,
+            7,
+            8,
+        ]
         back = await collect(store.read_stream("s", backwards=True))
         assert [r.version for r in back] == list(range(10, 0, -1))
-        assert [r.version for r in await collect(store.read_stream("s", 7, backwards=True, limit=4))] == [7, 6, 5, 4]
+        assert [
+            r.version for r in await collect(store.read_stream("s", 7, backwards=True, limit=4))
+        ] == [7, 6, 5, 4]
         assert await collect(store.read_stream("s", 11)) == []
         assert [r.version for r in await collect(store.read_stream("s", 1, backwards=True))] == [1]
 
@@ -114,7 +126,13 @@ async def test_read_all_in_position_order_after_and_limit(open_store: Any) -> No
         assert [r.position for r in everything] == list(range(1, 11))
         assert [r.event.amount for r in everything] == list(range(1, 11))
         assert [r.position for r in await collect(store.read_all(after=7))] == [8, 9, 10]
-        assert [r.position for r in await collect(store.read_all(after=2, limit=5))] == [3, 4, 5, 6, 7]
+        assert [r.position for r in await collect(store.read_all(after=2, limit=5))] == [
+            3,
+            4,
+            5,
+            6,
+            7,
+        ]
         assert await collect(store.read_all(after=10)) == []
 
 
@@ -127,7 +145,9 @@ async def test_read_all_filters_by_type(open_store: Any) -> None:
         assert [r.event.amount for r in deposits] == [0, 4, 8]
         by_name = await collect(store.read_all(types=["test.account.deposited"]))
         assert [r.position for r in by_name] == [r.position for r in deposits]
-        assert [r.position for r in await collect(store.read_all(after=5, types=[Deposited]))] == [9]
+        assert [r.position for r in await collect(store.read_all(after=5, types=[Deposited]))] == [
+            9
+        ]
         assert await collect(store.read_all(types=["test.no.such.type"])) == []
 
 
@@ -207,7 +227,10 @@ async def test_twenty_concurrent_writers_one_winner_per_version(store: tidings.E
 
 async def test_concurrent_appends_fail_alone(store: tidings.EventStore) -> None:
     await store.append("base", [Note(text="0")])
-    good = [store.append(f"good-{i}", [Note(text=str(i))], expected_version=NO_STREAM) for i in range(30)]
+    good = [
+        store.append(f"good-{i}", [Note(text=str(i))], expected_version=NO_STREAM)
+        for i in range(30)
+    ]
     bad = [store.append("base", [Note(text="late")], expected_version=5) for _ in range(30)]
     results = await asyncio.gather(*good, *bad, return_exceptions=True)
     assert all(isinstance(r, tidings.AppendResult) for r in results[:30])
@@ -290,9 +313,17 @@ async def test_a_single_event_or_empty_list_is_rejected(store: tidings.EventStor
 
 @pytest.mark.parametrize(
     ("stream_id", "kind"),
-    [("", ValueError), ("x" * 513, ValueError), (None, TypeError), (42, TypeError), ("\udc80", ValueError)],
+    [
+        ("", ValueError),
+        ("x" * 513, ValueError),
+        (None, TypeError),
+        (42, TypeError),
+        ("\udc80", ValueError),
+    ],
 )
-async def test_bad_stream_ids_are_rejected(store: tidings.EventStore, stream_id: Any, kind: type) -> None:
+async def test_bad_stream_ids_are_rejected(
+    store: tidings.EventStore, stream_id: Any, kind: type
+) -> None:
     with pytest.raises(InvalidStreamId) as info:
         await store.append(stream_id, [Note(text="x")])
     assert isinstance(info.value, TidingsError)
@@ -325,8 +356,21 @@ async def test_event_size_limit_is_configurable(open_store: Any) -> None:
         assert await store.stream_version("s") == 1
 
 
-STREAM_IDS = ["it's", 'say "hi"', "100%", "a;DROP TABLE tidings_events;--", "back\\slash",
-              "名前", "ümlaut", "emoji-🎉", "tab\tnew\nline", "nul\x00byte", " spaced ", "%s%d", "?"]
+STREAM_IDS = [
+    "it's",
+    'say "hi"',
+    "100%",
+    "a;DROP TABLE tidings_events;--",
+    "back\\slash",
+    "名前",
+    "ümlaut",
+    "emoji-🎉",
+    "tab\tnew\nline",
+    "nul\x00byte",
+    " spaced ",
+    "%s%d",
+    "?",
+]
 
 
 async def test_stream_ids_are_data(store: tidings.EventStore) -> None:
@@ -340,7 +384,9 @@ async def test_stream_ids_are_data(store: tidings.EventStore) -> None:
     assert {r.stream_id for r in await collect(store.read_all())} == set(STREAM_IDS)
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(stream_id=st.text(st.characters(blacklist_categories=["Cs"]), min_size=1, max_size=40))
 async def test_any_unicode_stream_id_round_trips(store: tidings.EventStore, stream_id: str) -> None:
     before = await store.stream_version(stream_id)

@@ -7,7 +7,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from uuid import UUID
 
@@ -16,10 +16,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import tidings
+from tests.events import Deposited, Note
 from tidings import ConfigurationError, EventDecodeError, StoreError, StoreNotFound
 from tidings.core.ids import uuid_from_bytes
 from tidings.store.sqlite import SQLiteEventStore, _from_micros, _mapped_errors
-from tests.events import Deposited, Note
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -61,7 +61,11 @@ async def test_concurrent_appends_share_commits(tmp_path: Path) -> None:
 def _run(code: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code), *args],
-        cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
     )
 
 
@@ -83,7 +87,13 @@ async def test_processes_migrate_and_write_one_new_file_at_once(tmp_path: Path) 
     target = url(tmp_path / "shared.db")
     procs = [
         await asyncio.create_subprocess_exec(
-            sys.executable, "-c", textwrap.dedent(APPENDER), target, f"p{i}", "25", cwd=ROOT,
+            sys.executable,
+            "-c",
+            textwrap.dedent(APPENDER),
+            target,
+            f"p{i}",
+            "25",
+            cwd=ROOT,
             stderr=asyncio.subprocess.PIPE,
         )
         for i in range(4)
@@ -166,10 +176,14 @@ def test_missing_driver_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "asyncpg" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "asyncpg" else real(name, *a)
+    )
     import tidings.store as store_module
 
-    monkeypatch.setitem(store_module.BACKENDS, "postgresql", ("tidings.store._absent", "X", "asyncpg", "postgres"))
+    monkeypatch.setitem(
+        store_module.BACKENDS, "postgresql", ("tidings.store._absent", "X", "asyncpg", "postgres")
+    )
     with pytest.raises(ConfigurationError, match=r'pip install "tidings\[postgres\]"'):
         tidings.open_store("postgresql://localhost/db")
 
@@ -190,15 +204,18 @@ async def test_create_false_never_creates(tmp_path: Path) -> None:
 async def test_a_file_that_is_not_a_database_is_a_store_error(tmp_path: Path) -> None:
     junk = tmp_path / "junk.db"
     junk.write_bytes(b"this is not sqlite" * 100)
-    with pytest.raises(StoreError, match="junk.db"):
+    with pytest.raises(StoreError, match=r"junk\.db"):
         async with tidings.open_store(url(junk)):
             pass
 
 
 @pytest.mark.parametrize(
     "driver_error",
-    [sqlite3.OperationalError("database is locked"), sqlite3.DatabaseError("file is not a database"),
-     sqlite3.IntegrityError("UNIQUE constraint failed")],
+    [
+        sqlite3.OperationalError("database is locked"),
+        sqlite3.DatabaseError("file is not a database"),
+        sqlite3.IntegrityError("UNIQUE constraint failed"),
+    ],
 )
 def test_driver_errors_map_to_store_error(driver_error: sqlite3.Error) -> None:
     with pytest.raises(StoreError) as info, _mapped_errors("x.db"):
@@ -213,7 +230,7 @@ def test_driver_errors_map_to_store_error(driver_error: sqlite3.Error) -> None:
     | st.integers(min_value=2**31 * 10**6, max_value=2**32 * 10**6)  # where floats get tight
 )
 def test_stored_microseconds_come_back_exactly(micros: int) -> None:
-    expected = datetime(1970, 1, 1, tzinfo=timezone.utc) + timedelta(microseconds=micros)
+    expected = datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=micros)
     assert _from_micros(micros) == expected
 
 

@@ -73,16 +73,20 @@ def demo(
         where = url
     console = Console(highlight=False)
     console.print(Text(f"Store: {where}"))
-    console.print(Text(
-        f"Wrote 4 events to stream {run.stream_id}; each append named the version it expected "
-        "(NO_STREAM, then 1, 2, 3)."
-    ))
+    console.print(
+        Text(
+            f"Wrote 4 events to stream {run.stream_id}; each append named the version it expected "
+            "(NO_STREAM, then 1, 2, 3)."
+        )
+    )
     if run.refusal is not None:
-        console.print(Text(
-            f"Optimistic concurrency: a writer that last saw version {run.refusal.expected} "
-            f"tried to withdraw 500 and was refused (the stream is at version "
-            f"{run.refusal.actual}); nothing was written."
-        ))
+        console.print(
+            Text(
+                f"Optimistic concurrency: a writer that last saw version {run.refusal.expected} "
+                f"tried to withdraw 500 and was refused (the stream is at version "
+                f"{run.refusal.actual}); nothing was written."
+            )
+        )
     console.print(render.ledger_table(run.stream_id, run.steps))
     console.print(Text(f"Time travel: balance as of version 2 = {run.balance_at_2}"))
     balance = run.steps[-1].balance if run.steps else 0

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
@@ -25,8 +25,26 @@ from tidings.core.recorded import RecordedEvent
 __all__ = ["from_cloudevent", "to_cloudevent"]
 
 SPEC_VERSION = "1.0"
-_CORE = {"id", "source", "specversion", "type", "datacontenttype", "dataschema", "subject", "time", "data", "data_base64"}
-_OURS = {"streamversion", "position", "schemaversion", "correlationid", "causationid", "tidingsheaders"}
+_CORE = {
+    "id",
+    "source",
+    "specversion",
+    "type",
+    "datacontenttype",
+    "dataschema",
+    "subject",
+    "time",
+    "data",
+    "data_base64",
+}
+_OURS = {
+    "streamversion",
+    "position",
+    "schemaversion",
+    "correlationid",
+    "causationid",
+    "tidingsheaders",
+}
 _NAME = re.compile(r"^[a-z0-9]{1,20}$")
 _default_codec = JSONCodec()
 
@@ -41,7 +59,7 @@ def to_cloudevent(record: RecordedEvent[Any], *, source: str = "tidings") -> dic
         "source": source,
         "type": record.type,
         "subject": record.stream_id,
-        "time": record.recorded_at.astimezone(timezone.utc).isoformat().replace("+00:00", "Z"),
+        "time": record.recorded_at.astimezone(UTC).isoformat().replace("+00:00", "Z"),
         "datacontenttype": "application/json",
         "schemaversion": record.schema_version,
         "streamversion": record.version,
@@ -64,9 +82,7 @@ def to_cloudevent(record: RecordedEvent[Any], *, source: str = "tidings") -> dic
     return ce
 
 
-def from_cloudevent(
-    ce: Mapping[str, Any], *, codec: JSONCodec | None = None
-) -> RecordedEvent[Any]:
+def from_cloudevent(ce: Mapping[str, Any], *, codec: JSONCodec | None = None) -> RecordedEvent[Any]:
     """Decode a structured-mode CloudEvent into a `RecordedEvent`.
 
     Events from other producers need no tidings extensions: the stream defaults to `subject`
@@ -82,22 +98,20 @@ def from_cloudevent(
         data = ce.get("data")
         if data is None and "data_base64" in ce:
             raise ValueError("binary data (data_base64) is not a JSON event")
-        raw = data if isinstance(data, (str, bytes)) else json.dumps(data if data is not None else {})
+        raw = (
+            data if isinstance(data, (str, bytes)) else json.dumps(data if data is not None else {})
+        )
         try:
             event_id = UUID(str(ce["id"]))
         except ValueError:
             raise ValueError(f"id {ce['id']!r} is not a UUID") from None
         time = ce.get("time")
         recorded_at = (
-            datetime.fromisoformat(time.replace("Z", "+00:00")) if time else datetime.now(timezone.utc)
+            datetime.fromisoformat(time.replace("Z", "+00:00")) if time else datetime.now(UTC)
         )
         if recorded_at.tzinfo is None:
-            recorded_at = recorded_at.replace(tzinfo=timezone.utc)
-        headers = {
-            k: str(v)
-            for k, v in ce.items()
-            if k not in _CORE and k not in _OURS
-        }
+            recorded_at = recorded_at.replace(tzinfo=UTC)
+        headers = {k: str(v) for k, v in ce.items() if k not in _CORE and k not in _OURS}
         if "tidingsheaders" in ce:
             headers.update(json.loads(ce["tidingsheaders"]))
         meta = Metadata(ce.get("correlationid"), ce.get("causationid"), headers)
@@ -117,4 +131,3 @@ def from_cloudevent(
         raw,
         meta_text,
     )
-

@@ -8,9 +8,9 @@ a JSON object, or nothing when empty.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 from uuid import UUID
 
@@ -41,9 +41,7 @@ class JSONCodec:
         keep_unknown: decode unregistered types as `UnknownEvent` instead of raising.
     """
 
-    def __init__(
-        self, registry: TypeRegistry | None = None, *, keep_unknown: bool = False
-    ) -> None:
+    def __init__(self, registry: TypeRegistry | None = None, *, keep_unknown: bool = False) -> None:
         self.registry = registry if registry is not None else default_registry
         self.keep_unknown = keep_unknown
 
@@ -122,10 +120,22 @@ class JSONCodec:
                 raise EventDecodeError(stream_id, version, position, _reason(exc)) from exc
             event_id = raw_id if id_of is None else id_of(raw_id)
             _set_private(event, "__pydantic_private__", {"_id": event_id})  # see Event.event_id
-            append(_new_record(RecordedEvent, (
-                event_id, stream_id, version, position, type_, schema_version,
-                at if time_of is None else time_of(at), event, metadata,
-            )))
+            append(
+                _new_record(
+                    RecordedEvent,
+                    (
+                        event_id,
+                        stream_id,
+                        version,
+                        position,
+                        type_,
+                        schema_version,
+                        at if time_of is None else time_of(at),
+                        event,
+                        metadata,
+                    ),
+                )
+            )
         return out
 
     def _unknown(self, key: tuple[str, int]) -> Any:

@@ -40,6 +40,8 @@ class TypeRegistry:
         Re-declaring the same class (same module and qualified name, as on a module reload)
         replaces the old one instead.
         """
+        if cls.__event_type__ is None:
+            raise EventDefinitionError(f"{cls.__qualname__} has no type=; it cannot be registered")
         key = (cls.__event_type__, cls.__event_version__)
         existing = self._classes.get(key)
         if existing is not None and existing is not cls:
@@ -66,7 +68,9 @@ class TypeRegistry:
         return key in self._classes
 
     def __iter__(self) -> Iterator[type[Event]]:
-        return iter(sorted(self._classes.values(), key=lambda c: (c.__event_type__, c.__event_version__)))
+        return iter(
+            sorted(self._classes.values(), key=lambda c: (c.__event_type__, c.__event_version__))
+        )
 
     def __len__(self) -> int:
         return len(self._classes)
@@ -145,7 +149,7 @@ class Event(BaseModel):
         # Equal data means equal facts' content; the id is identity, not content.
         if type(other) is not type(self):
             return NotImplemented
-        return self.__dict__ == other.__dict__  # type: ignore[no-any-return]
+        return self.__dict__ == other.__dict__
 
     def __hash__(self) -> int:
         return hash((type(self), tuple(self.__dict__.values())))

@@ -29,9 +29,7 @@ class Metadata:
                 object.__setattr__(self, name, str(value))  # UUIDs and ints are welcome
         for key, value in self.headers.items():
             if not isinstance(key, str) or not isinstance(value, str):
-                raise TypeError(
-                    f"metadata headers must map str to str; got {key!r}: {value!r}"
-                )
+                raise TypeError(f"metadata headers must map str to str; got {key!r}: {value!r}")
         object.__setattr__(self, "headers", dict(self.headers))
 
     @classmethod
@@ -63,7 +61,9 @@ class Metadata:
         return cls(data.get("correlation_id"), data.get("causation_id"), data.get("headers") or {})
 
     def __bool__(self) -> bool:
-        return self.correlation_id is not None or self.causation_id is not None or bool(self.headers)
+        return (
+            self.correlation_id is not None or self.causation_id is not None or bool(self.headers)
+        )
 
 
 EMPTY = Metadata()

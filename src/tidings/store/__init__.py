@@ -52,7 +52,7 @@ def open_store(url: str, **options: Any) -> EventStore:
     Options go in the URL's query (`sqlite:///app.db?synchronous=normal`) or as keywords
     (`codec=`, `max_event_size=`, …); keywords win. Nothing is opened until `open()`.
     """
-    if not isinstance(url, str) or "://" not in url and not url.startswith("memory:"):
+    if not isinstance(url, str) or ("://" not in url and not url.startswith("memory:")):
         raise ConfigurationError(
             f"{url!r} is not a store URL; use sqlite:///path.db, postgresql://host/db or memory://"
         )
@@ -66,7 +66,7 @@ def open_store(url: str, **options: Any) -> EventStore:
     except ImportError as exc:
         if driver is not None and importlib.util.find_spec(driver) is None:
             raise ConfigurationError(
-                f"{scheme}:// needs the {driver} driver: pip install \"tidings[{extra}]\""
+                f'{scheme}:// needs the {driver} driver: pip install "tidings[{extra}]"'
             ) from exc
         raise
     store: EventStore = getattr(module, class_name).from_url(url, **options)

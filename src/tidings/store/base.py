@@ -24,7 +24,6 @@ from tidings.core.errors import (
     EventTooLarge,
     InvalidStreamId,
     StoreClosed,
-    WrongExpectedVersion,
 )
 from tidings.core.events import Event
 from tidings.core.metadata import Metadata, MetadataLike
@@ -102,7 +101,10 @@ class EventStore(Protocol):
     async def __aenter__(self) -> Self: ...
 
     async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
     ) -> None: ...
 
     async def append(
@@ -245,15 +247,14 @@ def resolve_duplicates(
     if missing:
         stored = next(event_id for event_id in ids if event_id in found)
         raise EventIdConflict(
-            stream_id, stored,
+            stream_id,
+            stored,
             f"already stored, but {len(missing)} of the {len(ids)} events in this append are not; "
             "a retry must resend exactly the original events",
         )
     versions = [found[event_id][1] for event_id in ids]
     if versions != list(range(versions[0], versions[0] + len(versions))):
-        raise EventIdConflict(
-            stream_id, ids[0], "stored, but not in this order as one append"
-        )
+        raise EventIdConflict(stream_id, ids[0], "stored, but not in this order as one append")
     return AppendResult(version=versions[-1], position=found[ids[-1]][2])
 
 
@@ -350,13 +351,20 @@ class StoreBase(ABC):
         return await self.open()
 
     async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         await self.aclose()
 
     def _check_open(self) -> None:
         if not self._opened or self._closed:
-            state = "closed" if self._closed else "not open yet (use `async with` or `await store.open()`)"
+            state = (
+                "closed"
+                if self._closed
+                else "not open yet (use `async with` or `await store.open()`)"
+            )
             raise StoreClosed(f"{type(self).__name__} is {state}")
 
     # -- writing ---------------------------------------------------------------------------
@@ -391,7 +399,9 @@ class StoreBase(ABC):
             if item.size > self.max_event_size:
                 raise EventTooLarge(stream_id, index, item.type, item.size, self.max_event_size)
             if item.id in seen:
-                raise EventIdConflict(stream_id, item.id, f"events[{index}] repeats an event of this append")
+                raise EventIdConflict(
+                    stream_id, item.id, f"events[{index}] repeats an event of this append"
+                )
             seen.add(item.id)
             encoded.append(item)
         return encoded

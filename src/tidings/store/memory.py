@@ -8,7 +8,7 @@ same. Nothing survives the process.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, NamedTuple
 from uuid import UUID
 
@@ -55,7 +55,7 @@ class MemoryEventStore(StoreBase):
         batch_size: int = 1000,
         create: bool = True,
     ) -> None:
-        """`create` is accepted for symmetry with the file and server stores: memory is always new."""
+        """`create` is accepted for symmetry with the other stores; memory is always new."""
         super().__init__(codec=codec, max_event_size=max_event_size, batch_size=batch_size)
         del create
         self.url = url
@@ -69,7 +69,9 @@ class MemoryEventStore(StoreBase):
         parts = url.split("?", 1)[0]
         if parts not in ("memory://", "memory:", "memory:///"):
             raise ConfigurationError(f"a memory store URL is just 'memory://', got {url!r}")
-        merged = url_options(url, {"max_event_size": int, "batch_size": int, "create": bool}) | options
+        merged = (
+            url_options(url, {"max_event_size": int, "batch_size": int, "create": bool}) | options
+        )
         return cls(url, **merged)
 
     async def _open(self) -> None:
@@ -93,11 +95,21 @@ class MemoryEventStore(StoreBase):
             return resolve_duplicates(stream_id, [e.id for e in events], found)
         if not expected_matches(expected, actual):
             raise WrongExpectedVersion(stream_id, expected, actual)
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         for offset, e in enumerate(events, start=1):
             position = len(self._log) + 1
             self._log.append(
-                _Row(position, e.id, stream_id, actual + offset, e.type, e.schema_version, now, e.data, metadata)
+                _Row(
+                    position,
+                    e.id,
+                    stream_id,
+                    actual + offset,
+                    e.type,
+                    e.schema_version,
+                    now,
+                    e.data,
+                    metadata,
+                )
             )
             positions.append(position)
             self._ids[e.id] = position
@@ -152,4 +164,3 @@ class MemoryEventStore(StoreBase):
     async def last_position(self) -> int:
         self._check_open()
         return len(self._log)
-

@@ -21,13 +21,12 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
 from uuid import UUID
 
 from tidings.core.codec import EncodedEvent, JSONCodec
-from tidings.core.ids import uuid_from_bytes
 from tidings.core.errors import (
     ConfigurationError,
     StoreClosed,
@@ -36,6 +35,7 @@ from tidings.core.errors import (
     TidingsError,
     WrongExpectedVersion,
 )
+from tidings.core.ids import uuid_from_bytes
 from tidings.core.recorded import RecordedEvent
 from tidings.store.base import (
     DEFAULT_MAX_EVENT_SIZE,
@@ -99,9 +99,11 @@ def _from_micros(micros: int, _from_timestamp: Any = datetime.fromtimestamp) -> 
     one-call float path rounds back to the stored microsecond; later times take the exact path.
     """
     if 0 <= micros < _FLOAT_EXACT_BELOW:
-        return _from_timestamp(micros / 1e6, timezone.utc)  # type: ignore[no-any-return]
+        return _from_timestamp(micros / 1e6, UTC)  # type: ignore[no-any-return]
     return _EPOCH + timedelta(microseconds=micros)
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MAX_GROUP = 512  # appends committed together at most
 
 # One signal per database file, so stores on the same file in one process wake each other.
@@ -340,7 +342,9 @@ class SQLiteEventStore(StoreBase):
             now = time.time_ns() // 1000
             for request in group:
                 try:
-                    result = self._apply(conn, request, versions, next_position, now, len(group) == 1)
+                    result = self._apply(
+                        conn, request, versions, next_position, now, len(group) == 1
+                    )
                 except (TidingsError, sqlite3.Error) as exc:
                     outcomes.append(_as_tidings_error(exc, self.path))
                     continue
@@ -354,8 +358,10 @@ class SQLiteEventStore(StoreBase):
                 conn.execute("ROLLBACK")
             except sqlite3.Error:
                 pass
-            error = _as_tidings_error(exc, self.path) if isinstance(exc, Exception) else exc
-            return [error] * len(group)
+            failure: BaseException = (
+                _as_tidings_error(exc, self.path) if isinstance(exc, Exception) else exc
+            )
+            return [failure] * len(group)
         return outcomes
 
     def _apply(
@@ -381,8 +387,17 @@ class SQLiteEventStore(StoreBase):
                 return resolve_duplicates(stream_id, [e.id for e in request.events], found)
             raise WrongExpectedVersion(stream_id, request.expected, actual)
         rows = [
-            (next_position + i, e.id.bytes, stream_id, actual + 1 + i, e.type, e.schema_version,
-             now, e.data, request.metadata)
+            (
+                next_position + i,
+                e.id.bytes,
+                stream_id,
+                actual + 1 + i,
+                e.type,
+                e.schema_version,
+                now,
+                e.data,
+                request.metadata,
+            )
             for i, e in enumerate(request.events)
         ]
         # A savepoint lets one append fail without undoing the others in its group; an
@@ -420,7 +435,8 @@ class SQLiteEventStore(StoreBase):
             chunk = ids[start : start + 500]
             marks = ", ".join("?" * len(chunk))
             for raw, stream_id, version, position in conn.execute(
-                f"SELECT id, stream_id, version, position FROM tidings_events WHERE id IN ({marks})",
+                "SELECT id, stream_id, version, position FROM tidings_events "
+                f"WHERE id IN ({marks})",
                 chunk,
             ):
                 found[UUID(bytes=raw)] = (stream_id, version, position)
@@ -508,22 +524,22 @@ class SQLiteEventStore(StoreBase):
         return await self._run(work)
 
     async def streams(self) -> AsyncIterator[StreamInfo]:
-        last: str | None = None
+        after = ""  # "" sorts before every stream id, and no stream id is empty
         while True:
-            def work(conn: sqlite3.Connection, last: str | None = last) -> list[Any]:
-                if last is None:
-                    sql, args = "SELECT stream_id, version FROM tidings_streams ORDER BY stream_id LIMIT ?", (self.batch_size,)
-                else:
-                    sql = "SELECT stream_id, version FROM tidings_streams WHERE stream_id > ? ORDER BY stream_id LIMIT ?"
-                    args = (last, self.batch_size)  # type: ignore[assignment]
-                return conn.execute(sql, args).fetchall()
+
+            def work(conn: sqlite3.Connection, after: str = after) -> list[Any]:
+                return conn.execute(
+                    "SELECT stream_id, version FROM tidings_streams WHERE stream_id > ? "
+                    "ORDER BY stream_id LIMIT ?",
+                    (after, self.batch_size),
+                ).fetchall()
 
             rows = await self._run(work)
             for stream_id, version in rows:
                 yield StreamInfo(stream_id, version)
             if len(rows) < self.batch_size:
                 return
-            last = rows[-1][0]
+            after = rows[-1][0]
 
     async def last_position(self) -> int:
         def work(conn: sqlite3.Connection) -> int:
@@ -576,9 +592,7 @@ def _path_from_url(url: str) -> str:
     if path.startswith("/"):
         path = path[1:]
     if not path or path == ":memory:":
-        raise ConfigurationError(
-            f"{url!r} names no file; for a store in memory use 'memory://'"
-        )
+        raise ConfigurationError(f"{url!r} names no file; for a store in memory use 'memory://'")
     return path
 
 
