@@ -65,8 +65,16 @@ def append_one(conn: sqlite3.Connection, stream_id: str, expected: int, item: It
         version = actual + 1
         conn.execute(
             INSERT,
-            (item.id, stream_id, version, EVENT_TYPE, SCHEMA_VERSION, _now(),
-             json.dumps(item.data, separators=JSON_SEPARATORS), None),
+            (
+                item.id,
+                stream_id,
+                version,
+                EVENT_TYPE,
+                SCHEMA_VERSION,
+                _now(),
+                json.dumps(item.data, separators=JSON_SEPARATORS),
+                None,
+            ),
         )
         conn.execute(UPSERT_STREAM, (stream_id, version))
         conn.execute("COMMIT")
@@ -89,8 +97,16 @@ def append_many(
         now = _now()
         dumps = json.dumps
         rows = [
-            (item.id, stream_id, actual + 1 + i, EVENT_TYPE, SCHEMA_VERSION, now,
-             dumps(item.data, separators=JSON_SEPARATORS), None)
+            (
+                item.id,
+                stream_id,
+                actual + 1 + i,
+                EVENT_TYPE,
+                SCHEMA_VERSION,
+                now,
+                dumps(item.data, separators=JSON_SEPARATORS),
+                None,
+            )
             for i, item in enumerate(items)
         ]
         conn.executemany(INSERT, rows)
@@ -103,8 +119,12 @@ def append_many(
     return version
 
 
-def read_all(conn: sqlite3.Connection, on_progress: Callable[[int], None], step: int,
-             limit: int | None = None) -> int:
+def read_all(
+    conn: sqlite3.Connection,
+    on_progress: Callable[[int], None],
+    step: int,
+    limit: int | None = None,
+) -> int:
     """Every event in position order with its data decoded; returns how many."""
     sql = f"SELECT {COLUMNS} FROM tidings_events ORDER BY position"
     if limit is not None:
@@ -119,3 +139,30 @@ def read_all(conn: sqlite3.Connection, on_progress: Callable[[int], None], step:
             on_progress(step)
             mark += step
     return count
+
+
+def check_same_rows(raw_path: str, tidings_path: str) -> None:
+    """Fail loudly unless both files hold the same events (all but position and time)."""
+    columns = "id, stream_id, version, type, schema_version, data, metadata"
+    conn = sqlite3.connect(raw_path)
+    try:
+        conn.execute("ATTACH DATABASE ? AS other", (tidings_path,))
+        counts = conn.execute(
+            "SELECT (SELECT count(*) FROM main.tidings_events), "
+            "(SELECT count(*) FROM other.tidings_events)"
+        ).fetchone()
+        differ = conn.execute(
+            f"SELECT count(*) FROM (SELECT {columns} FROM main.tidings_events "
+            f"EXCEPT SELECT {columns} FROM other.tidings_events)"
+        ).fetchone()[0]
+        streams_differ = conn.execute(
+            "SELECT count(*) FROM (SELECT * FROM main.tidings_streams "
+            "EXCEPT SELECT * FROM other.tidings_streams)"
+        ).fetchone()[0]
+    finally:
+        conn.close()
+    if counts[0] != counts[1] or differ or streams_differ:
+        raise SystemExit(
+            f"the two sides stored different events: {counts[0]} raw rows, {counts[1]} tidings "
+            f"rows, {differ} raw rows not in tidings, {streams_differ} stream versions differ"
+        )

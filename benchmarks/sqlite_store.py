@@ -1,8 +1,9 @@
 """The SQLite event store against raw sqlite3: four scenarios, both sides in one run.
 
 Each function returns the rates measured for both sides (a list per side, one entry per round)
-and leaves the choosing of the best and the judging to `run.py`. Every round uses fresh
-database files; tidings and raw sqlite3 take turns going first, so a noisy neighbour hurts both.
+and leaves the choosing of the best and the judging to `run.py`. Every round of the append
+scenarios uses fresh database files, with both files open at once and the two sides taking
+turns block by block; the reads alternate which side goes first. A noisy neighbour hurts both.
 """
 
 from __future__ import annotations
@@ -36,18 +37,16 @@ def _url(path: str) -> str:
     return "sqlite:///" + path  # an absolute path gives the four-slash form
 
 
-def _fresh(directory: str, name: str) -> str:
-    path = os.path.join(directory, name)
-    for suffix in ("", "-wal", "-shm"):
-        if os.path.exists(path + suffix):
-            os.remove(path + suffix)
-    return path
-
-
 def _drop(path: str) -> None:
     for suffix in ("", "-wal", "-shm"):
         if os.path.exists(path + suffix):
             os.remove(path + suffix)
+
+
+def _fresh(directory: str, name: str) -> str:
+    path = os.path.join(directory, name)
+    _drop(path)
+    return path
 
 
 def _start_clock() -> float:
@@ -62,8 +61,15 @@ def _start_clock() -> float:
 # about 100 ms, with the clock running only around each side's own blocks.
 
 
-async def _interleaved(directory: str, prefix: str, batches: list[list[Item]], warm: int,
-                       block: int, streams: list[str], advance: Advance) -> tuple[float, float]:
+async def _interleaved(
+    directory: str,
+    prefix: str,
+    batches: list[list[Item]],
+    warm: int,
+    block: int,
+    streams: list[str],
+    advance: Advance,
+) -> tuple[float, float]:
     """Append each batch to both stores (stream i % len(streams)); events/s for each side."""
     tidings_path = _fresh(directory, f"{prefix}-tidings.db")
     raw_path = _fresh(directory, f"{prefix}-raw.db")
@@ -79,7 +85,9 @@ async def _interleaved(directory: str, prefix: str, batches: list[list[Item]], w
                 start = time.perf_counter()
                 for i in range(lo, hi):
                     stream = streams[i % len(streams)]
-                    ours[stream] = (await store.append(stream, event_lists[i], ours[stream])).version
+                    ours[stream] = (
+                        await store.append(stream, event_lists[i], ours[stream])
+                    ).version
                 return time.perf_counter() - start
 
             def raw_block(lo: int, hi: int) -> float:
@@ -110,6 +118,7 @@ async def _interleaved(directory: str, prefix: str, batches: list[list[Item]], w
                 advance(2 * size)
         finally:
             conn.close()
+    raw_sqlite.check_same_rows(raw_path, tidings_path)
     _drop(tidings_path)
     _drop(raw_path)
     return events / spent["tidings"], events / spent["raw"]
@@ -119,12 +128,25 @@ def _chunks(items: list[Item], size: int) -> list[list[Item]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
-def single_appends(directory: str, count: int, rounds: int, advance: Advance,
-                   streams: int = 4, warm: int = 100, block: int = 200) -> Measured:
+def single_appends(
+    directory: str,
+    count: int,
+    rounds: int,
+    advance: Advance,
+    streams: int = 4,
+    warm: int = 100,
+    block: int = 200,
+) -> Measured:
     """Scenario 1: `count` single-event appends, each committed durably, round-robin on streams."""
     names = [f"account-{i}" for i in range(streams)]
-    measured = Measured(info={"appends_per_round": count, "streams": streams,
-                              "warm_up_appends": warm, "interleaved_block_appends": block})
+    measured = Measured(
+        info={
+            "appends_per_round": count,
+            "streams": streams,
+            "warm_up_appends": warm,
+            "interleaved_block_appends": block,
+        }
+    )
     for round_ in range(rounds):
         batches = _chunks(make_items(warm + count, seed=round_), 1)
         ours, theirs = asyncio.run(
@@ -135,13 +157,27 @@ def single_appends(directory: str, count: int, rounds: int, advance: Advance,
     return measured
 
 
-def batch_appends(directory: str, appends: int, rounds: int, advance: Advance,
-                  size: int = 100, streams: int = 4, warm: int = 10, block: int = 10) -> Measured:
+def batch_appends(
+    directory: str,
+    appends: int,
+    rounds: int,
+    advance: Advance,
+    size: int = 100,
+    streams: int = 4,
+    warm: int = 10,
+    block: int = 10,
+) -> Measured:
     """Scenario 2: `appends` appends of `size` events each, one transaction per append."""
     names = [f"account-{i}" for i in range(streams)]
-    measured = Measured(info={"appends_per_round": appends, "events_per_append": size,
-                              "streams": streams, "warm_up_appends": warm,
-                              "interleaved_block_appends": block})
+    measured = Measured(
+        info={
+            "appends_per_round": appends,
+            "events_per_append": size,
+            "streams": streams,
+            "warm_up_appends": warm,
+            "interleaved_block_appends": block,
+        }
+    )
     for round_ in range(rounds):
         batches = _chunks(make_items((warm + appends) * size, seed=100 + round_), size)
         ours, theirs = asyncio.run(
@@ -155,9 +191,11 @@ def batch_appends(directory: str, appends: int, rounds: int, advance: Advance,
 # -- 3. many concurrent single-event appenders (group commit) -------------------------------
 
 
-async def _tidings_concurrent(path: str, per_task: list[list[Item]], warm: int,
-                              advance: Advance) -> tuple[float, dict[str, Any]]:
+async def _tidings_concurrent(
+    path: str, per_task: list[list[Item]], warm: int, advance: Advance
+) -> tuple[float, dict[str, Any]]:
     done = [0]
+    reported = [0]
 
     async def writer(stream: str, items: list[Item], version: int) -> int:
         for item in items:
@@ -165,12 +203,14 @@ async def _tidings_concurrent(path: str, per_task: list[list[Item]], warm: int,
             done[0] += 1
         return version
 
-    async def report() -> None:
-        reported = 0
+    def report_progress() -> None:
+        advance(done[0] - reported[0])
+        reported[0] = done[0]
+
+    async def reporter() -> None:  # progress from outside the appenders, ten times a second
         while True:
             await asyncio.sleep(0.1)
-            advance(done[0] - reported)
-            reported = done[0]
+            report_progress()
 
     async with open_store(_url(path)) as store:
         streams = [f"account-{i}" for i in range(len(per_task))]
@@ -179,30 +219,47 @@ async def _tidings_concurrent(path: str, per_task: list[list[Item]], warm: int,
             *(writer(s, items[:warm], 0) for s, items in zip(streams, per_task, strict=True))
         )
         done[0] = 0
-        reporter = asyncio.create_task(report())
+        commits_before = getattr(store, "commits", None)
+        progress = asyncio.create_task(reporter())
         start = _start_clock()
         await asyncio.gather(
-            *(writer(s, items[warm:], v)
-              for s, items, v in zip(streams, per_task, versions, strict=True))
+            *(
+                writer(s, items[warm:], v)
+                for s, items, v in zip(streams, per_task, versions, strict=True)
+            )
         )
         elapsed = time.perf_counter() - start
-        reporter.cancel()
-        advance(done[0])
-        total = done[0]
-    return total / elapsed, {"events": total}
+        progress.cancel()
+        report_progress()
+        info: dict[str, Any] = {"events": done[0]}
+        if commits_before is not None:  # how well group commit grouped
+            commits = store.commits - commits_before  # type: ignore[attr-defined]
+            info["commits"] = commits
+            info["events_per_commit"] = round(done[0] / max(commits, 1), 1)
+    return done[0] / elapsed, info
 
 
-def concurrent_appends(directory: str, tasks: int, per_task: int, rounds: int,
-                       advance: Advance, warm: int = 2) -> Measured:
-    measured = Measured(info={"tasks": tasks, "appends_per_task": per_task,
-                              "events": tasks * per_task, "warm_up_appends_per_task": warm})
+def concurrent_appends(
+    directory: str, tasks: int, per_task: int, rounds: int, advance: Advance, warm: int = 2
+) -> Measured:
+    """Scenario 3: `tasks` asyncio tasks, each appending single events to its own stream."""
+    measured = Measured(
+        info={
+            "tasks": tasks,
+            "appends_per_task": per_task,
+            "events": tasks * per_task,
+            "warm_up_appends_per_task": warm,
+            "rounds": [],
+        }
+    )
     for round_ in range(rounds):
         items = make_items(tasks * (warm + per_task), seed=200 + round_)
         split = _chunks(items, warm + per_task)
-        rate, _ = asyncio.run(
+        rate, info = asyncio.run(
             _tidings_concurrent(_fresh(directory, "s3-tidings.db"), split, warm, advance)
         )
         measured.tidings.append(rate)
+        measured.info["rounds"].append(info)
     _drop(os.path.join(directory, "s3-tidings.db"))
     return measured
 
@@ -252,18 +309,23 @@ def _raw_read(path: str, warm: int, advance: Advance, step: int) -> tuple[float,
     return count / elapsed, count
 
 
-def populate(directory: str, events: int, advance: Advance, append_size: int = 1000) -> tuple[str, str]:
+def populate(
+    directory: str, events: int, advance: Advance, append_size: int = 1000
+) -> tuple[str, str]:
     """Build the tidings file with large appends, then copy it: the raw file has the same rows."""
     tidings_path = _fresh(directory, "s4-tidings.db")
     raw_path = _fresh(directory, "s4-raw.db")
     asyncio.run(_populate(tidings_path, events, append_size, advance))
-    assert not os.path.exists(tidings_path + "-wal"), "closing the store should checkpoint the WAL"
     shutil.copyfile(tidings_path, raw_path)
+    if os.path.exists(tidings_path + "-wal"):  # closing normally checkpoints it away
+        shutil.copyfile(tidings_path + "-wal", raw_path + "-wal")
     return tidings_path, raw_path
 
 
-def read_all(tidings_path: str, raw_path: str, events: int, rounds: int,
-             advance: Advance) -> Measured:
+def read_all(
+    tidings_path: str, raw_path: str, events: int, rounds: int, advance: Advance
+) -> Measured:
+    """Scenario 4: the whole log in position order, decoded, after a warm-up read of a tenth."""
     warm = min(50_000, max(1, events // 10))
     step = max(1, events // 100)
     measured = Measured(info={"events": events, "warm_up_events": warm, "batch_size": 1000})

@@ -1,6 +1,6 @@
 """`tidings streams`, `events` and `tail`: look into an event store from the command line.
 
-Every command opens the store for reading only. SQLite stores open with `create=False`, so a
+Every command opens the store for reading only, with `create=False`, so a
 mistyped path is an error instead of a new empty database, and every store decodes with
 `JSONCodec(keep_unknown=True)`, so events whose classes this process never imported still
 show, as their type and raw data.
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 from typing import Annotated, Any
-from urllib.parse import urlsplit
 
 import typer
 from rich.console import Console
@@ -24,9 +23,6 @@ __all__ = ["DEFAULT_STORE", "app", "events", "open_for_reading", "streams", "tai
 
 DEFAULT_STORE = "sqlite:///./tidings.db"
 """The store the commands read when neither `--store` nor `$TIDINGS_STORE` names one."""
-
-# Options that make a backend open without creating anything, by URL scheme.
-_READ_ONLY: dict[str, dict[str, Any]] = {"sqlite": {"create": False}}
 
 app = typer.Typer()
 
@@ -52,8 +48,7 @@ def open_for_reading(url: str) -> EventStore:
 
     Raises `ConfigurationError` for a bad URL; `StoreNotFound` comes when it is opened.
     """
-    options = _READ_ONLY.get(urlsplit(url).scheme.lower(), {})
-    return open_store(url, codec=JSONCodec(keep_unknown=True), **options)
+    return open_store(url, codec=JSONCodec(keep_unknown=True), create=False)
 
 
 def _console() -> Console:
