@@ -105,6 +105,11 @@ class JSONCodec:
         validators: dict[tuple[str, int], Any] = {}
         out: list[RecordedEvent[Any]] = []
         append = out.append
+        # Events appended together share their time and metadata: decode each once per run.
+        last_at: Any = None
+        last_time: Any = None
+        last_meta: str | None = None
+        metadata = EMPTY
         for position, raw_id, stream_id, version, type_, schema_version, at, data, meta in rows:
             try:
                 key = (type_, schema_version)
@@ -115,9 +120,15 @@ class JSONCodec:
                         cls.__pydantic_validator__ if cls is not None else self._unknown(key)
                     )
                 event = validator.validate_json(data)
-                metadata = EMPTY if meta is None else Metadata.from_dict(json.loads(meta))
+                if meta != last_meta:
+                    metadata = EMPTY if meta is None else Metadata.from_dict(json.loads(meta))
+                    last_meta = meta
             except Exception as exc:
+                last_meta, metadata = None, EMPTY
                 raise EventDecodeError(stream_id, version, position, _reason(exc)) from exc
+            if at != last_at:
+                last_time = at if time_of is None else time_of(at)
+                last_at = at
             event_id = raw_id if id_of is None else id_of(raw_id)
             _set_private(event, "__pydantic_private__", {"_id": event_id})  # see Event.event_id
             append(
@@ -130,7 +141,7 @@ class JSONCodec:
                         position,
                         type_,
                         schema_version,
-                        at if time_of is None else time_of(at),
+                        last_time,
                         event,
                         metadata,
                     ),

@@ -16,6 +16,7 @@ class Metadata:
     `correlation_id` ties together everything one request caused; `causation_id` is the id of
     the command or event that directly caused this one. `headers` carry anything else
     (tenant, user, traceparent) as strings, so every store and broker can keep them.
+    Treat `headers` as read-only: records read together may share one `Metadata`.
     """
 
     correlation_id: str | None = None

@@ -446,16 +446,28 @@ class StoreBase(ABC):
         names = type_names(types)
         self._check_open()
         remaining = limit
-        while remaining is None or remaining > 0:
+
+        def fetch(after: int) -> asyncio.Future[tuple[list[RecordedEvent[Any]], int]]:
             size = self.batch_size if remaining is None else min(self.batch_size, remaining)
-            batch, scanned_to = await self._read_all_batch(after, size, names)
-            for record in batch:
-                yield record
-            if scanned_to <= after:
-                return
-            after = scanned_to
-            if remaining is not None:
-                remaining -= len(batch)
+            return asyncio.ensure_future(self._read_all_batch(after, size, names))
+
+        pending = fetch(after)
+        try:
+            while True:
+                batch, scanned_to = await pending
+                if remaining is not None:
+                    remaining -= len(batch)
+                more = scanned_to > after and (remaining is None or remaining > 0)
+                if more:
+                    pending = fetch(scanned_to)  # read ahead while the caller consumes
+                after = scanned_to
+                for record in batch:
+                    yield record
+                if not more:
+                    return
+        finally:
+            if not pending.done():
+                pending.cancel()
 
     async def subscribe(
         self, after: int = 0, *, types: Iterable[type[Event] | str] | None = None

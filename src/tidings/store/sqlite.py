@@ -4,8 +4,8 @@ One writer thread owns the write connection and commits appends in groups: every
 waiting when a commit starts joins it, each checked against its own expected version inside a
 savepoint, so one failing append never takes others with it, and a hundred appends share one
 fsync. Reads run on a small pool of reader threads, each with its own connection, so the event
-loop never waits on SQLite. Other processes may write the same file; their appends reach this
-process's subscribers by polling.
+loop never waits on SQLite; rows are decoded on the loop. Other processes may write the same
+file; their appends reach this process's subscribers by polling.
 """
 
 from __future__ import annotations
@@ -476,22 +476,22 @@ class SQLiteEventStore(StoreBase):
             f"ORDER BY version {order} LIMIT ?"
         )
 
-        def work(conn: sqlite3.Connection) -> list[RecordedEvent[Any]]:
-            return self._decode_rows(conn.execute(sql, (stream_id, from_version, limit)).fetchall())
+        def work(conn: sqlite3.Connection) -> list[tuple[Any, ...]]:
+            return conn.execute(sql, (stream_id, from_version, limit)).fetchall()
 
-        return await self._run(work)
+        return self._decode_rows(await self._run(work))
 
     async def _read_all_batch(
         self, after: int, limit: int, types: frozenset[str] | None
     ) -> tuple[list[RecordedEvent[Any]], int]:
-        def work(conn: sqlite3.Connection) -> tuple[list[RecordedEvent[Any]], int]:
+        def work(conn: sqlite3.Connection) -> tuple[list[tuple[Any, ...]], int]:
             if types is None:
                 rows = conn.execute(
                     f"SELECT {_COLUMNS} FROM tidings_events WHERE position > ? "
                     "ORDER BY position LIMIT ?",
                     (after, limit),
                 ).fetchall()
-                return self._decode_rows(rows), rows[-1][0] if rows else after
+                return rows, rows[-1][0] if rows else after
             # Filtered: the rows and the end of the log must come from one snapshot, or an
             # event committed in between could be passed over.
             marks = ", ".join("?" * len(types))
@@ -510,9 +510,10 @@ class SQLiteEventStore(StoreBase):
                     ).fetchone()[0]
             finally:
                 conn.execute("COMMIT")
-            return self._decode_rows(rows), max(scanned, after)
+            return rows, max(scanned, after)
 
-        return await self._run(work)
+        rows, scanned = await self._run(work)
+        return self._decode_rows(rows), scanned
 
     async def stream_version(self, stream_id: str) -> int:
         def work(conn: sqlite3.Connection) -> int:
