@@ -8,7 +8,7 @@ a JSON object, or nothing when empty.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -87,7 +87,7 @@ class JSONCodec:
     ) -> RecordedEvent[Any]:
         """Build a `RecordedEvent` from one stored row; `EventDecodeError` names the row."""
         row = (position, id, stream_id, version, type, schema_version, recorded_at, data, metadata)
-        return self.decode_rows([row])[0]
+        return next(self.iter_rows([row]))
 
     def decode_rows(
         self,
@@ -96,15 +96,25 @@ class JSONCodec:
         id_of: Callable[[Any], UUID] | None = None,
         time_of: Callable[[Any], datetime] | None = None,
     ) -> list[RecordedEvent[Any]]:
-        """Decode stored rows `(position, id, stream_id, version, type, schema_version,
-        recorded_at, data, metadata)` in one tight loop, the hot path of every read.
+        """`iter_rows`, as a list."""
+        return list(self.iter_rows(rows, id_of=id_of, time_of=time_of))
 
+    def iter_rows(
+        self,
+        rows: Iterable[Sequence[Any]],
+        *,
+        id_of: Callable[[Any], UUID] | None = None,
+        time_of: Callable[[Any], datetime] | None = None,
+    ) -> Iterator[RecordedEvent[Any]]:
+        """Decode stored rows `(position, id, stream_id, version, type, schema_version,
+        recorded_at, data, metadata)` one at a time: the hot path of every read.
+
+        Lazily, so a reader that drops each record before taking the next keeps only one
+        decoded record alive, and the garbage collector never has to promote a whole batch.
         `id_of` and `time_of` convert a backend's stored id and time (bytes, integers) when
         they are not already a `UUID` and an aware `datetime`.
         """
         validators: dict[tuple[str, int], Any] = {}
-        out: list[RecordedEvent[Any]] = []
-        append = out.append
         # Events appended together share their time and metadata: decode each once per run.
         last_at: Any = None
         last_time: Any = None
@@ -131,23 +141,20 @@ class JSONCodec:
                 last_at = at
             event_id = raw_id if id_of is None else id_of(raw_id)
             _set_private(event, "__pydantic_private__", {"_id": event_id})  # see Event.event_id
-            append(
-                _new_record(
-                    RecordedEvent,
-                    (
-                        event_id,
-                        stream_id,
-                        version,
-                        position,
-                        type_,
-                        schema_version,
-                        last_time,
-                        event,
-                        metadata,
-                    ),
-                )
+            yield _new_record(
+                RecordedEvent,
+                (
+                    event_id,
+                    stream_id,
+                    version,
+                    position,
+                    type_,
+                    schema_version,
+                    last_time,
+                    event,
+                    metadata,
+                ),
             )
-        return out
 
     def _unknown(self, key: tuple[str, int]) -> Any:
         if not self.keep_unknown:

@@ -11,11 +11,13 @@ import asyncio
 import enum
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from types import TracebackType
 from typing import Any, NamedTuple, Protocol, Self, runtime_checkable
 from urllib.parse import parse_qsl, urlsplit
+from uuid import UUID
 
 from tidings.core.codec import EncodedEvent, JSONCodec
 from tidings.core.errors import (
@@ -305,6 +307,11 @@ def _wake(future: asyncio.Future[None]) -> None:
         future.set_result(None)
 
 
+Row = Sequence[Any]
+"""A stored event as a backend reads it: `(position, id, stream_id, version, type,
+schema_version, recorded_at, data, metadata)`; `StoreBase` decodes it."""
+
+
 class StoreBase(ABC):
     """Shared behaviour of the store backends; see `EventStore` for the contract."""
 
@@ -428,11 +435,11 @@ class StoreBase(ABC):
             if backwards and cursor < 1:
                 return
             batch = await self._read_stream_batch(stream_id, cursor, backwards, size)
-            for record in batch:
+            for record in self._decode(batch):
                 yield record
             if len(batch) < size:
                 return
-            cursor = batch[-1].version + (-1 if backwards else 1)
+            cursor = batch[-1][3] + (-1 if backwards else 1)  # the last row's version
             if remaining is not None:
                 remaining -= len(batch)
 
@@ -447,7 +454,7 @@ class StoreBase(ABC):
         self._check_open()
         remaining = limit
 
-        def fetch(after: int) -> asyncio.Future[tuple[list[RecordedEvent[Any]], int]]:
+        def fetch(after: int) -> asyncio.Future[tuple[list[Row], int]]:
             size = self.batch_size if remaining is None else min(self.batch_size, remaining)
             return asyncio.ensure_future(self._read_all_batch(after, size, names))
 
@@ -461,7 +468,7 @@ class StoreBase(ABC):
                 if more:
                     pending = fetch(scanned_to)  # read ahead while the caller consumes
                 after = scanned_to
-                for record in batch:
+                for record in self._decode(batch):
                     yield record
                 if not more:
                     return
@@ -479,7 +486,7 @@ class StoreBase(ABC):
             self._check_open()
             seen = self._signal.seq
             batch, scanned_to = await self._read_all_batch(after, self.batch_size, names)
-            for record in batch:
+            for record in self._decode(batch):
                 yield record
             if scanned_to > after:
                 after = scanned_to
@@ -491,7 +498,14 @@ class StoreBase(ABC):
             else:
                 await self._signal.wait(seen, None)
 
+    def _decode(self, rows: list[Row]) -> Iterator[RecordedEvent[Any]]:
+        return self.codec.iter_rows(rows, id_of=self._id_of, time_of=self._time_of)
+
     # -- backend primitives ----------------------------------------------------------------
+
+    #: How the backend's rows hold the id and the time, when not as `UUID` and `datetime`.
+    _id_of: Callable[[Any], UUID] | None = None
+    _time_of: Callable[[Any], datetime] | None = None
 
     @abstractmethod
     async def _open(self) -> None:
@@ -514,14 +528,14 @@ class StoreBase(ABC):
     @abstractmethod
     async def _read_stream_batch(
         self, stream_id: str, from_version: int, backwards: bool, limit: int
-    ) -> list[RecordedEvent[Any]]:
-        """Up to `limit` events of a stream from `from_version` (inclusive) in the direction."""
+    ) -> list[Row]:
+        """Up to `limit` rows of a stream from `from_version` (inclusive) in the direction."""
 
     @abstractmethod
     async def _read_all_batch(
         self, after: int, limit: int, types: frozenset[str] | None
-    ) -> tuple[list[RecordedEvent[Any]], int]:
-        """Up to `limit` matching events after `after`, and the last position scanned.
+    ) -> tuple[list[Row], int]:
+        """Up to `limit` matching rows after `after`, and the last position scanned.
 
         The scanned position may pass events filtered out by `types`, so the next batch
         starts beyond them; it equals `after` only when nothing newer exists.

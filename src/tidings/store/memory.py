@@ -14,11 +14,11 @@ from uuid import UUID
 
 from tidings.core.codec import EncodedEvent, JSONCodec
 from tidings.core.errors import ConfigurationError, WrongExpectedVersion
-from tidings.core.recorded import RecordedEvent
 from tidings.store.base import (
     DEFAULT_MAX_EVENT_SIZE,
     AppendResult,
     ExpectedVersion,
+    Row,
     StoreBase,
     StreamInfo,
     expected_matches,
@@ -122,19 +122,19 @@ class MemoryEventStore(StoreBase):
 
     async def _read_stream_batch(
         self, stream_id: str, from_version: int, backwards: bool, limit: int
-    ) -> list[RecordedEvent[Any]]:
+    ) -> list[Row]:
         positions = self._streams.get(stream_id, [])
         if backwards:
             start = min(from_version, len(positions))
             chosen = positions[max(start - limit, 0) : start][::-1]
         else:
             chosen = positions[max(from_version - 1, 0) : max(from_version - 1, 0) + limit]
-        return self.codec.decode_rows([self._log[p - 1] for p in chosen])
+        return [self._log[p - 1] for p in chosen]
 
     async def _read_all_batch(
         self, after: int, limit: int, types: frozenset[str] | None
-    ) -> tuple[list[RecordedEvent[Any]], int]:
-        out: list[_Row] = []
+    ) -> tuple[list[Row], int]:
+        out: list[Row] = []
         index = max(after, 0)
         end = len(self._log)
         scanned = after
@@ -146,7 +146,7 @@ class MemoryEventStore(StoreBase):
             index += 1
             if types is not None and index - after >= limit * 10:
                 break  # keep each batch's work bounded when the filter matches little
-        return self.codec.decode_rows(out), scanned
+        return out, scanned
 
     async def stream_version(self, stream_id: str) -> int:
         self._check_open()

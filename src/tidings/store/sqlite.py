@@ -36,12 +36,12 @@ from tidings.core.errors import (
     WrongExpectedVersion,
 )
 from tidings.core.ids import uuid_from_bytes
-from tidings.core.recorded import RecordedEvent
 from tidings.store.base import (
     DEFAULT_MAX_EVENT_SIZE,
     AppendResult,
     AppendSignal,
     ExpectedVersion,
+    Row,
     StoreBase,
     StreamInfo,
     expected_matches,
@@ -170,6 +170,8 @@ class SQLiteEventStore(StoreBase):
     """
 
     shared_across_processes = True
+    _id_of = staticmethod(uuid_from_bytes)
+    _time_of = staticmethod(_from_micros)
 
     def __init__(
         self,
@@ -464,27 +466,24 @@ class SQLiteEventStore(StoreBase):
                 self._connections.append(conn)
             return work(conn)
 
-    def _decode_rows(self, rows: list[tuple[Any, ...]]) -> list[RecordedEvent[Any]]:
-        return self.codec.decode_rows(rows, id_of=uuid_from_bytes, time_of=_from_micros)
-
     async def _read_stream_batch(
         self, stream_id: str, from_version: int, backwards: bool, limit: int
-    ) -> list[RecordedEvent[Any]]:
+    ) -> list[Row]:
         order, compare = ("DESC", "<=") if backwards else ("ASC", ">=")
         sql = (
             f"SELECT {_COLUMNS} FROM tidings_events WHERE stream_id = ? AND version {compare} ? "
             f"ORDER BY version {order} LIMIT ?"
         )
 
-        def work(conn: sqlite3.Connection) -> list[tuple[Any, ...]]:
+        def work(conn: sqlite3.Connection) -> list[Row]:
             return conn.execute(sql, (stream_id, from_version, limit)).fetchall()
 
-        return self._decode_rows(await self._run(work))
+        return await self._run(work)
 
     async def _read_all_batch(
         self, after: int, limit: int, types: frozenset[str] | None
-    ) -> tuple[list[RecordedEvent[Any]], int]:
-        def work(conn: sqlite3.Connection) -> tuple[list[tuple[Any, ...]], int]:
+    ) -> tuple[list[Row], int]:
+        def work(conn: sqlite3.Connection) -> tuple[list[Row], int]:
             if types is None:
                 rows = conn.execute(
                     f"SELECT {_COLUMNS} FROM tidings_events WHERE position > ? "
@@ -512,8 +511,7 @@ class SQLiteEventStore(StoreBase):
                 conn.execute("COMMIT")
             return rows, max(scanned, after)
 
-        rows, scanned = await self._run(work)
-        return self._decode_rows(rows), scanned
+        return await self._run(work)
 
     async def stream_version(self, stream_id: str) -> int:
         def work(conn: sqlite3.Connection) -> int:
