@@ -115,3 +115,17 @@ def test_event_id_is_a_stable_uuid7_and_not_part_of_equality() -> None:
     assert a != Deposited(amount=1)
     other = UUID(int=7)
     assert a.with_id(other).event_id == other and a.event_id != other
+
+
+def test_even_a_same_named_class_cannot_take_a_registered_type() -> None:
+    registry = TypeRegistry()
+
+    def declare() -> type[Event]:
+        class Same(Event, type="test.same", registry=registry):
+            pass
+
+        return Same
+
+    declare()
+    with pytest.raises(DuplicateEventType):
+        declare()  # same module, same qualified name: still a second class

@@ -328,7 +328,11 @@ async def test_bad_stream_ids_are_rejected(
         await store.append(stream_id, [Note(text="x")])
     assert isinstance(info.value, TidingsError)
     assert isinstance(info.value, ValueError)  # InvalidStreamId is a ValueError in every case
-    del kind
+    assert isinstance(info.value, kind)
+    with pytest.raises(InvalidStreamId):
+        await store.stream_version(stream_id)
+    with pytest.raises(InvalidStreamId):
+        await collect(store.read_stream(stream_id))
     assert await store.last_position() == 0
 
 

@@ -8,7 +8,7 @@ TidingsError
 │   └── DuplicateEventType                 two classes claim one (type, version)
 ├── InvalidAppend (ValueError)             input to `append` that is rejected before writing
 │   ├── NotAnEvent (TypeError)             something that is not an `Event` instance
-│   ├── InvalidStreamId                    empty, too long, not text
+│   ├── InvalidStreamId (TypeError)        empty, too long, not text
 │   ├── EventTooLarge                      encoded size over the store's limit
 │   └── EventIdConflict                    an event id already stored elsewhere
 ├── WrongExpectedVersion                   optimistic concurrency clash
@@ -98,8 +98,12 @@ class NotAnEvent(InvalidAppend, TypeError):
         )
 
 
-class InvalidStreamId(InvalidAppend):
-    """A stream id that is not a non-empty string of at most 512 characters."""
+class InvalidStreamId(InvalidAppend, TypeError):
+    """A stream id that is not a non-empty string of at most 512 characters.
+
+    Both a `ValueError` and a `TypeError`: a wrong value and a value of the wrong type are
+    one mistake to the caller, and either `except` clause catches it.
+    """
 
     def __init__(self, stream_id: Any, reason: str) -> None:
         self.stream_id = stream_id

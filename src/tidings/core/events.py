@@ -35,22 +35,17 @@ class TypeRegistry:
         self._classes: dict[tuple[str, int], type[Event]] = {}
 
     def register(self, cls: type[Event]) -> None:
-        """Add `cls`; a different class already holding its (type, version) is an error.
+        """Add `cls`; another class already holding its (type, version) is an error.
 
-        Re-declaring the same class (same module and qualified name, as on a module reload)
-        replaces the old one instead.
+        Even a class of the same name from a reloaded module is refused: two classes for one
+        stored type would make decoding depend on which was declared last.
         """
         if cls.__event_type__ is None:
             raise EventDefinitionError(f"{cls.__qualname__} has no type=; it cannot be registered")
         key = (cls.__event_type__, cls.__event_version__)
         existing = self._classes.get(key)
         if existing is not None and existing is not cls:
-            same_place = (existing.__module__, existing.__qualname__) == (
-                cls.__module__,
-                cls.__qualname__,
-            )
-            if not same_place:
-                raise DuplicateEventType(key[0], key[1], existing, cls)
+            raise DuplicateEventType(key[0], key[1], existing, cls)
         self._classes[key] = cls
 
     def get(self, type: str, version: int) -> type[Event]:

@@ -498,6 +498,26 @@ class StoreBase(ABC):
             else:
                 await self._signal.wait(seen, None)
 
+    async def stream_version(self, stream_id: str) -> int:
+        stream_id = validate_stream_id(stream_id)
+        self._check_open()
+        return await self._stream_version(stream_id)
+
+    async def streams(self) -> AsyncIterator[StreamInfo]:
+        self._check_open()
+        after = ""  # sorts before every stream id, and no stream id is empty
+        while True:
+            batch = await self._streams_batch(after, self.batch_size)
+            for info in batch:
+                yield info
+            if len(batch) < self.batch_size:
+                return
+            after = batch[-1].stream_id
+
+    async def last_position(self) -> int:
+        self._check_open()
+        return await self._last_position()
+
     def _decode(self, rows: list[Row]) -> Iterator[RecordedEvent[Any]]:
         return self.codec.iter_rows(rows, id_of=self._id_of, time_of=self._time_of)
 
@@ -542,13 +562,16 @@ class StoreBase(ABC):
         """
 
     @abstractmethod
-    async def stream_version(self, stream_id: str) -> int: ...
+    async def _stream_version(self, stream_id: str) -> int:
+        """The stream's version, 0 when it has no events."""
 
     @abstractmethod
-    def streams(self) -> AsyncIterator[StreamInfo]: ...
+    async def _streams_batch(self, after: str, limit: int) -> list[StreamInfo]:
+        """Up to `limit` streams whose ids sort after `after`, in stream id order."""
 
     @abstractmethod
-    async def last_position(self) -> int: ...
+    async def _last_position(self) -> int:
+        """The newest position, 0 when the log is empty."""
 
 
 def url_options(url: str, known: dict[str, type]) -> dict[str, Any]:

@@ -7,7 +7,6 @@ same. Nothing survives the process.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 from uuid import UUID
@@ -148,19 +147,12 @@ class MemoryEventStore(StoreBase):
                 break  # keep each batch's work bounded when the filter matches little
         return out, scanned
 
-    async def stream_version(self, stream_id: str) -> int:
-        self._check_open()
+    async def _stream_version(self, stream_id: str) -> int:
         return len(self._streams.get(stream_id, ()))
 
-    async def streams(self) -> AsyncIterator[StreamInfo]:
-        self._check_open()
-        names = sorted(self._streams)
-        start = 0
-        while start < len(names):
-            for name in names[start : start + self.batch_size]:
-                yield StreamInfo(name, len(self._streams[name]))
-            start += self.batch_size
+    async def _streams_batch(self, after: str, limit: int) -> list[StreamInfo]:
+        names = sorted(name for name in self._streams if name > after)[:limit]
+        return [StreamInfo(name, len(self._streams[name])) for name in names]
 
-    async def last_position(self) -> int:
-        self._check_open()
+    async def _last_position(self) -> int:
         return len(self._log)

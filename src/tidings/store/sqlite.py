@@ -17,7 +17,7 @@ import sqlite3
 import threading
 import time
 import weakref
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -513,7 +513,7 @@ class SQLiteEventStore(StoreBase):
 
         return await self._run(work)
 
-    async def stream_version(self, stream_id: str) -> int:
+    async def _stream_version(self, stream_id: str) -> int:
         def work(conn: sqlite3.Connection) -> int:
             row = conn.execute(
                 "SELECT version FROM tidings_streams WHERE stream_id = ?", (stream_id,)
@@ -522,25 +522,18 @@ class SQLiteEventStore(StoreBase):
 
         return await self._run(work)
 
-    async def streams(self) -> AsyncIterator[StreamInfo]:
-        after = ""  # "" sorts before every stream id, and no stream id is empty
-        while True:
+    async def _streams_batch(self, after: str, limit: int) -> list[StreamInfo]:
+        def work(conn: sqlite3.Connection) -> list[StreamInfo]:
+            rows = conn.execute(
+                "SELECT stream_id, version FROM tidings_streams WHERE stream_id > ? "
+                "ORDER BY stream_id LIMIT ?",
+                (after, limit),
+            ).fetchall()
+            return [StreamInfo(stream_id, version) for stream_id, version in rows]
 
-            def work(conn: sqlite3.Connection, after: str = after) -> list[Any]:
-                return conn.execute(
-                    "SELECT stream_id, version FROM tidings_streams WHERE stream_id > ? "
-                    "ORDER BY stream_id LIMIT ?",
-                    (after, self.batch_size),
-                ).fetchall()
+        return await self._run(work)
 
-            rows = await self._run(work)
-            for stream_id, version in rows:
-                yield StreamInfo(stream_id, version)
-            if len(rows) < self.batch_size:
-                return
-            after = rows[-1][0]
-
-    async def last_position(self) -> int:
+    async def _last_position(self) -> int:
         def work(conn: sqlite3.Connection) -> int:
             row = conn.execute("SELECT coalesce(max(position), 0) FROM tidings_events").fetchone()
             return int(row[0])
