@@ -26,6 +26,9 @@ from tidings import (
     EventDecodeError,
     EventIdConflict,
     EventTooLarge,
+    InvalidEvents,
+    InvalidExpectedVersion,
+    InvalidMetadata,
     InvalidStreamId,
     JSONCodec,
     Metadata,
@@ -189,8 +192,9 @@ async def test_expected_version_rules(store: tidings.EventStore) -> None:
 
 @pytest.mark.parametrize("bad", [-1, 1.0, "1", True, None])
 async def test_invalid_expected_version_argument(store: tidings.EventStore, bad: Any) -> None:
-    with pytest.raises(TypeError):
+    with pytest.raises(InvalidExpectedVersion) as info:
         await store.append("s", [Note(text="x")], expected_version=bad)
+    assert isinstance(info.value, TypeError) and isinstance(info.value, TidingsError)
     assert await store.last_position() == 0
 
 
@@ -304,10 +308,18 @@ async def test_non_events_are_rejected_and_nothing_is_written(
 
 
 async def test_a_single_event_or_empty_list_is_rejected(store: tidings.EventStore) -> None:
-    with pytest.raises(TypeError):
-        await store.append("s", Note(text="not in a list"))  # type: ignore[arg-type]
-    with pytest.raises(ValueError):
-        await store.append("s", [])
+    for bad in (Note(text="not in a list"), [], "text", None):
+        with pytest.raises(InvalidEvents) as info:
+            await store.append("s", bad)  # type: ignore[arg-type]
+        assert isinstance(info.value, TidingsError) and isinstance(info.value, TypeError)
+    assert await store.last_position() == 0
+
+
+@pytest.mark.parametrize("bad", [{"user": 7}, {3: "x"}, ["correlation_id"], "corr"])
+async def test_bad_metadata_is_rejected(store: tidings.EventStore, bad: Any) -> None:
+    with pytest.raises(InvalidMetadata) as info:
+        await store.append("s", [Note(text="x")], metadata=bad)
+    assert isinstance(info.value, TidingsError) and isinstance(info.value, TypeError)
     assert await store.last_position() == 0
 
 
@@ -527,3 +539,21 @@ async def test_reading_streams_in_constant_memory(open_store: Any) -> None:
         small = await peak_while_reading(1_000)
         large = await peak_while_reading(10_000)
         assert large < small * 2 + 200_000, (small, large)
+
+
+async def test_waiting_subscriber_is_told_when_the_store_closes(store_url: str) -> None:
+    store = tidings.open_store(store_url)
+    await store.open()
+    await store.append("s", [Note(text="1")])
+    seen: list[int] = []
+
+    async def follow() -> None:
+        async for record in store.subscribe():
+            seen.append(record.position)
+
+    task = asyncio.create_task(follow())
+    await asyncio.sleep(0.05)
+    await store.aclose()
+    with pytest.raises(StoreClosed):
+        await asyncio.wait_for(task, timeout=5)
+    assert seen == [1]

@@ -115,16 +115,18 @@ def from_cloudevent(ce: Mapping[str, Any], *, codec: JSONCodec | None = None) ->
         if "tidingsheaders" in ce:
             headers.update(json.loads(ce["tidingsheaders"]))
         meta = Metadata(ce.get("correlationid"), ce.get("causationid"), headers)
+        stream_id = str(ce.get("subject") or ce["source"])
+        schema_version = int(ce.get("schemaversion", 1))
+        position = int(ce.get("position", 0))
+        version = int(ce.get("streamversion", 0))
     except (ValueError, TypeError, KeyError) as exc:
         raise InvalidCloudEvent(str(exc)) from exc
-    stream_id = str(ce.get("subject") or ce["source"])
-    schema_version = int(ce.get("schemaversion", 1))
     meta_text = codec.encode_metadata(meta)
     return codec.decode(
-        int(ce.get("position", 0)),
+        position,
         event_id,
         stream_id,
-        int(ce.get("streamversion", 0)),
+        version,
         str(ce["type"]),
         schema_version,
         recorded_at,

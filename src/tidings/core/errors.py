@@ -8,6 +8,9 @@ TidingsError
 │   └── DuplicateEventType                 two classes claim one (type, version)
 ├── InvalidAppend (ValueError)             input to `append` that is rejected before writing
 │   ├── NotAnEvent (TypeError)             something that is not an `Event` instance
+│   ├── InvalidEvents (TypeError)          `events` is not a non-empty sequence
+│   ├── InvalidExpectedVersion (TypeError) not an int >= 0, NO_STREAM, STREAM_EXISTS or ANY
+│   ├── InvalidMetadata (TypeError)        metadata that is not str to str
 │   ├── InvalidStreamId (TypeError)        empty, too long, not text
 │   ├── EventTooLarge                      encoded size over the store's limit
 │   └── EventIdConflict                    an event id already stored elsewhere
@@ -35,6 +38,9 @@ __all__ = [
     "EventIdConflict",
     "EventTooLarge",
     "InvalidAppend",
+    "InvalidMetadata",
+    "InvalidExpectedVersion",
+    "InvalidEvents",
     "InvalidCloudEvent",
     "InvalidStreamId",
     "NotAnEvent",
@@ -96,6 +102,24 @@ class NotAnEvent(InvalidAppend, TypeError):
             f"events[{index}] is {type(value).__module__}.{type(value).__qualname__}, "
             "not an instance of a tidings Event class declared with type=..."
         )
+
+
+class InvalidEvents(InvalidAppend, TypeError):
+    """The `events` argument of `append` is not a non-empty sequence of events."""
+
+
+class InvalidExpectedVersion(InvalidAppend, TypeError):
+    """An `expected_version` that is not an int >= 0, `NO_STREAM`, `STREAM_EXISTS` or `ANY`."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+        super().__init__(
+            f"expected_version must be an int >= 0, NO_STREAM, STREAM_EXISTS or ANY; got {value!r}"
+        )
+
+
+class InvalidMetadata(InvalidAppend, TypeError):
+    """Metadata that is not a `Metadata` or a mapping of str to str."""
 
 
 class InvalidStreamId(InvalidAppend, TypeError):

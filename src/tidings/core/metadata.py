@@ -6,6 +6,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from tidings.core.errors import InvalidMetadata
+
 __all__ = ["Metadata", "MetadataLike"]
 
 
@@ -30,7 +32,9 @@ class Metadata:
                 object.__setattr__(self, name, str(value))  # UUIDs and ints are welcome
         for key, value in self.headers.items():
             if not isinstance(key, str) or not isinstance(value, str):
-                raise TypeError(f"metadata headers must map str to str; got {key!r}: {value!r}")
+                raise InvalidMetadata(
+                    f"metadata headers must map str to str; got {key!r}: {value!r}"
+                )
         object.__setattr__(self, "headers", dict(self.headers))
 
     @classmethod
@@ -41,7 +45,9 @@ class Metadata:
         if isinstance(value, Metadata):
             return value
         if not isinstance(value, Mapping):
-            raise TypeError(f"metadata must be a Metadata or a mapping, not {type(value).__name__}")
+            raise InvalidMetadata(
+                f"metadata must be a Metadata or a mapping, not {type(value).__name__}"
+            )
         headers = {k: v for k, v in value.items() if k not in ("correlation_id", "causation_id")}
         return cls(value.get("correlation_id"), value.get("causation_id"), headers)
 

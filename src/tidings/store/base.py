@@ -24,6 +24,8 @@ from tidings.core.errors import (
     ConfigurationError,
     EventIdConflict,
     EventTooLarge,
+    InvalidEvents,
+    InvalidExpectedVersion,
     InvalidStreamId,
     StoreClosed,
 )
@@ -199,10 +201,7 @@ def validate_expected(expected: object) -> ExpectedVersion:
     if isinstance(expected, StreamState):
         return expected
     if isinstance(expected, bool) or not isinstance(expected, int) or expected < 0:
-        raise TypeError(
-            f"expected_version must be an int >= 0, NO_STREAM, STREAM_EXISTS or ANY; "
-            f"got {expected!r}"
-        )
+        raise InvalidExpectedVersion(expected)
     return expected
 
 
@@ -385,12 +384,12 @@ class StoreBase(ABC):
     ) -> AppendResult:
         stream_id = validate_stream_id(stream_id)
         expected = validate_expected(expected_version)
-        if isinstance(events, Event) or not isinstance(events, Sequence):
-            raise TypeError(
-                f"events must be a sequence of Event instances, not {type(events).__name__}"
+        if isinstance(events, (Event, str, bytes)) or not isinstance(events, Sequence):
+            raise InvalidEvents(
+                f"events must be a list of Event instances, not {type(events).__name__}"
             )
         if not events:
-            raise ValueError(f"append to {stream_id!r} got no events")
+            raise InvalidEvents(f"append to {stream_id!r} got no events")
         encoded = self._encode(stream_id, events)
         meta = self.codec.encode_metadata(Metadata.coerce(metadata))
         self._check_open()
