@@ -344,3 +344,9 @@ def test_tail_follow_sees_new_events_until_ctrl_c(cli_store: str, as_json: bool)
                 child.kill()
                 child.wait(timeout=30)
             reader.join(timeout=30)
+
+
+def test_version() -> None:
+    result = CliRunner().invoke(app, ["--version"])
+    assert result.exit_code == 0
+    assert result.output.strip() == f"tidings {tidings.__version__}"

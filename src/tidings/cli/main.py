@@ -7,12 +7,13 @@ typer's own message and exit code 2.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import typer
 from typer.core import TyperGroup
 
 from tidings.cli import demo, render, store
+from tidings import __version__
 from tidings.core.errors import TidingsError
 
 __all__ = ["app", "main"]
@@ -42,6 +43,30 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode="markdown",
 )
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        typer.echo(f"tidings {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_show_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """Look into event stores and run the demos of tidings, the event-driven toolkit.
+
+    Commands that read a store take --store URL or $TIDINGS_STORE (default
+    sqlite:///./tidings.db).
+    """
+
+
 app.add_typer(store.app)
 app.add_typer(demo.app)
 
