@@ -12,8 +12,8 @@ from typing import Annotated, Any
 import typer
 from typer.core import TyperGroup
 
-from tidings.cli import demo, render, store
 from tidings import __version__
+from tidings.cli import demo, render, store
 from tidings.core.errors import TidingsError
 
 __all__ = ["app", "main"]
