@@ -46,6 +46,7 @@ __all__ = [
 ]
 
 MAX_STREAM_ID_LENGTH = 512
+_END_OF_STREAM = 2**62  # a version above any real one: "from the last event", backwards
 DEFAULT_MAX_EVENT_SIZE = 1024 * 1024
 
 
@@ -317,7 +318,7 @@ class StoreBase(ABC):
     #: Whether other processes may append to the same store (then subscribers also poll).
     shared_across_processes: bool = False
     #: Polling backoff, first and longest wait, for stores shared across processes.
-    poll_interval: tuple[float, float] = (0.01, 0.5)
+    poll_interval: tuple[float, float] = (0.01, 0.25)
 
     def __init__(
         self,
@@ -425,7 +426,7 @@ class StoreBase(ABC):
         stream_id = validate_stream_id(stream_id)
         self._check_open()
         if from_version is None:
-            cursor = await self.stream_version(stream_id) if backwards else 1
+            cursor = _END_OF_STREAM if backwards else 1
         else:
             cursor = from_version
         remaining = limit
@@ -474,6 +475,8 @@ class StoreBase(ABC):
         finally:
             if not pending.done():
                 pending.cancel()
+            elif not pending.cancelled():
+                pending.exception()  # a read ahead nobody will consume: retrieve, don't log
 
     async def subscribe(
         self, after: int = 0, *, types: Iterable[type[Event] | str] | None = None
