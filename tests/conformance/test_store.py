@@ -307,8 +307,14 @@ async def test_non_events_are_rejected_and_nothing_is_written(
     assert await store.last_position() == 0
 
 
+async def test_any_iterable_of_events_is_accepted(store: tidings.EventStore) -> None:
+    result = await store.append("s", (Note(text=str(i)) for i in range(3)))
+    assert (result.version, result.position) == (3, 3)
+    assert [r.event.text async for r in store.read_stream("s")] == ["0", "1", "2"]
+
+
 async def test_a_single_event_or_empty_list_is_rejected(store: tidings.EventStore) -> None:
-    for bad in (Note(text="not in a list"), [], "text", None):
+    for bad in (Note(text="not in a list"), [], "text", None, {"text": "x"}, iter([])):
         with pytest.raises(InvalidEvents) as info:
             await store.append("s", bad)  # type: ignore[arg-type]
         assert isinstance(info.value, TidingsError) and isinstance(info.value, TypeError)

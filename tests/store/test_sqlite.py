@@ -7,8 +7,10 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 from uuid import UUID
 
 import pytest
@@ -255,3 +257,38 @@ async def test_read_only_open_leaves_a_foreign_file_untouched(tmp_path: Path) ->
     conn = sqlite3.connect(foreign)
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
     conn.close()
+
+
+async def test_the_event_loop_thread_never_touches_sqlite(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    threads: set[int] = set()
+
+    class Watched(sqlite3.Connection):
+        def execute(self, *args: Any, **kwargs: Any) -> sqlite3.Cursor:
+            threads.add(threading.get_ident())
+            return super().execute(*args, **kwargs)
+
+        def executemany(self, *args: Any, **kwargs: Any) -> sqlite3.Cursor:
+            threads.add(threading.get_ident())
+            return super().executemany(*args, **kwargs)
+
+    real_connect = sqlite3.connect
+
+    def connect(*args: Any, **kwargs: Any) -> sqlite3.Connection:
+        threads.add(threading.get_ident())
+        return real_connect(*args, factory=Watched, **kwargs)
+
+    monkeypatch.setattr("tidings.store.sqlite.sqlite3.connect", connect)
+    loop_thread = threading.get_ident()
+    async with tidings.open_store(url(tmp_path / "t.db")) as store:
+        await asyncio.gather(*(store.append(f"s{i}", [Note(text=str(i))]) for i in range(50)))
+        await store.append("s0", [Note(text="again")], expected_version=1)
+        [r async for r in store.read_all()]
+        [r async for r in store.read_all(types=[Note])]
+        [r async for r in store.read_stream("s0", backwards=True)]
+        [s async for s in store.streams()]
+        await store.stream_version("s1")
+        await store.last_position()
+    assert threads, "the watch saw no SQLite calls at all"
+    assert loop_thread not in threads

@@ -11,7 +11,7 @@ import asyncio
 import enum
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from types import TracebackType
@@ -115,7 +115,7 @@ class EventStore(Protocol):
     async def append(
         self,
         stream_id: str,
-        events: Sequence[Event],
+        events: Iterable[Event],
         expected_version: ExpectedVersion = ANY,
         metadata: MetadataLike | None = None,
     ) -> AppendResult:
@@ -379,16 +379,18 @@ class StoreBase(ABC):
     async def append(
         self,
         stream_id: str,
-        events: Sequence[Event],
+        events: Iterable[Event],
         expected_version: ExpectedVersion = ANY,
         metadata: MetadataLike | None = None,
     ) -> AppendResult:
         stream_id = validate_stream_id(stream_id)
         expected = validate_expected(expected_version)
-        if isinstance(events, (Event, str, bytes)) or not isinstance(events, Sequence):
+        if isinstance(events, (Event, str, bytes, Mapping)) or not isinstance(events, Iterable):
             raise InvalidEvents(
                 f"events must be a list of Event instances, not {type(events).__name__}"
             )
+        if not isinstance(events, Sequence):
+            events = list(events)  # a generator or set of events is fine, consumed once
         if not events:
             raise InvalidEvents(f"append to {stream_id!r} got no events")
         encoded = self._encode(stream_id, events)
