@@ -370,6 +370,21 @@ async def test_oversized_event_is_rejected_and_nothing_written(store: tidings.Ev
     await store.append("s", [Note(text="x" * (1024 * 1024 - 20))])  # just under: fine
 
 
+async def test_metadata_counts_towards_the_size_limit(open_store: Any) -> None:
+    async with open_store(max_event_size=200) as store:
+        with pytest.raises(EventTooLarge):
+            await store.append("s", [Note(text="small")], metadata={"blob": "m" * 200})
+        assert await store.last_position() == 0
+
+
+async def test_metadata_in_its_stored_form_is_accepted(store: tidings.EventStore) -> None:
+    await store.append(
+        "s", [Note(text="x")], metadata={"correlation_id": "c", "headers": {"a": "b"}}
+    )
+    (record,) = [r async for r in store.read_stream("s")]
+    assert record.metadata == Metadata("c", None, {"a": "b"})
+
+
 async def test_event_size_limit_is_configurable(open_store: Any) -> None:
     async with open_store(max_event_size=100) as store:
         with pytest.raises(EventTooLarge):

@@ -48,7 +48,12 @@ class Metadata:
             raise InvalidMetadata(
                 f"metadata must be a Metadata or a mapping, not {type(value).__name__}"
             )
-        headers = {k: v for k, v in value.items() if k not in ("correlation_id", "causation_id")}
+        headers = {k: v for k, v in value.items() if k not in _RESERVED}
+        nested = value.get("headers")
+        if isinstance(nested, Mapping):  # the stored form, {"headers": {...}}, reads back too
+            headers.update(nested)
+        elif nested is not None:
+            headers["headers"] = nested
         return cls(value.get("correlation_id"), value.get("causation_id"), headers)
 
     def to_dict(self) -> dict[str, Any]:
@@ -74,5 +79,6 @@ class Metadata:
 
 
 EMPTY = Metadata()
+_RESERVED = ("correlation_id", "causation_id", "headers")
 
 MetadataLike = Metadata | Mapping[str, str]

@@ -393,20 +393,23 @@ class StoreBase(ABC):
             events = list(events)  # a generator or set of events is fine, consumed once
         if not events:
             raise InvalidEvents(f"append to {stream_id!r} got no events")
-        encoded = self._encode(stream_id, events)
         meta = self.codec.encode_metadata(Metadata.coerce(metadata))
+        encoded = self._encode(stream_id, events, len(meta.encode()) if meta else 0)
         self._check_open()
         result = await self._append(stream_id, expected, encoded, meta)
         self._signal.notify()
         return result
 
-    def _encode(self, stream_id: str, events: Sequence[Event]) -> list[EncodedEvent]:
+    def _encode(
+        self, stream_id: str, events: Sequence[Event], metadata_size: int
+    ) -> list[EncodedEvent]:
         encoded = []
         seen = set()
         for index, event in enumerate(events):
             item = self.codec.encode(event, index)
-            if item.size > self.max_event_size:
-                raise EventTooLarge(stream_id, index, item.type, item.size, self.max_event_size)
+            size = item.size + metadata_size  # each event is stored with its own copy
+            if size > self.max_event_size:
+                raise EventTooLarge(stream_id, index, item.type, size, self.max_event_size)
             if item.id in seen:
                 raise EventIdConflict(
                     stream_id, item.id, f"events[{index}] repeats an event of this append"
@@ -427,10 +430,8 @@ class StoreBase(ABC):
     ) -> AsyncIterator[RecordedEvent[Any]]:
         stream_id = validate_stream_id(stream_id)
         self._check_open()
-        if from_version is None:
-            cursor = _END_OF_STREAM if backwards else 1
-        else:
-            cursor = from_version
+        start = _END_OF_STREAM if backwards else 1
+        cursor = start if from_version is None else from_version
         remaining = limit
         while remaining is None or remaining > 0:
             size = self.batch_size if remaining is None else min(self.batch_size, remaining)
