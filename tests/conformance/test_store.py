@@ -478,7 +478,11 @@ async def test_subscribe_catches_up_then_receives_new_events(store: tidings.Even
                 return
 
     task = asyncio.create_task(follow())
-    await asyncio.sleep(0.05)
+    for _ in range(500):  # caught up: it has the old event and now waits
+        if received:
+            break
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.02)
     assert received == [2]
     await store.append("s", [Note(text="3")])
     await store.append("t", [Note(text="4"), Note(text="5")])
