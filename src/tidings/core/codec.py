@@ -66,12 +66,7 @@ class JSONCodec:
 
     def decode_event(self, type: str, schema_version: int, data: str | bytes) -> Event:
         """Decode one event's data into its registered class (or `UnknownEvent`)."""
-        cls = self.registry.find(type, schema_version)
-        if cls is None:
-            if not self.keep_unknown:
-                raise UnknownEventType(type, schema_version)
-            return UnknownEvent(type=type, version=schema_version, data=json.loads(data))
-        return cls.__pydantic_validator__.validate_json(data)  # type: ignore[no-any-return]
+        return self._validator(type, schema_version).validate_json(data)  # type: ignore[no-any-return]
 
     def decode(
         self,
@@ -88,16 +83,6 @@ class JSONCodec:
         """Build a `RecordedEvent` from one stored row; `EventDecodeError` names the row."""
         row = (position, id, stream_id, version, type, schema_version, recorded_at, data, metadata)
         return next(self.iter_rows([row]))
-
-    def decode_rows(
-        self,
-        rows: Iterable[Sequence[Any]],
-        *,
-        id_of: Callable[[Any], UUID] | None = None,
-        time_of: Callable[[Any], datetime] | None = None,
-    ) -> list[RecordedEvent[Any]]:
-        """`iter_rows`, as a list."""
-        return list(self.iter_rows(rows, id_of=id_of, time_of=time_of))
 
     def iter_rows(
         self,
@@ -125,16 +110,12 @@ class JSONCodec:
                 key = (type_, schema_version)
                 validator = validators.get(key)
                 if validator is None:
-                    cls = self.registry.find(type_, schema_version)
-                    validator = validators[key] = (
-                        cls.__pydantic_validator__ if cls is not None else self._unknown(key)
-                    )
+                    validator = validators[key] = self._validator(type_, schema_version)
                 event = validator.validate_json(data)
                 if meta != last_meta:
                     metadata = EMPTY if meta is None else Metadata.from_dict(json.loads(meta))
                     last_meta = meta
             except Exception as exc:
-                last_meta, metadata = None, EMPTY
                 raise EventDecodeError(stream_id, version, position, _reason(exc)) from exc
             if at != last_at:
                 last_time = at if time_of is None else time_of(at)
@@ -156,10 +137,14 @@ class JSONCodec:
                 ),
             )
 
-    def _unknown(self, key: tuple[str, int]) -> Any:
+    def _validator(self, type: str, schema_version: int) -> Any:
+        """What turns this type's JSON into an event: its class's pydantic validator."""
+        cls = self.registry.find(type, schema_version)
+        if cls is not None:
+            return cls.__pydantic_validator__
         if not self.keep_unknown:
-            raise UnknownEventType(*key)
-        return _RawValidator(*key)
+            raise UnknownEventType(type, schema_version)
+        return _RawValidator(type, schema_version)
 
 
 class _RawValidator:

@@ -404,7 +404,7 @@ class SQLiteEventStore(StoreBase):
         ]
         # A savepoint lets one append fail without undoing the others in its group; an
         # append alone in its transaction can simply roll the transaction back.
-        alone = len(versions) == 0 and single
+        alone = single
         if not alone:
             conn.execute("SAVEPOINT append")
         try:
