@@ -373,7 +373,7 @@ class SQLiteEventStore(StoreBase):
         versions: dict[str, int],
         next_position: int,
         now: int,
-        single: bool,
+        alone: bool,
     ) -> AppendResult:
         """Check and insert one append inside the open transaction, under a savepoint."""
         stream_id = request.stream_id
@@ -404,7 +404,6 @@ class SQLiteEventStore(StoreBase):
         ]
         # A savepoint lets one append fail without undoing the others in its group; an
         # append alone in its transaction can simply roll the transaction back.
-        alone = single
         if not alone:
             conn.execute("SAVEPOINT append")
         try:
