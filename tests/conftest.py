@@ -1,8 +1,7 @@
-"""Shared fixtures: every store backend by URL, and the services switch."""
+"""Shared fixtures: a fresh store of every backend in `tests.backends`."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -10,22 +9,14 @@ from typing import Any
 import pytest
 
 import tidings
-
-REQUIRE_SERVICES = os.environ.get("TIDINGS_REQUIRE_SERVICES") == "1"
-
-
-def store_urls(tmp_path: Path) -> dict[str, str]:
-    """One URL per store backend; server-backed ones join here in their own issues."""
-    return {
-        "memory": "memory://",
-        "sqlite": f"sqlite:///{tmp_path / 'events.db'}",
-    }
+from tests.backends import STORE_BACKENDS
+from tests.backends import store_url as backend_url
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=STORE_BACKENDS)
 def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """The URL of a fresh, empty store of each backend."""
-    return store_urls(tmp_path)[request.param]
+    return backend_url(request.param, tmp_path)
 
 
 @pytest.fixture
