@@ -19,7 +19,12 @@ TidingsError
 ├── EventDecodeError (ValueError)          a stored row that cannot be decoded
 ├── InvalidCloudEvent (ValueError)         a message that is not a CloudEvent we can read
 ├── StoreError (RuntimeError)              the database failed (locked, disk full, corrupt)
-└── StoreClosed (RuntimeError)             the store is not open
+├── StoreClosed (RuntimeError)             the store is not open
+├── AggregateNotFound (LookupError)        `Repository.get` of a stream with no events
+├── UnhandledEvent (LookupError)           an aggregate or projection has no `@on` for a type
+├── InvalidCommand (ValueError)            command data failing validation, naming the field
+├── NoCommandHandler (LookupError)         a command type nobody handles
+└── ProjectionError (RuntimeError)         a projection's handler failed on a stored event
 ```
 
 Facts are attributes (`stream_id`, `expected`, `actual`, …), so callers branch on data,
@@ -31,6 +36,7 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = [
+    "AggregateNotFound",
     "ConfigurationError",
     "DuplicateEventType",
     "EventDecodeError",
@@ -42,12 +48,16 @@ __all__ = [
     "InvalidExpectedVersion",
     "InvalidEvents",
     "InvalidCloudEvent",
+    "InvalidCommand",
+    "NoCommandHandler",
+    "ProjectionError",
     "InvalidStreamId",
     "NotAnEvent",
     "StoreClosed",
     "StoreError",
     "StoreNotFound",
     "TidingsError",
+    "UnhandledEvent",
     "UnknownEventType",
     "WrongExpectedVersion",
 ]
@@ -212,3 +222,62 @@ class StoreError(TidingsError, RuntimeError):
 
 class StoreClosed(TidingsError, RuntimeError):
     """The store was used before `open()` / `async with`, or after `aclose()`."""
+
+
+class AggregateNotFound(TidingsError, LookupError):
+    """`Repository.get` found no events for the aggregate (at that version or moment)."""
+
+    def __init__(self, aggregate: str, aggregate_id: str, stream_id: str, detail: str = "") -> None:
+        self.aggregate = aggregate
+        self.aggregate_id = aggregate_id
+        self.stream_id = stream_id
+        where = f" {detail}" if detail else ""
+        super().__init__(
+            f"{aggregate} {aggregate_id!r} not found: stream {stream_id!r} is empty{where}"
+        )
+
+
+class UnhandledEvent(TidingsError, LookupError):
+    """An aggregate (or projection) met an event type it has no `@on` handler for."""
+
+    def __init__(self, owner: str, type: str, where: str = "") -> None:
+        self.owner = owner
+        self.type = type
+        at = f" ({where})" if where else ""
+        super().__init__(
+            f"{owner} has no @on handler for event type {type!r}{at}; add one, or declare "
+            f"the class with ignore_unknown=True to skip types it does not handle"
+        )
+
+
+class InvalidCommand(TidingsError, ValueError):
+    """Command data that fails validation; `errors` lists each field and why."""
+
+    def __init__(self, command: str, errors: list[dict[str, Any]]) -> None:
+        self.command = command
+        self.errors = errors
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e.get('loc', ())) or '(command)'}: {e.get('msg')}"
+            for e in errors
+        )
+        super().__init__(f"invalid {command}: {problems}")
+
+
+class NoCommandHandler(TidingsError, LookupError):
+    """A command was dispatched that no registered handler handles."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+        super().__init__(f"no handler is registered for command {command}")
+
+
+class ProjectionError(TidingsError, RuntimeError):
+    """A projection handler raised on a stored event; the checkpoint stays before it."""
+
+    def __init__(self, projection: str, position: int, type: str, reason: str) -> None:
+        self.projection = projection
+        self.position = position
+        self.type = type
+        super().__init__(
+            f"projection {projection!r} failed on event {type!r} at position {position}: {reason}"
+        )

@@ -8,6 +8,7 @@ loop of `subscribe` live here once, so every backend behaves the same.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import enum
 import threading
 from abc import ABC, abstractmethod
@@ -20,6 +21,7 @@ from urllib.parse import parse_qsl, urlsplit
 from uuid import UUID
 
 from tidings.core.codec import EncodedEvent, JSONCodec
+from tidings.core.context import with_correlation
 from tidings.core.errors import (
     ConfigurationError,
     EventIdConflict,
@@ -28,6 +30,7 @@ from tidings.core.errors import (
     InvalidExpectedVersion,
     InvalidStreamId,
     StoreClosed,
+    TidingsError,
 )
 from tidings.core.events import Event
 from tidings.core.metadata import Metadata, MetadataLike
@@ -39,7 +42,10 @@ __all__ = [
     "EventStore",
     "ExpectedVersion",
     "NO_STREAM",
+    "ProjectionConflict",
+    "ProjectionState",
     "STREAM_EXISTS",
+    "Snapshot",
     "StoreBase",
     "StreamInfo",
     "StreamState",
@@ -78,6 +84,54 @@ class AppendResult:
 
     version: int
     position: int
+
+
+class Snapshot(NamedTuple):
+    """An aggregate's state saved at a stream version, so loading need not replay it all.
+
+    `type` names the aggregate class and `schema_version` its state layout; a snapshot whose
+    layout does not match the class is ignored, since the events remain the truth.
+    """
+
+    stream_id: str
+    version: int
+    type: str
+    schema_version: int
+    recorded_at: datetime
+    data: str
+
+
+@dataclass(frozen=True, slots=True)
+class ProjectionState:
+    """Where a projection stands: its live read model and, during a rebuild, the new one.
+
+    `generation` numbers the copy of the read model that queries read; `position` is the last
+    event applied to it. A blue/green rebuild fills `building_generation` up to
+    `building_position`, then swaps it in as the live generation in one transaction.
+    """
+
+    name: str
+    generation: int
+    position: int
+    updated_at: datetime | None = None
+    building_generation: int | None = None
+    building_position: int = 0
+
+    def position_of(self, generation: int) -> int:
+        """The checkpoint of the given generation (live or building)."""
+        if generation == self.generation:
+            return self.position
+        if generation == self.building_generation:
+            return self.building_position
+        raise ProjectionConflict(self.name, f"generation {generation} is neither live nor building")
+
+
+class ProjectionConflict(TidingsError):
+    """A projection checkpoint moved under a runner (another runner, or a swap): reload it."""
+
+    def __init__(self, name: str, detail: str) -> None:
+        self.name = name
+        super().__init__(f"projection {name!r}: {detail}")
 
 
 class StreamInfo(NamedTuple):
@@ -260,6 +314,54 @@ def resolve_duplicates(
     return AppendResult(version=versions[-1], position=found[ids[-1]][2])
 
 
+def advance_projection(
+    current: ProjectionState | None,
+    name: str,
+    generation: int,
+    expected_position: int,
+    position: int,
+    now: datetime,
+) -> ProjectionState:
+    """The checkpoint row after a commit, or `ProjectionConflict` if the commit is stale.
+
+    Backends call this inside their transaction with the row they just read, so the rule
+    for what may move a checkpoint lives in one place.
+    """
+    if current is None:
+        if generation != 1 or expected_position != 0:
+            raise ProjectionConflict(name, "has no checkpoint yet; a first commit starts at 0")
+        return ProjectionState(name, 1, position, now)
+    if position < expected_position:
+        raise ProjectionConflict(name, f"a checkpoint cannot move back to {position}")
+    actual = current.position_of(generation)
+    if actual != expected_position:
+        raise ProjectionConflict(
+            name, f"generation {generation} is at {actual}, not {expected_position}"
+        )
+    if generation == current.generation:
+        return dataclasses.replace(current, position=position, updated_at=now)
+    return dataclasses.replace(current, building_position=position, updated_at=now)
+
+
+def begin_rebuild(current: ProjectionState | None, name: str, now: datetime) -> ProjectionState:
+    """The checkpoint row with a new, empty building generation."""
+    if current is None:
+        current = ProjectionState(name, 1, 0, now)
+    newest = max(current.generation, current.building_generation or 0)
+    return dataclasses.replace(
+        current, building_generation=newest + 1, building_position=0, updated_at=now
+    )
+
+
+def swap_rebuild(
+    current: ProjectionState | None, name: str, generation: int, now: datetime
+) -> ProjectionState:
+    """The checkpoint row once the rebuilt `generation` is live."""
+    if current is None or current.building_generation != generation:
+        raise ProjectionConflict(name, f"generation {generation} is not being rebuilt")
+    return ProjectionState(name, generation, current.building_position, now)
+
+
 class AppendSignal:
     """Wakes waiting subscribers when this process appends; safe to notify from any thread."""
 
@@ -393,7 +495,7 @@ class StoreBase(ABC):
             events = list(events)  # a generator or set of events is fine, consumed once
         if not events:
             raise InvalidEvents(f"append to {stream_id!r} got no events")
-        meta = self.codec.encode_metadata(Metadata.coerce(metadata))
+        meta = self.codec.encode_metadata(with_correlation(Metadata.coerce(metadata)))
         encoded = self._encode(stream_id, events, len(meta.encode()) if meta else 0)
         self._check_open()
         result = await self._append(stream_id, expected, encoded, meta)
@@ -484,24 +586,9 @@ class StoreBase(ABC):
     async def subscribe(
         self, after: int = 0, *, types: Iterable[type[Event] | str] | None = None
     ) -> AsyncIterator[RecordedEvent[Any]]:
-        names = type_names(types)
-        first_wait, longest_wait = self.poll_interval
-        wait = first_wait
-        while True:
-            self._check_open()
-            seen = self._signal.seq
-            batch, scanned_to = await self._read_all_batch(after, self.batch_size, names)
-            for record in self._decode(batch):
+        async for batch, _ in self.subscribe_batches(after, types=types):
+            for record in batch:
                 yield record
-            if scanned_to > after:
-                after = scanned_to
-                wait = first_wait
-                continue
-            if self.shared_across_processes:
-                await self._signal.wait(seen, wait)
-                wait = min(wait * 2, longest_wait)
-            else:
-                await self._signal.wait(seen, None)
 
     async def stream_version(self, stream_id: str) -> int:
         stream_id = validate_stream_id(stream_id)
@@ -522,6 +609,122 @@ class StoreBase(ABC):
     async def last_position(self) -> int:
         self._check_open()
         return await self._last_position()
+
+    async def subscribe_batches(
+        self,
+        after: int = 0,
+        *,
+        types: Iterable[type[Event] | str] | None = None,
+        limit: int | None = None,
+    ) -> AsyncIterator[tuple[list[RecordedEvent[Any]], int]]:
+        """`subscribe` a batch at a time: `(records, scanned_to)`, for consumers that commit
+        per batch. With a `types` filter a batch may be empty while `scanned_to` moves on."""
+        names = type_names(types)
+        size = limit or self.batch_size
+        first_wait, longest_wait = self.poll_interval
+        wait = first_wait
+        while True:
+            self._check_open()
+            seen = self._signal.seq
+            batch, scanned_to = await self._read_all_batch(after, size, names)
+            if scanned_to > after:
+                yield list(self._decode(batch)), scanned_to
+                after = scanned_to
+                wait = first_wait
+                continue
+            if self.shared_across_processes:
+                await self._signal.wait(seen, wait)
+                wait = min(wait * 2, longest_wait)
+            else:
+                await self._signal.wait(seen, None)
+
+    # -- snapshots -------------------------------------------------------------------------
+
+    async def save_snapshot(
+        self, stream_id: str, version: int, type: str, schema_version: int, data: str
+    ) -> None:
+        """Keep `data` as the state of `stream_id` at `version` (a later save of the same
+        version replaces it)."""
+        stream_id = validate_stream_id(stream_id)
+        self._check_open()
+        await self._save_snapshot(stream_id, version, type, schema_version, data)
+
+    async def read_snapshot(
+        self,
+        stream_id: str,
+        *,
+        max_version: int | None = None,
+        recorded_until: datetime | None = None,
+    ) -> Snapshot | None:
+        """The newest snapshot of `stream_id` at or below `max_version` and taken no later
+        than `recorded_until`; None when there is none."""
+        stream_id = validate_stream_id(stream_id)
+        self._check_open()
+        return await self._read_snapshot(stream_id, max_version, recorded_until)
+
+    # -- projections: checkpoints and documents ---------------------------------------------
+
+    async def projection_state(self, name: str) -> ProjectionState | None:
+        """The checkpoint row of projection `name`, None before its first commit."""
+        self._check_open()
+        states = await self._projection_states(name)
+        return states[0] if states else None
+
+    async def projection_states(self) -> list[ProjectionState]:
+        """Every projection's checkpoint row, by name."""
+        self._check_open()
+        return await self._projection_states(None)
+
+    async def commit_projection(
+        self,
+        name: str,
+        generation: int,
+        expected_position: int,
+        position: int,
+        writes: Mapping[str, str | None],
+    ) -> None:
+        """Apply document `writes` (key to JSON, or None to delete) and move the checkpoint of
+        `generation` from `expected_position` to `position`, in one transaction.
+
+        A checkpoint that is no longer at `expected_position` (another runner got there, or a
+        rebuild swapped generations) raises `ProjectionConflict` and changes nothing.
+        """
+        self._check_open()
+        await self._commit_projection(name, generation, expected_position, position, writes)
+
+    async def start_rebuild(self, name: str) -> ProjectionState:
+        """Open a fresh, empty generation for `name` to be rebuilt into beside the live one."""
+        self._check_open()
+        return await self._start_rebuild(name)
+
+    async def finish_rebuild(self, name: str, generation: int) -> None:
+        """Make the rebuilt `generation` live and drop the old one, in one transaction."""
+        self._check_open()
+        await self._finish_rebuild(name, generation)
+
+    async def get_document(self, name: str, key: str, generation: int | None = None) -> str | None:
+        """One document of a projection's read model (the live generation by default)."""
+        self._check_open()
+        return (await self._get_documents(name, generation, [key])).get(key)
+
+    async def documents(
+        self, name: str, generation: int | None = None
+    ) -> AsyncIterator[tuple[str, str]]:
+        """Every `(key, document)` of a read model, by key, read in pages."""
+        self._check_open()
+        after = ""
+        while True:
+            batch = await self._documents_batch(name, generation, after, self.batch_size)
+            for item in batch:
+                yield item
+            if len(batch) < self.batch_size:
+                return
+            after = batch[-1][0]
+
+    def document_reader(self, name: str, generation: int) -> Callable[[str], str | None]:
+        """A synchronous lookup of committed documents, for handlers running in a batch."""
+        self._check_open()
+        return self._document_reader(name, generation)
 
     def _decode(self, rows: list[Row]) -> Iterator[RecordedEvent[Any]]:
         return self.codec.iter_rows(rows, id_of=self._id_of, time_of=self._time_of)
@@ -577,6 +780,59 @@ class StoreBase(ABC):
     @abstractmethod
     async def _last_position(self) -> int:
         """The newest position, 0 when the log is empty."""
+
+    @abstractmethod
+    async def _save_snapshot(
+        self, stream_id: str, version: int, type: str, schema_version: int, data: str
+    ) -> None:
+        """Store one snapshot, replacing one at the same version."""
+
+    @abstractmethod
+    async def _read_snapshot(
+        self, stream_id: str, max_version: int | None, recorded_until: datetime | None
+    ) -> Snapshot | None:
+        """The newest snapshot within the bounds, or None."""
+
+    @abstractmethod
+    async def _projection_states(self, name: str | None) -> list[ProjectionState]:
+        """The checkpoint row of `name`, or of every projection when None."""
+
+    @abstractmethod
+    async def _commit_projection(
+        self,
+        name: str,
+        generation: int,
+        expected_position: int,
+        position: int,
+        writes: Mapping[str, str | None],
+    ) -> None:
+        """Write documents and move a checkpoint atomically; `ProjectionConflict` if moved.
+
+        The first commit of a projection (no row yet) creates it at generation 1."""
+
+    @abstractmethod
+    async def _start_rebuild(self, name: str) -> ProjectionState:
+        """Set `building_generation` to a new, empty generation at position 0."""
+
+    @abstractmethod
+    async def _finish_rebuild(self, name: str, generation: int) -> None:
+        """Swap `generation` in as live with its checkpoint; delete the old documents."""
+
+    @abstractmethod
+    async def _get_documents(
+        self, name: str, generation: int | None, keys: Sequence[str]
+    ) -> dict[str, str]:
+        """The stored documents among `keys` (live generation when None)."""
+
+    @abstractmethod
+    async def _documents_batch(
+        self, name: str, generation: int | None, after: str, limit: int
+    ) -> list[tuple[str, str]]:
+        """Up to `limit` documents whose keys sort after `after`, by key."""
+
+    @abstractmethod
+    def _document_reader(self, name: str, generation: int) -> Callable[[str], str | None]:
+        """A synchronous, cheap lookup of committed documents of one generation."""
 
 
 def url_options(url: str, known: dict[str, type]) -> dict[str, Any]:

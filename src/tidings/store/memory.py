@@ -7,6 +7,8 @@ same. Nothing survives the process.
 
 from __future__ import annotations
 
+import heapq
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 from uuid import UUID
@@ -17,11 +19,16 @@ from tidings.store.base import (
     DEFAULT_MAX_EVENT_SIZE,
     AppendResult,
     ExpectedVersion,
+    ProjectionState,
     Row,
+    Snapshot,
     StoreBase,
     StreamInfo,
+    advance_projection,
+    begin_rebuild,
     expected_matches,
     resolve_duplicates,
+    swap_rebuild,
     url_options,
 )
 
@@ -61,6 +68,9 @@ class MemoryEventStore(StoreBase):
         self._log: list[_Row] = []  # index i holds position i + 1
         self._streams: dict[str, list[int]] = {}  # stream id -> positions of its events
         self._ids: dict[UUID, int] = {}  # event id -> position
+        self._snapshots: dict[str, list[Snapshot]] = {}  # stream id -> snapshots by version
+        self._projections: dict[str, ProjectionState] = {}
+        self._documents: dict[tuple[str, int], dict[str, str]] = {}  # (name, generation) -> docs
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> MemoryEventStore:
@@ -156,3 +166,97 @@ class MemoryEventStore(StoreBase):
 
     async def _last_position(self) -> int:
         return len(self._log)
+
+    # -- snapshots -------------------------------------------------------------------------
+
+    async def _save_snapshot(
+        self, stream_id: str, version: int, type: str, schema_version: int, data: str
+    ) -> None:
+        kept = [s for s in self._snapshots.get(stream_id, []) if s.version != version]
+        kept.append(Snapshot(stream_id, version, type, schema_version, datetime.now(UTC), data))
+        kept.sort(key=lambda s: s.version)
+        self._snapshots[stream_id] = kept
+
+    async def _read_snapshot(
+        self, stream_id: str, max_version: int | None, recorded_until: datetime | None
+    ) -> Snapshot | None:
+        for snapshot in reversed(self._snapshots.get(stream_id, [])):
+            if max_version is not None and snapshot.version > max_version:
+                continue
+            if recorded_until is not None and snapshot.recorded_at > recorded_until:
+                continue
+            return snapshot
+        return None
+
+    # -- projections -----------------------------------------------------------------------
+
+    async def _projection_states(self, name: str | None) -> list[ProjectionState]:
+        if name is not None:
+            state = self._projections.get(name)
+            return [state] if state else []
+        return [self._projections[n] for n in sorted(self._projections)]
+
+    async def _commit_projection(
+        self,
+        name: str,
+        generation: int,
+        expected_position: int,
+        position: int,
+        writes: Mapping[str, str | None],
+    ) -> None:
+        state = advance_projection(
+            self._projections.get(name),
+            name,
+            generation,
+            expected_position,
+            position,
+            datetime.now(UTC),
+        )
+        docs = self._documents.setdefault((name, generation), {})
+        for key, doc in writes.items():
+            if doc is None:
+                docs.pop(key, None)
+            else:
+                docs[key] = doc
+        self._projections[name] = state
+
+    async def _start_rebuild(self, name: str) -> ProjectionState:
+        state = begin_rebuild(self._projections.get(name), name, datetime.now(UTC))
+        assert state.building_generation is not None
+        self._documents[(name, state.building_generation)] = {}
+        self._projections[name] = state
+        return state
+
+    async def _finish_rebuild(self, name: str, generation: int) -> None:
+        current = self._projections.get(name)
+        state = swap_rebuild(current, name, generation, datetime.now(UTC))
+        if current is not None:
+            self._documents.pop((name, current.generation), None)
+        self._projections[name] = state
+
+    def _live(self, name: str, generation: int | None) -> dict[str, str]:
+        if generation is None:
+            state = self._projections.get(name)
+            if state is None:
+                return {}
+            generation = state.generation
+        return self._documents.get((name, generation), {})
+
+    async def _get_documents(
+        self, name: str, generation: int | None, keys: Sequence[str]
+    ) -> dict[str, str]:
+        docs = self._live(name, generation)
+        return {key: docs[key] for key in keys if key in docs}
+
+    async def _documents_batch(
+        self, name: str, generation: int | None, after: str, limit: int
+    ) -> list[tuple[str, str]]:
+        docs = self._live(name, generation)
+        keys = heapq.nsmallest(limit, (key for key in docs if key > after))
+        return [(key, docs[key]) for key in keys]
+
+    def _document_reader(self, name: str, generation: int) -> Callable[[str], str | None]:
+        def read(key: str) -> str | None:
+            return self._documents.get((name, generation), {}).get(key)
+
+        return read

@@ -17,7 +17,7 @@ import sqlite3
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -41,11 +41,16 @@ from tidings.store.base import (
     AppendResult,
     AppendSignal,
     ExpectedVersion,
+    ProjectionState,
     Row,
+    Snapshot,
     StoreBase,
     StreamInfo,
+    advance_projection,
+    begin_rebuild,
     expected_matches,
     resolve_duplicates,
+    swap_rebuild,
     url_options,
 )
 
@@ -74,6 +79,35 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             """CREATE TABLE tidings_streams (
                 stream_id TEXT PRIMARY KEY,
                 version   INTEGER NOT NULL
+            ) WITHOUT ROWID""",
+        ],
+    ),
+    (
+        2,
+        [
+            """CREATE TABLE tidings_snapshots (
+                stream_id      TEXT    NOT NULL,
+                version        INTEGER NOT NULL,
+                type           TEXT    NOT NULL,
+                schema_version INTEGER NOT NULL,
+                recorded_at    INTEGER NOT NULL,
+                data           TEXT    NOT NULL,
+                PRIMARY KEY (stream_id, version)
+            ) WITHOUT ROWID""",
+            """CREATE TABLE tidings_projections (
+                name                TEXT    PRIMARY KEY,
+                generation          INTEGER NOT NULL,
+                position            INTEGER NOT NULL,
+                updated_at          INTEGER NOT NULL,
+                building_generation INTEGER,
+                building_position   INTEGER NOT NULL DEFAULT 0
+            ) WITHOUT ROWID""",
+            """CREATE TABLE tidings_documents (
+                projection TEXT    NOT NULL,
+                generation INTEGER NOT NULL,
+                key        TEXT    NOT NULL,
+                doc        TEXT    NOT NULL,
+                PRIMARY KEY (projection, generation, key)
             ) WITHOUT ROWID""",
         ],
     ),
@@ -148,6 +182,15 @@ def _mapped_errors(path: str) -> Iterator[None]:
 
 
 @dataclass(slots=True)
+class _Job:
+    """Other writes (snapshots, projection commits) run by the writer in its transaction."""
+
+    work: Callable[[sqlite3.Connection, int], Any]  # (connection, now in microseconds)
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[Any] = field(repr=False)
+
+
+@dataclass(slots=True)
 class _Append:
     stream_id: str
     expected: ExpectedVersion
@@ -202,11 +245,12 @@ class SQLiteEventStore(StoreBase):
             if signal is None:
                 signal = _signals[key] = AppendSignal()
         self._signal = signal
-        self._requests: queue.SimpleQueue[_Append | None] = queue.SimpleQueue()
+        self._requests: queue.SimpleQueue[_Append | _Job | None] = queue.SimpleQueue()
         self._writer: threading.Thread | None = None
         self._pool: ThreadPoolExecutor | None = None
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
+        self._lookup_conn: sqlite3.Connection | None = None  # document lookups on the loop
         self.commits = 0
         """Transactions committed by the writer; appends per commit shows group commit at work."""
 
@@ -302,7 +346,7 @@ class SQLiteEventStore(StoreBase):
                 first = self._requests.get()
                 if first is None:
                     break
-                group = [first]
+                group: list[_Append | _Job] = [first]
                 stop = False
                 while len(group) < _MAX_GROUP:
                     try:
@@ -326,16 +370,14 @@ class SQLiteEventStore(StoreBase):
                 if item is not None:
                     _settle([item], [StoreClosed("the store was closed before this append ran")])
 
-    def _commit_group(
-        self, conn: sqlite3.Connection, group: list[_Append]
-    ) -> list[AppendResult | BaseException]:
+    def _commit_group(self, conn: sqlite3.Connection, group: list[_Append | _Job]) -> list[Any]:
         try:
             conn.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
             error = StoreError(f"sqlite ({self.path}): cannot start a write: {exc}")
             error.__cause__ = exc
             return [error] * len(group)
-        outcomes: list[AppendResult | BaseException] = []
+        outcomes: list[Any] = []
         try:
             next_position = conn.execute(
                 "SELECT coalesce(max(position), 0) + 1 FROM tidings_events"
@@ -343,6 +385,9 @@ class SQLiteEventStore(StoreBase):
             versions: dict[str, int] = {}
             now = time.time_ns() // 1000
             for request in group:
+                if isinstance(request, _Job):
+                    outcomes.append(self._run_job(conn, request, now, len(group) == 1))
+                    continue
                 try:
                     result = self._apply(
                         conn, request, versions, next_position, now, len(group) == 1
@@ -425,6 +470,32 @@ class SQLiteEventStore(StoreBase):
             conn.execute("RELEASE append")
         versions[stream_id] = actual + len(rows)
         return AppendResult(version=actual + len(rows), position=next_position + len(rows) - 1)
+
+    def _run_job(self, conn: sqlite3.Connection, job: _Job, now: int, alone: bool) -> Any:
+        """Run one job under its own savepoint; its failure is its outcome, not the group's."""
+        if not alone:
+            conn.execute("SAVEPOINT job")
+        try:
+            result = job.work(conn, now)
+        except (TidingsError, sqlite3.Error) as exc:
+            if alone:
+                conn.execute("ROLLBACK")
+                conn.execute("BEGIN IMMEDIATE")
+            else:
+                conn.execute("ROLLBACK TO job")
+                conn.execute("RELEASE job")
+            return _as_tidings_error(exc, self.path)
+        if not alone:
+            conn.execute("RELEASE job")
+        return result
+
+    async def _write(self, work: Callable[[sqlite3.Connection, int], T]) -> T:
+        """Run `work` on the writer connection inside a write transaction."""
+        self._check_open()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        self._requests.put(_Job(work, loop, future))
+        return await future
 
     @staticmethod
     def _find_ids(
@@ -539,8 +610,200 @@ class SQLiteEventStore(StoreBase):
 
         return await self._run(work)
 
+    # -- snapshots -------------------------------------------------------------------------
 
-def _settle(group: list[_Append], outcomes: list[AppendResult | BaseException]) -> None:
+    async def _save_snapshot(
+        self, stream_id: str, version: int, type: str, schema_version: int, data: str
+    ) -> None:
+        def work(conn: sqlite3.Connection, now: int) -> None:
+            conn.execute(
+                "INSERT OR REPLACE INTO tidings_snapshots (stream_id, version, type, "
+                "schema_version, recorded_at, data) VALUES (?, ?, ?, ?, ?, ?)",
+                (stream_id, version, type, schema_version, now, data),
+            )
+
+        await self._write(work)
+
+    async def _read_snapshot(
+        self, stream_id: str, max_version: int | None, recorded_until: datetime | None
+    ) -> Snapshot | None:
+        top = _END if max_version is None else max_version
+        until = _END if recorded_until is None else _to_micros(recorded_until)
+
+        def work(conn: sqlite3.Connection) -> Snapshot | None:
+            row = conn.execute(
+                "SELECT stream_id, version, type, schema_version, recorded_at, data "
+                "FROM tidings_snapshots WHERE stream_id = ? AND version <= ? "
+                "AND recorded_at <= ? ORDER BY version DESC LIMIT 1",
+                (stream_id, top, until),
+            ).fetchone()
+            if row is None:
+                return None
+            return Snapshot(row[0], row[1], row[2], row[3], _from_micros(row[4]), row[5])
+
+        return await self._run(work)
+
+    # -- projections -----------------------------------------------------------------------
+
+    async def _projection_states(self, name: str | None) -> list[ProjectionState]:
+        def work(conn: sqlite3.Connection) -> list[ProjectionState]:
+            if name is None:
+                rows = conn.execute(f"SELECT {_PROJECTION} ORDER BY name").fetchall()
+            else:
+                rows = conn.execute(f"SELECT {_PROJECTION} WHERE name = ?", (name,)).fetchall()
+            return [_projection_state(row) for row in rows]
+
+        return await self._run(work)
+
+    async def _commit_projection(
+        self,
+        name: str,
+        generation: int,
+        expected_position: int,
+        position: int,
+        writes: Mapping[str, str | None],
+    ) -> None:
+        upserts = [(name, generation, k, doc) for k, doc in writes.items() if doc is not None]
+        deletes = [(name, generation, k) for k, doc in writes.items() if doc is None]
+
+        def work(conn: sqlite3.Connection, now: int) -> None:
+            current = _read_projection(conn, name)
+            state = advance_projection(
+                current, name, generation, expected_position, position, _from_micros(now)
+            )
+            if upserts:
+                conn.executemany(_UPSERT_DOCUMENT, upserts)
+            if deletes:
+                conn.executemany(
+                    "DELETE FROM tidings_documents WHERE projection = ? AND generation = ? "
+                    "AND key = ?",
+                    deletes,
+                )
+            _save_projection(conn, state, now)
+
+        await self._write(work)
+
+    async def _start_rebuild(self, name: str) -> ProjectionState:
+        def work(conn: sqlite3.Connection, now: int) -> ProjectionState:
+            state = begin_rebuild(_read_projection(conn, name), name, _from_micros(now))
+            conn.execute(
+                "DELETE FROM tidings_documents WHERE projection = ? AND generation >= ?",
+                (name, state.building_generation),
+            )
+            _save_projection(conn, state, now)
+            return state
+
+        return await self._write(work)
+
+    async def _finish_rebuild(self, name: str, generation: int) -> None:
+        def work(conn: sqlite3.Connection, now: int) -> None:
+            current = _read_projection(conn, name)
+            state = swap_rebuild(current, name, generation, _from_micros(now))
+            conn.execute(
+                "DELETE FROM tidings_documents WHERE projection = ? AND generation <> ?",
+                (name, generation),
+            )
+            _save_projection(conn, state, now)
+
+        await self._write(work)
+
+    async def _get_documents(
+        self, name: str, generation: int | None, keys: Sequence[str]
+    ) -> dict[str, str]:
+        def work(conn: sqlite3.Connection) -> dict[str, str]:
+            gen = _generation_of(conn, name) if generation is None else generation
+            found: dict[str, str] = {}
+            for start in range(0, len(keys), 500):
+                chunk = list(keys[start : start + 500])
+                marks = ", ".join("?" * len(chunk))
+                found.update(
+                    conn.execute(
+                        "SELECT key, doc FROM tidings_documents WHERE projection = ? "
+                        f"AND generation = ? AND key IN ({marks})",
+                        (name, gen, *chunk),
+                    ).fetchall()
+                )
+            return found
+
+        return await self._run(work)
+
+    async def _documents_batch(
+        self, name: str, generation: int | None, after: str, limit: int
+    ) -> list[tuple[str, str]]:
+        def work(conn: sqlite3.Connection) -> list[tuple[str, str]]:
+            gen = _generation_of(conn, name) if generation is None else generation
+            rows = conn.execute(
+                "SELECT key, doc FROM tidings_documents WHERE projection = ? AND generation = ? "
+                "AND key > ? ORDER BY key LIMIT ?",
+                (name, gen, after, limit),
+            ).fetchall()
+            return [(key, doc) for key, doc in rows]
+
+        return await self._run(work)
+
+    def _document_reader(self, name: str, generation: int) -> Callable[[str], str | None]:
+        if self._lookup_conn is None:
+            self._lookup_conn = self._connect(writer=False)
+            self._connections.append(self._lookup_conn)
+        execute = self._lookup_conn.execute
+        sql = (
+            "SELECT doc FROM tidings_documents WHERE projection = ? AND generation = ? AND key = ?"
+        )
+
+        def read(key: str) -> str | None:
+            row = execute(sql, (name, generation, key)).fetchone()
+            return None if row is None else row[0]
+
+        return read
+
+
+_PROJECTION = (
+    "name, generation, position, updated_at, building_generation, building_position "
+    "FROM tidings_projections"
+)
+_UPSERT_DOCUMENT = (
+    "INSERT INTO tidings_documents (projection, generation, key, doc) VALUES (?, ?, ?, ?) "
+    "ON CONFLICT (projection, generation, key) DO UPDATE SET doc = excluded.doc"
+)
+_END = 2**62
+
+
+def _projection_state(row: Any) -> ProjectionState:
+    return ProjectionState(row[0], row[1], row[2], _from_micros(row[3]), row[4], row[5])
+
+
+def _read_projection(conn: sqlite3.Connection, name: str) -> ProjectionState | None:
+    row = conn.execute(f"SELECT {_PROJECTION} WHERE name = ?", (name,)).fetchone()
+    return None if row is None else _projection_state(row)
+
+
+def _save_projection(conn: sqlite3.Connection, state: ProjectionState, now: int) -> None:
+    conn.execute(
+        "INSERT OR REPLACE INTO tidings_projections (name, generation, position, updated_at, "
+        "building_generation, building_position) VALUES (?, ?, ?, ?, ?, ?)",
+        (
+            state.name,
+            state.generation,
+            state.position,
+            now,
+            state.building_generation,
+            state.building_position,
+        ),
+    )
+
+
+def _generation_of(conn: sqlite3.Connection, name: str) -> int:
+    row = conn.execute("SELECT generation FROM tidings_projections WHERE name = ?", (name,))
+    found = row.fetchone()
+    return 0 if found is None else int(found[0])
+
+
+def _to_micros(moment: datetime) -> int:
+    delta = moment.astimezone(UTC) - _EPOCH
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def _settle(group: list[_Append | _Job], outcomes: list[Any]) -> None:
     """Hand each append its outcome on its own event loop: one wake-up per loop."""
     by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Any, Any]]] = {}
     for request, outcome in zip(group, outcomes, strict=True):
@@ -552,7 +815,7 @@ def _settle(group: list[_Append], outcomes: list[AppendResult | BaseException]) 
             pass
 
 
-def _resolve_all(items: list[tuple[asyncio.Future[AppendResult], Any]]) -> None:
+def _resolve_all(items: list[tuple[asyncio.Future[Any], Any]]) -> None:
     for future, outcome in items:
         if future.done():
             continue

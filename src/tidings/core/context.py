@@ -1,0 +1,83 @@
+"""The correlation context: which request an event belongs to, and what directly caused it.
+
+A correlation id starts where a request enters (a command, an incoming message, or
+`with correlate(...)`) and every event appended inside that context carries it; the causation
+id is the id of the command or event being handled. Context variables carry both across
+`await`s and into tasks started inside the block, so no code has to pass them by hand.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any
+from uuid import UUID
+
+from tidings.core.ids import uuid7
+from tidings.core.metadata import Metadata
+
+__all__ = ["Correlation", "caused_by", "correlate", "current_correlation", "with_correlation"]
+
+
+@dataclass(frozen=True, slots=True)
+class Correlation:
+    """The request (`correlation_id`) and the direct cause (`causation_id`) of new events."""
+
+    correlation_id: str
+    causation_id: str | None = None
+
+
+_current: ContextVar[Correlation | None] = ContextVar("tidings_correlation", default=None)
+
+
+def current_correlation() -> Correlation | None:
+    """The correlation in effect here, or None outside any."""
+    return _current.get()
+
+
+@contextmanager
+def correlate(
+    correlation_id: str | UUID | None = None, causation_id: str | UUID | None = None
+) -> Iterator[Correlation]:
+    """Run a block inside a correlation: events appended in it carry these ids.
+
+    Without `correlation_id`, the one already in effect continues, or a new one starts.
+    """
+    outer = _current.get()
+    if correlation_id is None:
+        correlation_id = outer.correlation_id if outer else str(uuid7())
+    if causation_id is None and outer is not None:
+        causation_id = outer.causation_id
+    value = Correlation(str(correlation_id), None if causation_id is None else str(causation_id))
+    token = _current.set(value)
+    try:
+        yield value
+    finally:
+        _current.reset(token)
+
+
+@contextmanager
+def caused_by(message_id: Any, correlation_id: str | None = None) -> Iterator[Correlation]:
+    """Handle a message: what happens inside is caused by it and continues its correlation.
+
+    A message without a correlation id starts one named after itself, so the chain it
+    begins can still be followed.
+    """
+    with correlate(correlation_id or str(message_id), str(message_id)) as value:
+        yield value
+
+
+def with_correlation(metadata: Metadata) -> Metadata:
+    """`metadata` with the context's ids filled in where it has none of its own."""
+    current = _current.get()
+    if current is None:
+        return metadata
+    if metadata.correlation_id is not None and metadata.causation_id is not None:
+        return metadata
+    return Metadata(
+        metadata.correlation_id or current.correlation_id,
+        metadata.causation_id or current.causation_id,
+        metadata.headers,
+    )
