@@ -37,9 +37,14 @@ def test_quick_benchmark_run_reports_every_scenario(tmp_path: Path) -> None:
         "batch_appends_100",
         "concurrent_single_appends",
         "read_all_decoded",
+        "aggregate_load_snapshots",
+        "projection_catch_up",
+        "save_vs_eventsourcing",
+        "load_vs_eventsourcing",
     }, results["scenarios"].keys()
     for scenario in results["scenarios"].values():
-        assert scenario["tidings"] > 0 and scenario["raw_sqlite3"] > 0
+        assert scenario["tidings"] > 0 and scenario["baseline"] > 0
         assert scenario["ratio"] == pytest.approx(
-            scenario["tidings"] / scenario["raw_sqlite3"], rel=0.02
+            scenario["tidings"] / scenario["baseline"], rel=0.02
         )
+        assert scenario["target_direction"] in ("at least", "at most")

@@ -3,9 +3,18 @@
 The public API lives here; import from `tidings`, not from its modules.
 """
 
+from tidings.app.aggregate import Aggregate
+from tidings.app.commands import Command, CommandBus, CommandContext, handles
+from tidings.app.handlers import on
+from tidings.app.process import ProcessDriver, ProcessManager, reacts_to
+from tidings.app.projections import Projection, ReadModel, View
+from tidings.app.repository import Repository
+from tidings.app.runner import ProjectionRunner, ProjectionStatus, projection_status
 from tidings.core.cloudevents import from_cloudevent, to_cloudevent
 from tidings.core.codec import JSONCodec
+from tidings.core.context import Correlation, caused_by, correlate, current_correlation
 from tidings.core.errors import (
+    AggregateNotFound,
     ConfigurationError,
     DuplicateEventType,
     EventDecodeError,
@@ -14,15 +23,19 @@ from tidings.core.errors import (
     EventTooLarge,
     InvalidAppend,
     InvalidCloudEvent,
+    InvalidCommand,
     InvalidEvents,
     InvalidExpectedVersion,
     InvalidMetadata,
     InvalidStreamId,
+    NoCommandHandler,
     NotAnEvent,
+    ProjectionError,
     StoreClosed,
     StoreError,
     StoreNotFound,
     TidingsError,
+    UnhandledEvent,
     UnknownEventType,
     WrongExpectedVersion,
 )
@@ -37,17 +50,26 @@ from tidings.store import (
     AppendResult,
     EventStore,
     ExpectedVersion,
+    ProjectionState,
+    Snapshot,
     StreamInfo,
     StreamState,
     open_store,
 )
+from tidings.testing import given
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ANY",
+    "Aggregate",
+    "AggregateNotFound",
     "AppendResult",
+    "Command",
+    "CommandBus",
+    "CommandContext",
     "ConfigurationError",
+    "Correlation",
     "DuplicateEventType",
     "Event",
     "EventDecodeError",
@@ -58,6 +80,7 @@ __all__ = [
     "ExpectedVersion",
     "InvalidAppend",
     "InvalidCloudEvent",
+    "InvalidCommand",
     "InvalidEvents",
     "InvalidExpectedVersion",
     "InvalidMetadata",
@@ -65,9 +88,20 @@ __all__ = [
     "JSONCodec",
     "Metadata",
     "NO_STREAM",
+    "NoCommandHandler",
     "NotAnEvent",
+    "ProcessDriver",
+    "ProcessManager",
+    "Projection",
+    "ProjectionError",
+    "ProjectionRunner",
+    "ProjectionState",
+    "ProjectionStatus",
+    "ReadModel",
     "RecordedEvent",
+    "Repository",
     "STREAM_EXISTS",
+    "Snapshot",
     "StoreClosed",
     "StoreError",
     "StoreNotFound",
@@ -75,12 +109,22 @@ __all__ = [
     "StreamState",
     "TidingsError",
     "TypeRegistry",
+    "UnhandledEvent",
     "UnknownEvent",
     "UnknownEventType",
+    "View",
     "WrongExpectedVersion",
+    "caused_by",
+    "correlate",
+    "current_correlation",
     "default_registry",
     "from_cloudevent",
+    "given",
+    "handles",
+    "on",
     "open_store",
+    "projection_status",
+    "reacts_to",
     "to_cloudevent",
     "uuid7",
 ]

@@ -22,7 +22,7 @@ TidingsError
 ├── StoreClosed (RuntimeError)             the store is not open
 ├── AggregateNotFound (LookupError)        `Repository.get` of a stream with no events
 ├── UnhandledEvent (LookupError)           an aggregate or projection has no `@on` for a type
-├── InvalidCommand (ValueError)            command data failing validation, naming the field
+├── InvalidCommand (pydantic ValidationError) command data failing validation, naming fields
 ├── NoCommandHandler (LookupError)         a command type nobody handles
 └── ProjectionError (RuntimeError)         a projection's handler failed on a stored event
 ```
@@ -34,6 +34,8 @@ never on message text.
 from __future__ import annotations
 
 from typing import Any
+
+from pydantic import ValidationError
 
 __all__ = [
     "AggregateNotFound",
@@ -250,17 +252,35 @@ class UnhandledEvent(TidingsError, LookupError):
         )
 
 
-class InvalidCommand(TidingsError, ValueError):
-    """Command data that fails validation; `errors` lists each field and why."""
+class InvalidCommand(ValidationError, TidingsError):
+    """Command data failing validation, before anything runs or is stored.
 
-    def __init__(self, command: str, errors: list[dict[str, Any]]) -> None:
-        self.command = command
-        self.errors = errors
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e.get('loc', ())) or '(command)'}: {e.get('msg')}"
-            for e in errors
-        )
-        super().__init__(f"invalid {command}: {problems}")
+    It is pydantic's `ValidationError` (so `.errors()` lists each field, its location and
+    why) and a `TidingsError`; the message names the command and every bad field.
+    """
+
+    @classmethod
+    def wrap(cls, exc: ValidationError) -> InvalidCommand:
+        """The same errors as `exc`, as an `InvalidCommand`."""
+        errors = [
+            {k: v for k, v in e.items() if k in ("type", "loc", "input", "ctx")}
+            for e in exc.errors(include_url=False)
+        ]
+        try:
+            return cls.from_exception_data(exc.title, errors)  # type: ignore[arg-type]
+        except (TypeError, KeyError, ValueError):  # an error type pydantic cannot rebuild
+            return cls.from_exception_data(
+                exc.title,
+                [
+                    {
+                        "type": "value_error",
+                        "loc": e["loc"],
+                        "input": e.get("input"),
+                        "ctx": {"error": e["msg"]},
+                    }
+                    for e in exc.errors(include_url=False)
+                ],
+            )
 
 
 class NoCommandHandler(TidingsError, LookupError):

@@ -223,6 +223,8 @@ class MemoryEventStore(StoreBase):
     async def _start_rebuild(self, name: str) -> ProjectionState:
         state = begin_rebuild(self._projections.get(name), name, datetime.now(UTC))
         assert state.building_generation is not None
+        for key in [k for k in self._documents if k[0] == name and k[1] != state.generation]:
+            del self._documents[key]  # what an aborted rebuild left behind
         self._documents[(name, state.building_generation)] = {}
         self._projections[name] = state
         return state

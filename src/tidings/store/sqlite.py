@@ -686,9 +686,9 @@ class SQLiteEventStore(StoreBase):
     async def _start_rebuild(self, name: str) -> ProjectionState:
         def work(conn: sqlite3.Connection, now: int) -> ProjectionState:
             state = begin_rebuild(_read_projection(conn, name), name, _from_micros(now))
-            conn.execute(
-                "DELETE FROM tidings_documents WHERE projection = ? AND generation >= ?",
-                (name, state.building_generation),
+            conn.execute(  # what an aborted rebuild left behind
+                "DELETE FROM tidings_documents WHERE projection = ? AND generation <> ?",
+                (name, state.generation),
             )
             _save_projection(conn, state, now)
             return state

@@ -1,0 +1,1 @@
+"""The application layer: aggregates, repositories, commands, projections, process managers."""
