@@ -37,7 +37,7 @@ class InsufficientFunds(Exception):
 class Account(Aggregate):
     owner: str = ""
     balance: int = 0
-    history: list[int] = []
+    history: list[int] = []  # noqa: RUF012  (copied per instance by Aggregate)
 
     @classmethod
     def open(cls, account_id: str, owner: str) -> Account:
