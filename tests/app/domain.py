@@ -12,19 +12,19 @@ from tidings import (
 )
 
 
-class AccountOpened(Event, type="test.account.opened"):
+class AccountOpened(Event, type="test.bank.opened"):
     owner: str
 
 
-class Deposited(Event, type="test.account.deposited"):
+class Deposited(Event, type="test.bank.deposited"):
     amount: int
 
 
-class Withdrew(Event, type="test.account.withdrew"):
+class Withdrew(Event, type="test.bank.withdrew"):
     amount: int
 
 
-class Closed(Event, type="test.account.closed"):
+class Closed(Event, type="test.bank.closed"):
     pass
 
 

@@ -41,7 +41,7 @@ def test_mutable_defaults_are_not_shared() -> None:
 
 def test_recording_a_type_without_handler_names_aggregate_and_type() -> None:
     account = Account("acc-1")
-    with pytest.raises(UnhandledEvent, match=r"Account.*test.account.closed"):
+    with pytest.raises(UnhandledEvent, match=r"Account.*test.bank.closed"):
         account.record(Closed())
     assert account.version == 0 and account.pending_events == ()
 

@@ -133,7 +133,7 @@ async def test_a_failing_handler_stops_before_the_event(store: EventStore) -> No
 
     await write_accounts(store, 4)
     runner = ProjectionRunner(store, [Fragile()], batch_size=1)
-    with pytest.raises(ProjectionError, match=r"fragile.*test.account.deposited.*cannot take 102"):
+    with pytest.raises(ProjectionError, match=r"fragile.*test.bank.deposited.*cannot take 102"):
         await runner.catch_up()
     bad = [r async for r in store.read_stream("account-a2")][1]
     good = [r async for r in store.read_stream("account-a1")][1]

@@ -168,7 +168,7 @@ async def test_an_unhandled_stored_type_fails_the_load(store: EventStore) -> Non
     from tests.app.domain import Closed
 
     await store.append("account-acc-1", [AccountOpened(owner="ann"), Closed()])
-    with pytest.raises(UnhandledEvent, match=r"Account.*test.account.closed.*version 2"):
+    with pytest.raises(UnhandledEvent, match=r"Account.*test.bank.closed.*version 2"):
         await Repository(store, Account).get("acc-1")
 
     class Lenient(Account, category="account", ignore_unknown=True):
