@@ -24,12 +24,14 @@ from types import TracebackType
 from typing import Any, Self
 
 from tidings.app.projections import Projection, ReadModel, View
-from tidings.core.errors import ConfigurationError, ProjectionError
+from tidings.core.errors import ConfigurationError, ProjectionError, StoreClosed, TidingsError
 from tidings.store.base import EventStore, ProjectionConflict, StoreBase
 
 __all__ = ["ProjectionRunner", "ProjectionStatus", "projection_status"]
 
 log = logging.getLogger("tidings.projections")
+
+_RETRY_FIRST, _RETRY_LONGEST = 0.1, 5.0  # seconds between retries after a store error
 
 Progress = Callable[[str, int, int], None]
 """Called as `progress(projection name, position reached, target position)`."""
@@ -129,12 +131,22 @@ class _Worker:
         await store.commit_projection(self.name, generation, position, scanned_to, view.encoded())
 
     async def forever(self) -> None:
-        try:
-            await self.run_until(None)
-        except ProjectionError as exc:
-            self.error = exc
-            log.error("projection stopped: %s", exc)
-            self.runner._advanced()
+        """Follow the log until cancelled; a handler error stops it, a store error is retried."""
+        delay = _RETRY_FIRST
+        while True:
+            try:
+                await self.run_until(None)
+            except ProjectionError as exc:
+                self.error = exc
+                log.error("projection stopped: %s", exc)
+                self.runner._advanced()
+                return
+            except StoreClosed:
+                return
+            except (TidingsError, OSError) as exc:  # a locked or lost database: try again
+                log.warning("projection %s: %s; retrying in %.1fs", self.name, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _RETRY_LONGEST)
 
 
 class ProjectionRunner:
