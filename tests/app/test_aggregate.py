@@ -109,3 +109,27 @@ def test_snapshot_state_round_trips_through_json() -> None:
     copy = Account("acc-1")
     copy._load_snapshot(account._dump_snapshot())
     assert (copy.owner, copy.balance, copy.history) == ("ann", 7, [10, -3])
+
+
+def test_default_factories_give_each_instance_its_own_value() -> None:
+    import dataclasses
+
+    from pydantic import Field
+
+    class Basket(Aggregate):
+        items: list[str] = dataclasses.field(default_factory=list)
+        tags: dict[str, int] = Field(default_factory=dict)
+        note: str = Field(default="none")
+
+        @on(Deposited)
+        def _d(self, event: Deposited) -> None:
+            self.items.append(str(event.amount))
+            self.tags["n"] = len(self.items)
+
+    first, second = Basket("a"), Basket("b")
+    first.record(Deposited(amount=1))
+    assert (first.items, first.tags, second.items, second.tags) == (["1"], {"n": 1}, [], {})
+    assert second.note == "none"
+    copy = Basket("a")
+    copy._load_snapshot(first._dump_snapshot())
+    assert (copy.items, copy.tags, copy.note) == (["1"], {"n": 1}, "none")

@@ -12,7 +12,9 @@ class Account(Aggregate):
         self.balance += event.amount
 ```
 
-State lives in plain annotated attributes with defaults, so a snapshot is just those
+State lives in plain annotated attributes with defaults (a mutable default is copied per
+instance; `dataclasses.field(default_factory=list)` and pydantic's `Field` work too), so a
+snapshot is just those
 attributes, validated by pydantic on the way back in. Behaviour methods decide and `record`;
 `@on` handlers only change state, which is what makes replay and time travel exact.
 """
@@ -20,11 +22,14 @@ attributes, validated by pydantic on the way back in. Behaviour methods decide a
 from __future__ import annotations
 
 import copy
+import dataclasses
 import re
 import typing
+from collections.abc import Callable
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, create_model
+from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic.fields import FieldInfo
 
 from tidings.app.handlers import HandlerTable
 from tidings.core.errors import NotAnEvent, UnhandledEvent
@@ -50,7 +55,7 @@ class Aggregate:
     __ignore_unknown__: ClassVar[bool] = False
     __handlers__: ClassVar[HandlerTable]
     __state_fields__: ClassVar[tuple[str, ...]] = ()
-    __mutable_defaults__: ClassVar[tuple[tuple[str, Any], ...]] = ()
+    __mutable_defaults__: ClassVar[tuple[tuple[str, Callable[[], Any]], ...]] = ()
     __state_model__: ClassVar[type[BaseModel] | None] = None
 
     id: Any
@@ -73,7 +78,7 @@ class Aggregate:
         cls.__handlers__ = HandlerTable(cls)
         cls.__state_fields__ = _state_fields(cls)
         cls.__mutable_defaults__ = tuple(
-            (name, getattr(cls, name))
+            (name, _factory(getattr(cls, name)))
             for name in cls.__state_fields__
             if hasattr(cls, name) and not isinstance(getattr(cls, name), _IMMUTABLE)
         )
@@ -83,8 +88,8 @@ class Aggregate:
         self.id = id
         self.version = 0
         self._pending: list[Event] = []
-        for name, default in self.__mutable_defaults__:
-            setattr(self, name, copy.deepcopy(default))  # no list shared between instances
+        for name, make in self.__mutable_defaults__:
+            setattr(self, name, make())  # no list shared between instances
 
     def __repr__(self) -> str:
         state = ", ".join(f"{name}={getattr(self, name, None)!r}" for name in self.__state_fields__)
@@ -137,8 +142,14 @@ class Aggregate:
         """A pydantic model of the state fields, built on first use (for snapshots)."""
         if cls.__state_model__ is None:
             hints = typing.get_type_hints(cls)
+            factories = dict(cls.__mutable_defaults__)
             fields: dict[str, Any] = {
-                name: (hints.get(name, Any), getattr(cls, name, ...))
+                name: (
+                    hints.get(name, Any),
+                    Field(default_factory=factories[name])
+                    if name in factories
+                    else getattr(cls, name, ...),
+                )
                 for name in cls.__state_fields__
             }
             cls.__state_model__ = create_model(
@@ -156,6 +167,22 @@ class Aggregate:
     def _load_snapshot(self, data: str) -> None:
         model = self._state_model().model_validate_json(data)
         self.restore_state(dict(model))
+
+
+def _factory(default: Any) -> Callable[[], Any]:
+    """How each instance gets its own copy of a mutable default: a `field(default_factory=)`
+    (dataclasses or pydantic) is called, anything else is deep-copied."""
+    if (
+        isinstance(default, dataclasses.Field)
+        and default.default_factory is not dataclasses.MISSING
+    ):
+        return default.default_factory
+    if isinstance(default, FieldInfo) and default.default_factory is not None:
+        return default.default_factory  # type: ignore[return-value]
+    if isinstance(default, (dataclasses.Field, FieldInfo)):
+        value = default.default
+        return lambda: copy.deepcopy(value)
+    return lambda: copy.deepcopy(default)
 
 
 def _state_fields(cls: type) -> tuple[str, ...]:
