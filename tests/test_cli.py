@@ -1,8 +1,10 @@
-"""The `tidings` command: streams, events, tail and demo, in-process and as real processes."""
+"""The `tidings` command: streams, events, tail and projections, in-process and as real
+processes (`tidings demo` has tests/test_demo.py)."""
 
 from __future__ import annotations
 
 import asyncio
+import importlib
 import json
 import os
 import queue
@@ -13,15 +15,24 @@ import threading
 from datetime import datetime
 from pathlib import Path
 from typing import Any
-from uuid import UUID
+from uuid import UUID, uuid4
 
 import pytest
 from typer.testing import CliRunner, Result
 
 import tidings
-from tidings import NO_STREAM, Event, JSONCodec, TypeRegistry
+from tidings import (
+    NO_STREAM,
+    Event,
+    JSONCodec,
+    Projection,
+    ProjectionRunner,
+    ReadModel,
+    TypeRegistry,
+    on,
+)
 from tidings.cli.main import app
-from tidings.demo.ledger import LEDGER, balance_at, open_account, run_ledger
+from tidings.store import StoreBase
 
 
 class ItemAdded(Event, type="clitest.item.added"):
@@ -205,7 +216,9 @@ def test_tail_rejects_a_negative_position(runner: CliRunner, cli_store: str) -> 
 # -- finding the store -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("command", [["streams"], ["events", "x"], ["tail"]])
+@pytest.mark.parametrize(
+    "command", [["streams"], ["events", "x"], ["tail"], ["projections", "status"]]
+)
 def test_missing_file_is_an_error_and_is_not_created(
     runner: CliRunner, tmp_path: Path, command: list[str]
 ) -> None:
@@ -246,45 +259,228 @@ def test_usage_errors_keep_typers_exit_code(runner: CliRunner) -> None:
     assert "Missing argument" in result.output
 
 
-# -- demo ------------------------------------------------------------------------------------
+# -- projections -----------------------------------------------------------------------------
 
 
-def test_demo_shows_the_ledger(runner: CliRunner) -> None:
-    result = runner.invoke(app, ["demo"])
+class ItemCounts(Projection, name="clitest_item_counts"):
+    """Counts added items by name; reads the default registry's `ItemAdded`."""
+
+    @on(ItemAdded)
+    def added(self, event: ItemAdded) -> None:
+        self.view.put(event.name, self.view.get(event.name, 0) + event.qty)
+
+
+STATUS_KEYS = {
+    "name",
+    "generation",
+    "position",
+    "head",
+    "lag_events",
+    "lag_seconds",
+    "updated_at",
+    "rebuilding",
+}
+
+
+@pytest.fixture
+def status_store(cli_store: str) -> str:
+    """`cli_store` with `clitest_item_counts` caught up to position 3, then one more event
+    (head 4), and a first rebuild of `clitest_other` started but not finished."""
+
+    async def setup() -> None:
+        async with tidings.open_store(cli_store) as store:
+            assert await ProjectionRunner(store, [ItemCounts()]).catch_up() == 3
+            await store.append("cart-2", [ItemAdded(name="plum")])
+            assert isinstance(store, StoreBase)
+            await store.start_rebuild("clitest_other")
+
+    asyncio.run(setup())
+    return cli_store
+
+
+def test_projections_status_json(runner: CliRunner, status_store: str) -> None:
+    result = runner.invoke(app, ["projections", "status", "--json", "--store", status_store])
     assert result.exit_code == 0, result.output
-    assert "Current state: balance = 120" in result.stdout
-    assert "balance as of version 2 = 100" in result.stdout
-    assert "refused" in result.stdout
+    counts, other = json_lines(result.stdout)
+    assert set(counts) == STATUS_KEYS and set(other) == STATUS_KEYS
+    assert counts["name"] == "clitest_item_counts"
+    assert (counts["generation"], counts["position"], counts["head"]) == (1, 3, 4)
+    assert (counts["lag_events"], counts["rebuilding"]) == (1, False)
+    assert counts["lag_seconds"] >= 0
+    assert datetime.fromisoformat(counts["updated_at"]).tzinfo is not None
+    assert other["name"] == "clitest_other"
+    assert (other["position"], other["head"], other["lag_events"]) == (0, 4, 4)
+    assert other["rebuilding"] is True
 
 
-def test_demo_store_can_be_read_back(runner: CliRunner, tmp_path: Path) -> None:
-    url = sqlite_url(tmp_path / "d.db")
-    result = runner.invoke(app, ["demo", "--store", url])
+def test_projections_status_table(runner: CliRunner, status_store: str) -> None:
+    result = runner.invoke(app, ["projections", "status", "--store", status_store])
     assert result.exit_code == 0, result.output
-    assert "balance = 120" in result.stdout
-    [stream] = json_lines(runner.invoke(app, ["streams", "--json", "--store", url]).stdout)
-    assert stream["stream_id"].startswith("account-")
-    assert f"tidings events {stream['stream_id']} --store {url}" in result.stdout
-    shown = runner.invoke(app, ["events", stream["stream_id"], "--json", "--store", url])
-    assert shown.exit_code == 0, shown.output
-    assert [(e["type"], e["data"]) for e in json_lines(shown.stdout)] == [
-        ("account.created", {"balance": 0}),
-        ("account.deposited", {"amount": 100}),
-        ("account.withdrew", {"amount": 30}),
-        ("account.deposited", {"amount": 50}),
-    ]
+    out = result.stdout
+    assert "head of the log: position 4" in out
+    for header in ("projection", "gen", "position", "lag", "updated at (UTC)", "rebuilding"):
+        assert header in out
+    [counts] = [line for line in out.splitlines() if "clitest_item_counts" in line]
+    [other] = [line for line in out.splitlines() if "clitest_other" in line]
+    # name, generation, position, lag in events, lag in seconds, date, time, rebuilding
+    cells = counts.split()
+    assert cells[1:4] == ["1", "3", "1"] and cells[-1] == "no"
+    float(cells[4])
+    datetime.fromisoformat(f"{cells[5]} {cells[6]}")
+    assert other.split()[2:4] == ["0", "4"] and other.split()[-1] == "yes"
 
 
-def test_demo_reports_a_bad_store_url(runner: CliRunner) -> None:
-    assert_one_line_error(runner.invoke(app, ["demo", "--store", "nosuch://x"]))
+def test_projections_status_of_a_store_without_projections(
+    runner: CliRunner, cli_store: str
+) -> None:
+    result = runner.invoke(app, ["projections", "status", "--json", "--store", cli_store])
+    assert (result.exit_code, result.stdout) == (0, "")
+    table = runner.invoke(app, ["projections", "status", "--store", cli_store])
+    assert table.exit_code == 0 and "head of the log: position 3" in table.stdout
 
 
-async def test_ledger_folds_to_120_and_travels_in_time() -> None:
-    async with tidings.open_store("memory://", codec=JSONCodec(LEDGER)) as store:
-        assert await run_ledger(store) == 120
-        stream_id = await open_account(store)
-        assert await balance_at(store, stream_id, 2) == 100
-        assert await balance_at(store, stream_id) == 120
+SHOP_APP = """
+from tidings import Event, Projection, TypeRegistry, on
+from tidings.demo.ledger import AccountBalances  # imported, so not one of this app's
+
+SHOP = TypeRegistry()  # not the default registry: rebuild must decode with this one
+
+
+class ItemSold(Event, type="shop.item.sold", registry=SHOP):
+    sku: str
+    qty: int
+
+
+class Base(Projection):  # no handlers: a base class, not a projection
+    pass
+
+
+class SalesBySku(Projection, name="sales_by_sku"):
+    @on(ItemSold)
+    def sold(self, event: ItemSold) -> None:
+        self.view.put(event.sku, self.view.get(event.sku, 0) + event.qty)
+
+
+class SaleCount(Projection, name="sale_count"):
+    @on(ItemSold)
+    def sold(self, event: ItemSold) -> None:
+        self.view.put("sales", self.view.get("sales", 0) + 1)
+
+
+PROJECTIONS = [SalesBySku()]
+"""
+
+
+@pytest.fixture
+def shop_app(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[str, str]:
+    """An application module in its own folder, on sys.path, and a store holding its events
+    and a wrong, stale `sales_by_sku` read model (generation 1, at the head): `(module, url)`."""
+    module = f"shop_app_{uuid4().hex[:8]}"
+    folder = tmp_path / "app"
+    folder.mkdir()
+    (folder / f"{module}.py").write_text(SHOP_APP)
+    monkeypatch.syspath_prepend(str(folder))
+    shop = importlib.import_module(module)
+    monkeypatch.delitem(sys.modules, module)
+    url = sqlite_url(tmp_path / "shop.db")
+
+    async def setup() -> None:
+        async with tidings.open_store(url, codec=JSONCodec(shop.SHOP)) as store:
+            for sku, qty in [("apple", 2), ("pear", 1), ("apple", 3)]:
+                await store.append(f"sale-{sku}", [shop.ItemSold(sku=sku, qty=qty)])
+            assert isinstance(store, StoreBase)
+            await store.commit_projection("sales_by_sku", 1, 0, 3, {"apple": "99", "ghost": "1"})
+
+    asyncio.run(setup())
+    return module, url
+
+
+async def documents(url: str, name: str) -> dict[str, Any]:
+    async with tidings.open_store(url, codec=JSONCodec(keep_unknown=True)) as store:
+        return await ReadModel(store, name).all()
+
+
+def status_of(runner: CliRunner, url: str) -> dict[str, dict[str, Any]]:
+    result = runner.invoke(app, ["projections", "status", "--json", "--store", url])
+    assert result.exit_code == 0, result.output
+    return {line["name"]: line for line in json_lines(result.stdout)}
+
+
+@pytest.mark.parametrize("form", ["module", "module:PROJECTIONS"])
+def test_projections_rebuild_refills_the_read_model(
+    runner: CliRunner, shop_app: tuple[str, str], form: str
+) -> None:
+    module, url = shop_app
+    assert asyncio.run(documents(url, "sales_by_sku")) == {"apple": 99, "ghost": 1}
+    target = form.replace("module", module)
+    result = runner.invoke(
+        app, ["projections", "rebuild", "sales_by_sku", "--app", target, "--store", url]
+    )
+    assert result.exit_code == 0, result.output
+    assert "Rebuilt sales_by_sku: generation 2 is live, at position 3" in result.stdout
+    assert asyncio.run(documents(url, "sales_by_sku")) == {"apple": 5, "pear": 1}
+    status = status_of(runner, url)
+    assert set(status) == {"sales_by_sku"}  # only the rebuilt projection was touched
+    assert status["sales_by_sku"]["generation"] == 2
+    assert (status["sales_by_sku"]["position"], status["sales_by_sku"]["lag_events"]) == (3, 0)
+    assert status["sales_by_sku"]["rebuilding"] is False
+
+
+def test_projections_rebuild_takes_store_from_the_environment(
+    runner: CliRunner, shop_app: tuple[str, str]
+) -> None:
+    module, url = shop_app
+    result = runner.invoke(
+        app, ["projections", "rebuild", "sale_count", "--app", module], env={"TIDINGS_STORE": url}
+    )
+    assert result.exit_code == 0, result.output
+    assert asyncio.run(documents(url, "sale_count")) == {"sales": 3}
+
+
+def test_projections_rebuild_unknown_name_lists_the_known_ones(
+    runner: CliRunner, shop_app: tuple[str, str]
+) -> None:
+    module, url = shop_app
+    result = runner.invoke(app, ["projections", "rebuild", "nope", "--app", module, "--store", url])
+    assert_one_line_error(result, "'nope'", "known: sale_count, sales_by_sku")
+    listed = runner.invoke(
+        app, ["projections", "rebuild", "sale_count", "--app", f"{module}:PROJECTIONS"]
+    )
+    assert_one_line_error(listed, "'sale_count'", "known: sales_by_sku")
+    assert status_of(runner, url)["sales_by_sku"]["generation"] == 1  # nothing was rebuilt
+
+
+@pytest.mark.parametrize(
+    ("target", "message"),
+    [
+        ("no_such_app_module", "cannot import no_such_app_module"),
+        ("{module}:MISSING", "has no attribute 'MISSING'"),
+        ("{module}:SHOP", "is not a Projection"),
+        (":PROJECTIONS", "name a module"),
+    ],
+)
+def test_projections_rebuild_bad_app_is_one_line(
+    runner: CliRunner, shop_app: tuple[str, str], target: str, message: str
+) -> None:
+    module, url = shop_app
+    result = runner.invoke(
+        app,
+        ["projections", "rebuild", "x", "--app", target.format(module=module), "--store", url],
+    )
+    assert_one_line_error(result, message)
+
+
+def test_projections_rebuild_never_creates_a_store(
+    runner: CliRunner, shop_app: tuple[str, str], tmp_path: Path
+) -> None:
+    module, _ = shop_app
+    path = tmp_path / "absent.db"
+    result = runner.invoke(
+        app,
+        ["projections", "rebuild", "sales_by_sku", "--app", module, "--store", sqlite_url(path)],
+    )
+    assert_one_line_error(result, f"no event store at {path}")
+    assert not path.exists()
 
 
 # -- real processes --------------------------------------------------------------------------
@@ -297,21 +493,6 @@ def tidings_command() -> list[str]:
 
 def child_env() -> dict[str, str]:
     return {key: value for key, value in os.environ.items() if key != "TIDINGS_STORE"}
-
-
-@pytest.mark.slow
-def test_demo_runs_as_a_command(tmp_path: Path) -> None:
-    done = subprocess.run(
-        [*tidings_command(), "demo"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=tmp_path,
-        env=child_env(),
-    )
-    assert done.returncode == 0, done.stderr
-    assert "Current state: balance = 120" in done.stdout
-    assert list(tmp_path.iterdir()) == []  # the temporary store is gone
 
 
 @pytest.mark.slow
@@ -350,3 +531,29 @@ def test_version() -> None:
     result = CliRunner().invoke(app, ["--version"])
     assert result.exit_code == 0
     assert result.output.strip() == f"tidings {tidings.__version__}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("found_by", ["current folder", "PYTHONPATH"])
+def test_projections_rebuild_runs_as_a_command(
+    shop_app: tuple[str, str], tmp_path: Path, found_by: str
+) -> None:
+    module, url = shop_app
+    env = child_env()
+    if found_by == "PYTHONPATH":
+        env["PYTHONPATH"] = str(tmp_path / "app")
+        cwd = tmp_path
+    else:
+        env.pop("PYTHONPATH", None)
+        cwd = tmp_path / "app"
+    done = subprocess.run(
+        [*tidings_command(), "projections", "rebuild", "sales_by_sku", "--app", module],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=cwd,
+        env={**env, "TIDINGS_STORE": url},
+    )
+    assert done.returncode == 0, done.stderr
+    assert "Rebuilt sales_by_sku: generation 2" in done.stdout
+    assert asyncio.run(documents(url, "sales_by_sku")) == {"apple": 5, "pear": 1}

@@ -249,3 +249,19 @@ async def test_an_interrupted_rebuild_leaves_the_live_model_and_can_restart(
     assert await ReadModel(store, Balances).all() == live
     assert await ProjectionRunner(store, [Balances()]).rebuild("balances") == head
     assert await ReadModel(store, Balances).all() == live  # rebuilt equal, no junk left
+
+
+async def test_handlers_get_typed_events_whatever_registry_the_store_decodes_with(
+    tmp_path: Any,
+) -> None:
+    """A store reading with another registry hands over `UnknownEvent`s; a handler that
+    names the class still gets its typed event, never silently nothing."""
+    from tidings import JSONCodec, TypeRegistry, open_store
+
+    async with open_store("memory://", codec=JSONCodec(TypeRegistry(), keep_unknown=True)) as store:
+        head = await write_accounts(store, 3)
+        assert await ProjectionRunner(store, [Balances()]).catch_up() == head
+        balances = await ReadModel(store, Balances).all()
+        assert balances["account-a2"] == {"owner": "owner2", "balance": 92, "events": 3}
+        account = await Repository(store, Account).get("a1")
+        assert account.balance == 91

@@ -112,12 +112,15 @@ class Aggregate:
     # -- applying --------------------------------------------------------------------------
 
     def _apply(self, event: Event, record: RecordedEvent[Any] | None) -> None:
-        handler = self.__handlers__.find(event)
-        if handler is None:
+        found = self.__handlers__.resolve(event)
+        if found is None:
             if not self.__ignore_unknown__:
                 where = f"stream {record.stream_id!r} version {record.version}" if record else ""
                 raise UnhandledEvent(type(self).__qualname__, _type_of(event), where)
-        elif handler.takes_record:
+            self.version += 1
+            return
+        handler, event = found
+        if handler.takes_record:
             handler.function(self, event, record)
         else:
             handler.function(self, event)

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from tidings.core.errors import EventDefinitionError
+from tidings.core.errors import EventDefinitionError, UnknownEventType
 from tidings.core.events import Event, UnknownEvent
 
 __all__ = ["Handler", "HandlerTable", "marker", "on"]
@@ -94,6 +94,39 @@ class HandlerTable:
                         f"{table[item].name}() and {name}()"
                     )
                 table[item] = handler
+        self._by_type: dict[str, tuple[type[Event], Handler]] = {
+            cls.__event_type__: (cls, handler)
+            for cls, handler in self._by_class.items()
+            if cls.__event_type__ is not None
+        }
+
+    def resolve(self, event: Event) -> tuple[Handler, Event] | None:
+        """The handler for `event` and the event as that handler expects it; None if none.
+
+        A raw `UnknownEvent` (its type was not in the reading codec's registry) whose type a
+        handler names by class is validated into that class here, so the choice of codec can
+        never make a handler silently miss its events. A stored version other than the
+        class's raises `UnknownEventType`; data that does not fit raises pydantic's
+        `ValidationError`.
+        """
+        if type(event) is UnknownEvent:
+            raw: Any = event
+            handler = self._by_name.get(raw.type)
+            if handler is not None:
+                return handler, event
+            target = self._by_type.get(raw.type)
+            if target is None:
+                return None
+            cls, handler = target
+            if cls.__event_version__ != raw.version:
+                raise UnknownEventType(raw.type, raw.version)
+            return handler, cls.model_validate(raw.data).with_id(event.event_id)
+        found = self.find(event)
+        return None if found is None else (found, event)
+
+    def event_classes(self) -> frozenset[type[Event]]:
+        """The event classes named by the handlers (type names given as text excluded)."""
+        return frozenset(self._by_class)
 
     def find(self, event: Event) -> Handler | None:
         """The handler for `event`, or None when this class has none."""

@@ -147,10 +147,11 @@ class ProcessDriver(Projection):
     async def react(self, record: RecordedEvent[Any]) -> None:
         """Run the reaction to one stored event, exactly once per saved outcome."""
         cls = self.manager
-        handler = cls.__reactions__.find(record.event)
-        if handler is None:
+        found = cls.__reactions__.resolve(record.event)
+        if found is None:
             return
-        process_id = cls.process_id(record.event, record)
+        handler, event = found
+        process_id = cls.process_id(event, record)
         if process_id is None:
             return
         for attempt in range(_RETRIES + 1):
@@ -162,9 +163,9 @@ class ProcessDriver(Projection):
                 return  # reacted and saved before (a crash came before the checkpoint)
             with caused_by(record.id, record.correlation_id):
                 outcome = (
-                    handler.function(manager, record.event, record)
+                    handler.function(manager, event, record)
                     if handler.takes_record
-                    else handler.function(manager, record.event)
+                    else handler.function(manager, event)
                 )
                 if handler.is_async:
                     await outcome

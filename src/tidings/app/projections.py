@@ -131,14 +131,15 @@ class Projection:
         table = self.__handlers__
         try:
             for record in records:
-                handler = table.find(record.event)
-                if handler is None:
-                    continue
                 try:
+                    found = table.resolve(record.event)
+                    if found is None:
+                        continue
+                    handler, event = found
                     if handler.takes_record:
-                        outcome = handler.function(self, record.event, record)
+                        outcome = handler.function(self, event, record)
                     else:
-                        outcome = handler.function(self, record.event)
+                        outcome = handler.function(self, event)
                     if handler.is_async:
                         await outcome
                 except Exception as exc:

@@ -13,7 +13,7 @@ import typer
 from typer.core import TyperGroup
 
 from tidings import __version__
-from tidings.cli import demo, render, store
+from tidings.cli import demo, projections, render, store
 from tidings.core.errors import TidingsError
 
 __all__ = ["app", "main"]
@@ -68,6 +68,7 @@ def _root(
 
 
 app.add_typer(store.app)
+app.add_typer(projections.app, name="projections")
 app.add_typer(demo.app)
 
 

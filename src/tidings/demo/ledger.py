@@ -1,9 +1,12 @@
-"""The account ledger from the seed article: an account's state is the fold of its events.
+"""The account ledger from the seed article, built the way an application would build it.
 
-`run_ledger` writes the seed's story to a new account stream (opened, deposited 100, withdrew
-30, deposited 50) and replays it from the store: the balance is 120. The ledger's events live
-in their own `LEDGER` registry, so they never clash with an application's `account.*` types;
-a store must be opened with `codec=JSONCodec(LEDGER)` to read them as typed events.
+The write side is an event-sourced `Account` aggregate saved through a `Repository`: it is
+opened, deposited 100, withdrew 30, deposited 50, and its state is the fold of those events
+(balance 120; 100 as of version 2). The read side is the `AccountBalances` projection, kept
+up to date by a `ProjectionRunner` and queried through a `ReadModel` (CQRS).
+
+The ledger's events live in their own `LEDGER` registry, so they never clash with an
+application's `account.*` types: open the store with `codec=JSONCodec(LEDGER)` to use them.
 """
 
 from __future__ import annotations
@@ -12,29 +15,36 @@ from dataclasses import dataclass
 from typing import Any
 from uuid import uuid4
 
+from tidings.app.aggregate import Aggregate
+from tidings.app.handlers import on
+from tidings.app.projections import Projection, ReadModel
+from tidings.app.repository import Repository
+from tidings.app.runner import ProjectionRunner
 from tidings.core.errors import WrongExpectedVersion
 from tidings.core.events import Event, TypeRegistry
 from tidings.core.recorded import RecordedEvent
-from tidings.store import NO_STREAM, EventStore
+from tidings.store import EventStore
 
 __all__ = [
     "LEDGER",
+    "Account",
+    "AccountBalances",
     "AccountCreated",
     "Deposited",
+    "InsufficientFunds",
+    "LedgerRun",
     "LedgerStep",
     "Withdrew",
-    "apply",
-    "balance_at",
+    "history",
     "new_account_id",
-    "open_account",
-    "replay",
     "run_ledger",
-    "stale_withdrawal",
-    "story",
 ]
 
 LEDGER = TypeRegistry()
 """The demo's own type registry: its `account.*` names never reach `default_registry`."""
+
+
+# -- events: the facts ---------------------------------------------------------------------
 
 
 class AccountCreated(Event, type="account.created", registry=LEDGER):
@@ -55,6 +65,80 @@ class Withdrew(Event, type="account.withdrew", registry=LEDGER):
     amount: int
 
 
+# -- the write side: an event-sourced aggregate ---------------------------------------------
+
+
+class InsufficientFunds(ValueError):
+    """A withdrawal larger than the balance: refused before any event is recorded."""
+
+
+class Account(Aggregate, category="account"):
+    """An account whose balance is the fold of its events; stream ids are `account-<id>`.
+
+    Behaviour methods decide and `record`; the `@on` handlers only change state, so loading
+    the account at any version replays exactly what happened.
+    """
+
+    balance: int = 0
+
+    @classmethod
+    def open(cls, account_id: str) -> Account:
+        """A new account with balance 0 (saving it writes `account.created`)."""
+        account = cls(account_id)
+        account.record(AccountCreated(balance=0))
+        return account
+
+    def deposit(self, amount: int) -> None:
+        """Pay `amount` in."""
+        self.record(Deposited(amount=amount))
+
+    def withdraw(self, amount: int) -> None:
+        """Take `amount` out; `InsufficientFunds` when the balance is smaller."""
+        if amount > self.balance:
+            raise InsufficientFunds(f"cannot withdraw {amount}: the balance is {self.balance}")
+        self.record(Withdrew(amount=amount))
+
+    @on(AccountCreated)
+    def _created(self, event: AccountCreated) -> None:
+        self.balance = event.balance
+
+    @on(Deposited)
+    def _deposited(self, event: Deposited) -> None:
+        self.balance += event.amount
+
+    @on(Withdrew)
+    def _withdrew(self, event: Withdrew) -> None:
+        self.balance -= event.amount
+
+
+# -- the read side: a projection into a read model ------------------------------------------
+
+
+class AccountBalances(Projection, name="ledger_balances"):
+    """One document per account stream: `{"balance": …, "version": …}`, ready to query."""
+
+    @on(AccountCreated)
+    def created(self, event: AccountCreated, record: RecordedEvent[Any]) -> None:
+        self.view.put(record.stream_id, {"balance": event.balance, "version": record.version})
+
+    @on(Deposited)
+    def deposited(self, event: Deposited, record: RecordedEvent[Any]) -> None:
+        self._add(record, event.amount)
+
+    @on(Withdrew)
+    def withdrew(self, event: Withdrew, record: RecordedEvent[Any]) -> None:
+        self._add(record, -event.amount)
+
+    def _add(self, record: RecordedEvent[Any], amount: int) -> None:
+        document = self.view.get(record.stream_id, {"balance": 0})
+        self.view.put(
+            record.stream_id, {"balance": document["balance"] + amount, "version": record.version}
+        )
+
+
+# -- the story ------------------------------------------------------------------------------
+
+
 @dataclass(frozen=True, slots=True)
 class LedgerStep:
     """One replayed event and the balance right after it, for showing a replay step by step."""
@@ -63,93 +147,79 @@ class LedgerStep:
     balance: int
 
 
-def story() -> list[Event]:
-    """The seed article's four events, as new instances (each call gives new event ids)."""
-    return [
-        AccountCreated(balance=0),
-        Deposited(amount=100),
-        Withdrew(amount=30),
-        Deposited(amount=50),
-    ]
+@dataclass(frozen=True, slots=True)
+class LedgerRun:
+    """What `run_ledger` did and found, for the demo to show."""
+
+    account_id: str
+    stream_id: str
+    steps: list[LedgerStep]
+    """The stream read back from the store, each event with the balance after it."""
+    balance_at_2: int
+    """`repo.get(account_id, version=2).balance`: time travel (100)."""
+    balance: int
+    """`repo.get(account_id).balance`: the current state (120)."""
+    refusal: WrongExpectedVersion | None
+    """What the store answered the stale writer (None would mean it was not refused)."""
+    position: int
+    """The global position of the last event saved, which the read model was awaited at."""
+    read_model: Any
+    """The account's `AccountBalances` document, read right after waiting for `position`."""
 
 
 def new_account_id() -> str:
-    """A fresh stream id such as `account-1f2e3d4c`, so every run writes its own stream."""
-    return f"account-{uuid4().hex[:8]}"
+    """A fresh account id such as `1f2e3d4c`, so every run writes its own stream."""
+    return uuid4().hex[:8]
 
 
-def apply(balance: int, event: Event) -> int:
-    """The balance after `event`: the ledger's whole state transition, in one place.
-
-    An event the ledger does not know is a `TypeError`, not a silent zero: it usually means the
-    store was opened without `codec=JSONCodec(LEDGER)`.
-    """
-    match event:
-        case AccountCreated():
-            return event.balance
-        case Deposited():
-            return balance + event.amount
-        case Withdrew():
-            return balance - event.amount
-    raise TypeError(
-        f"the ledger cannot apply {type(event).__name__} events; "
-        "open the store with codec=JSONCodec(LEDGER)"
-    )
-
-
-async def open_account(store: EventStore, stream_id: str | None = None) -> str:
-    """Write the story to a new account stream, one append per event; returns the stream id.
-
-    Each append names the version this writer last saw (`NO_STREAM`, then 1, 2, 3): that is
-    optimistic concurrency, so a concurrent writer would be refused instead of interleaved.
-    """
-    stream_id = stream_id or new_account_id()
-    expected = NO_STREAM
-    for event in story():
-        result = await store.append(stream_id, [event], expected_version=expected)
-        expected = result.version
-    return stream_id
-
-
-async def stale_withdrawal(
-    store: EventStore, stream_id: str, seen_version: int
-) -> WrongExpectedVersion | None:
-    """Withdraw 500 as a writer whose view of the stream stopped at `seen_version`.
-
-    Returns the `WrongExpectedVersion` the store answers when the stream has moved on since
-    (nothing is written); None means the stream was still at that version and the withdrawal
-    was stored.
-    """
-    try:
-        await store.append(stream_id, [Withdrew(amount=500)], expected_version=seen_version)
-    except WrongExpectedVersion as refusal:
-        return refusal
-    return None
-
-
-async def replay(
-    store: EventStore, stream_id: str, *, up_to: int | None = None
-) -> list[LedgerStep]:
-    """Fold the stream's events, read back from the store, keeping the balance after each.
-
-    The store is the only source of truth: nothing but the events is read. `up_to` stops at
-    that version, which is time travel: the account as it was then.
-    """
-    steps: list[LedgerStep] = []
-    balance = 0
-    async for record in store.read_stream(stream_id, limit=up_to):
-        balance = apply(balance, record.event)
-        steps.append(LedgerStep(record, balance))
+async def history(repo: Repository[Account], account_id: str) -> list[LedgerStep]:
+    """Every event of the account with the balance after it, by loading each version."""
+    steps = []
+    async for record in repo.store.read_stream(repo.stream_id(account_id)):
+        then = await repo.get(account_id, version=record.version)
+        steps.append(LedgerStep(record, then.balance))
     return steps
 
 
-async def balance_at(store: EventStore, stream_id: str, version: int | None = None) -> int:
-    """The balance as of `version` (the latest when None); 0 for an account with no events."""
-    steps = await replay(store, stream_id, up_to=version)
-    return steps[-1].balance if steps else 0
+async def run_ledger(store: EventStore, account_id: str | None = None) -> LedgerRun:
+    """Tell the seed's story on `store` (opened with `codec=JSONCodec(LEDGER)`).
 
+    Every save appends with the version the account was loaded at (`NO_STREAM`, then 1, 2,
+    3), so a writer holding an older copy is refused instead of interleaved.
+    """
+    account_id = account_id or new_account_id()
+    repo = Repository(store, Account)
+    async with ProjectionRunner(store, [AccountBalances()]) as runner:
+        account = Account.open(account_id)
+        await repo.save(account)
+        account.deposit(100)
+        await repo.save(account)
 
-async def run_ledger(store: EventStore) -> int:
-    """Write the story to a new account and return its balance replayed from `store` (120)."""
-    stream_id = await open_account(store)
-    return await balance_at(store, stream_id)
+        stale = await repo.get(account_id)  # a second writer loads the account at version 2
+
+        account.withdraw(30)
+        await repo.save(account)
+        account.deposit(50)
+        saved = await repo.save(account)
+        assert saved is not None
+
+        refusal = None
+        stale.withdraw(stale.balance)  # all it sees (100), but the account has moved on
+        try:
+            await repo.save(stale)
+        except WrongExpectedVersion as exc:
+            refusal = exc
+
+        await runner.wait_for(saved.position)  # read your own writes
+        document = await ReadModel(store, AccountBalances).get(repo.stream_id(account_id))
+
+    return LedgerRun(
+        account_id=account_id,
+        stream_id=repo.stream_id(account_id),
+        steps=await history(repo, account_id),
+        balance_at_2=(await repo.get(account_id, version=2)).balance,
+        balance=(await repo.get(account_id)).balance,
+        refusal=refusal,
+        position=saved.position,
+        read_model=document,
+    )
