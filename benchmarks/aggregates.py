@@ -124,20 +124,16 @@ async def _build(
         advance(pending)
 
 
-def _snapshot_count(path: str) -> int | None:
-    """How many snapshot rows the file holds, if it has a table whose name says snapshot."""
+def _snapshot_rows(path: str) -> dict[str, int]:
+    """Snapshot rows per stream in the file (tidings keeps one per save that crossed 100)."""
     conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
-        tables = [
-            name
-            for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
-            if "snapshot" in name.lower()
-        ]
-        if not tables:
-            return None
-        return sum(conn.execute(f'SELECT count(*) FROM "{t}"').fetchone()[0] for t in tables)
+        rows = conn.execute(
+            "SELECT stream_id, count(*) FROM tidings_snapshots GROUP BY stream_id"
+        ).fetchall()
     finally:
         conn.close()
+    return {str(stream): int(count) for stream, count in rows}
 
 
 async def _measure(
@@ -155,6 +151,11 @@ async def _measure(
         repo = Repository(store, Account, snapshot_every=snapshot_every)
         await _build(repo, short_id, short_events, short_events, advance_build)
         await _build(repo, long_id, long_events, 1000, advance_build)
+
+    snapshots = _snapshot_rows(path)
+    for account_id in (long_id, short_id):
+        if not snapshots.get(f"{Account.__category__}-{account_id}"):
+            raise SystemExit(f"scenario 5: no snapshot of {account_id} was saved: {snapshots}")
 
     # Load from a freshly opened store, as a service that restarts would.
     async with bench_store(path) as store:
@@ -194,7 +195,7 @@ async def _measure(
             "short_stream_events": short_events,
             "snapshot_every": snapshot_every,
             "long_stream_saved_in": f"saves of {min(1000, long_events)} events",
-            "snapshot_rows_in_file": _snapshot_count(path),
+            "snapshot_rows_per_stream": snapshots,
             "loads_per_side": len(per_block[long_id]) * block,
             "loads_per_block": block,
             "warm_up_loads_per_side": warm,

@@ -47,7 +47,7 @@ class Balances(Projection, name=PROJECTION):
     """A stream's running balance, one document per stream."""
 
     @on(Deposited)
-    def deposited(self, event: Deposited, record: RecordedEvent) -> None:
+    def deposited(self, event: Deposited, record: RecordedEvent[Deposited]) -> None:
         doc = self.view.get(record.stream_id) or {"balance": 0}
         doc["balance"] += event.amount
         self.view.put(record.stream_id, doc)

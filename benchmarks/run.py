@@ -1,6 +1,6 @@
 """`make bench`: tidings on SQLite against raw sqlite3 and the eventsourcing library, one run.
 
-    .venv/bin/python benchmarks/run.py            # the full run (a few minutes)
+    .venv/bin/python benchmarks/run.py            # the full run (about a minute or two)
     .venv/bin/python benchmarks/run.py --quick    # a smoke run with small counts (seconds)
 
 Both sides use the same file layout (tidings' own CREATE TABLE statements), the same pragmas
