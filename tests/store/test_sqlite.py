@@ -259,24 +259,25 @@ async def test_read_only_open_leaves_a_foreign_file_untouched(tmp_path: Path) ->
     conn.close()
 
 
-async def test_the_event_loop_thread_never_touches_sqlite(
+async def test_the_event_loop_thread_only_does_small_indexed_reads(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    threads: set[int] = set()
+    """Writes, scans and big batches run on the writer and reader threads; only lookups by
+    key and short stream reads (a few microseconds) run inline on the event loop."""
+    calls: list[tuple[int, str]] = []
 
     class Watched(sqlite3.Connection):
-        def execute(self, *args: Any, **kwargs: Any) -> sqlite3.Cursor:
-            threads.add(threading.get_ident())
-            return super().execute(*args, **kwargs)
+        def execute(self, sql: str, *args: Any, **kwargs: Any) -> sqlite3.Cursor:
+            calls.append((threading.get_ident(), sql))
+            return super().execute(sql, *args, **kwargs)
 
-        def executemany(self, *args: Any, **kwargs: Any) -> sqlite3.Cursor:
-            threads.add(threading.get_ident())
-            return super().executemany(*args, **kwargs)
+        def executemany(self, sql: str, *args: Any, **kwargs: Any) -> sqlite3.Cursor:
+            calls.append((threading.get_ident(), sql))
+            return super().executemany(sql, *args, **kwargs)
 
     real_connect = sqlite3.connect
 
     def connect(*args: Any, **kwargs: Any) -> sqlite3.Connection:
-        threads.add(threading.get_ident())
         return real_connect(*args, factory=Watched, **kwargs)
 
     monkeypatch.setattr("tidings.store.sqlite.sqlite3.connect", connect)
@@ -284,11 +285,23 @@ async def test_the_event_loop_thread_never_touches_sqlite(
     async with tidings.open_store(url(tmp_path / "t.db")) as store:
         await asyncio.gather(*(store.append(f"s{i}", [Note(text=str(i))]) for i in range(50)))
         await store.append("s0", [Note(text="again")], expected_version=1)
+        await store.append("big", [Note(text=str(i)) for i in range(300)])
         [r async for r in store.read_all()]
         [r async for r in store.read_all(types=[Note])]
         [r async for r in store.read_stream("s0", backwards=True)]
+        assert len([r async for r in store.read_stream("big")]) == 300
         [s async for s in store.streams()]
         await store.stream_version("s1")
         await store.last_position()
-    assert threads, "the watch saw no SQLite calls at all"
-    assert loop_thread not in threads
+    assert calls, "the watch saw no SQLite calls at all"
+    on_loop = [" ".join(sql.split()) for thread, sql in calls if thread == loop_thread]
+    inline = ("PRAGMA busy_timeout", "PRAGMA synchronous", "PRAGMA query_only")
+    for sql in on_loop:
+        if sql.startswith(inline):
+            continue  # opening the loop thread's own read-only connection
+        assert sql.startswith("SELECT"), sql
+        assert "WHERE stream_id = ?" in sql, sql  # a lookup by key, never a scan
+        assert "LIMIT ?" in sql or "tidings_streams" in sql, sql
+    assert any("position > ?" in sql for thread, sql in calls if thread != loop_thread)
+    big_batches = [sql for sql in on_loop if "version >= ?" in sql]
+    assert len(big_batches) == 1  # the first, short batch of "big"; the rest went to readers

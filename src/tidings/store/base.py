@@ -54,6 +54,7 @@ __all__ = [
 MAX_STREAM_ID_LENGTH = 512
 _END_OF_STREAM = 2**62  # a version above any real one: "from the last event", backwards
 DEFAULT_MAX_EVENT_SIZE = 1024 * 1024
+FIRST_BATCH = 128  # rows in the first batch of a stream read
 
 
 class StreamState(enum.Enum):
@@ -535,8 +536,11 @@ class StoreBase(ABC):
         start = _END_OF_STREAM if backwards else 1
         cursor = start if from_version is None else from_version
         remaining = limit
+        first = True
         while remaining is None or remaining > 0:
             size = self.batch_size if remaining is None else min(self.batch_size, remaining)
+            if first:  # most streams are short: a small first batch is one cheap read
+                size, first = min(size, FIRST_BATCH), False
             if backwards and cursor < 1:
                 return
             batch = await self._read_stream_batch(stream_id, cursor, backwards, size)

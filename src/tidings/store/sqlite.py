@@ -3,8 +3,9 @@
 One writer thread owns the write connection and commits appends in groups: every append
 waiting when a commit starts joins it, each checked against its own expected version inside a
 savepoint, so one failing append never takes others with it, and a hundred appends share one
-fsync. Reads run on a small pool of reader threads, each with its own connection, so the event
-loop never waits on SQLite; rows are decoded on the loop. Other processes may write the same
+fsync. Scans run on a small pool of reader threads, each with its own connection; lookups by
+key and short stream reads run inline on the loop's own read-only connection (microseconds,
+less than a thread hand-off); rows are decoded on the loop. Other processes may write the same
 file; their appends reach this process's subscribers by polling.
 """
 
@@ -139,6 +140,7 @@ def _from_micros(micros: int, _from_timestamp: Any = datetime.fromtimestamp) -> 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MAX_GROUP = 512  # appends committed together at most
+_INLINE_ROWS = 128  # stream reads up to this many rows run on the caller's thread
 
 # One signal per database file, so stores on the same file in one process wake each other.
 _signals: weakref.WeakValueDictionary[str, AppendSignal] = weakref.WeakValueDictionary()
@@ -250,7 +252,6 @@ class SQLiteEventStore(StoreBase):
         self._pool: ThreadPoolExecutor | None = None
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
-        self._lookup_conn: sqlite3.Connection | None = None  # document lookups on the loop
         self.commits = 0
         """Transactions committed by the writer; appends per commit shows group commit at work."""
 
@@ -528,6 +529,16 @@ class SQLiteEventStore(StoreBase):
                 raise StoreClosed("the store was closed during a read") from exc
             raise
 
+    def _inline(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """Run a small indexed read right here, on this thread's own reader connection.
+
+        A handful of rows by primary key costs a few microseconds, less than handing it to
+        a reader thread and back; in WAL mode a read never waits for a writer. Scans and
+        big batches still go to the reader threads (`_run`).
+        """
+        self._check_open()
+        return self._with_reader(work)
+
     def _with_reader(self, work: Callable[[sqlite3.Connection], T]) -> T:
         conn = getattr(self._local, "conn", None)
         with _mapped_errors(self.path):
@@ -548,6 +559,8 @@ class SQLiteEventStore(StoreBase):
         def work(conn: sqlite3.Connection) -> list[Row]:
             return conn.execute(sql, (stream_id, from_version, limit)).fetchall()
 
+        if limit <= _INLINE_ROWS:
+            return self._inline(work)
         return await self._run(work)
 
     async def _read_all_batch(
@@ -590,7 +603,7 @@ class SQLiteEventStore(StoreBase):
             ).fetchone()
             return row[0] if row else 0
 
-        return await self._run(work)
+        return self._inline(work)  # one primary-key lookup
 
     async def _streams_batch(self, after: str, limit: int) -> list[StreamInfo]:
         def work(conn: sqlite3.Connection) -> list[StreamInfo]:
@@ -641,7 +654,7 @@ class SQLiteEventStore(StoreBase):
                 return None
             return Snapshot(row[0], row[1], row[2], row[3], _from_micros(row[4]), row[5])
 
-        return await self._run(work)
+        return self._inline(work)  # one primary-key lookup
 
     # -- projections -----------------------------------------------------------------------
 
@@ -742,17 +755,13 @@ class SQLiteEventStore(StoreBase):
         return await self._run(work)
 
     def _document_reader(self, name: str, generation: int) -> Callable[[str], str | None]:
-        if self._lookup_conn is None:
-            self._lookup_conn = self._connect(writer=False)
-            self._connections.append(self._lookup_conn)
-        execute = self._lookup_conn.execute
         sql = (
             "SELECT doc FROM tidings_documents WHERE projection = ? AND generation = ? AND key = ?"
         )
 
         def read(key: str) -> str | None:
-            row = execute(sql, (name, generation, key)).fetchone()
-            return None if row is None else row[0]
+            row = self._inline(lambda conn: conn.execute(sql, (name, generation, key)).fetchone())
+            return None if row is None else str(row[0])
 
         return read
 
