@@ -6,6 +6,9 @@ work, on one file per side, with both files open at once:
 
 - 7. save: each of N accounts is opened and saved, then gets 9 deposits, each saved on its own
   (10 saves, each one durable transaction); saves per second.
+- 7b. concurrent saves: the same saves from `clients` concurrent clients, as each library
+  serves concurrent requests: tidings with one asyncio task per client on one event loop,
+  eventsourcing with one thread per client (its Application is synchronous and thread-safe).
 - 8. load: every account loaded by id (10 events each, no snapshots, no cache on either side),
   a few passes; loads per second.
 
@@ -27,6 +30,7 @@ import asyncio
 import gc
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from importlib import metadata
 from typing import Any
 
@@ -232,3 +236,95 @@ def versus_eventsourcing(
         load.raw.append(es_load)
         save.info["eventsourcing_sqlite"] = load.info["eventsourcing_sqlite"] = pragmas
     return save, load
+
+
+async def _tidings_concurrent(path: str, slices: list[range], deposits: int) -> float:
+    async with bench_store(path, synchronous="full") as store:
+        repo = Repository(store, Account)
+
+        async def client(ids: range) -> None:
+            for i in ids:
+                account = Account.open(str(i), f"owner-{i}")
+                await repo.save(account)
+                for k in range(deposits):
+                    account.deposit(amount(k))
+                    await repo.save(account)
+
+        start = time.perf_counter()
+        await asyncio.gather(*(client(ids) for ids in slices))
+        spent = time.perf_counter() - start
+        balance = expected_balance(deposits)
+        for ids in slices:
+            for i in ids:
+                if (await repo.get(str(i))).balance != balance:
+                    raise SystemExit(f"scenario 7b: tidings saved a wrong account {i}")
+    return spent
+
+
+def _es_concurrent(path: str, slices: list[range], deposits: int) -> float:
+    app = _es_app(path)
+    ids: list[Any] = []
+    try:
+
+        def client(numbers: range) -> None:
+            for i in numbers:
+                account = ESAccount(owner=f"owner-{i}")
+                app.save(account)
+                for k in range(deposits):
+                    account.deposit(amount(k))
+                    app.save(account)
+                ids.append(account.id)
+
+        with ThreadPoolExecutor(len(slices)) as pool:
+            start = time.perf_counter()
+            for future in [pool.submit(client, numbers) for numbers in slices]:
+                future.result()
+            spent = time.perf_counter() - start
+        balance = expected_balance(deposits)
+        for account_id in ids:
+            if app.repository.get(account_id).balance != balance:
+                raise SystemExit("scenario 7b: eventsourcing saved a wrong account")
+    finally:
+        app.close()
+    return spent
+
+
+def concurrent_saves(
+    directory: str,
+    accounts: int,
+    clients: int,
+    rounds: int,
+    advance: Advance,
+    deposits: int = 9,
+) -> Measured:
+    """Scenario 7b: saves/s with `clients` concurrent clients per side; `raw` is eventsourcing."""
+    per = max(1, accounts // clients)
+    slices = [range(c * per, (c + 1) * per) for c in range(clients)]
+    saves = clients * per * (1 + deposits)
+    measured = Measured(
+        info={
+            "clients": clients,
+            "accounts": clients * per,
+            "saves_per_side": saves,
+            "tidings": "one asyncio task per client, one event loop",
+            "eventsourcing": "one thread per client, one Application",
+            "rounds": rounds,
+        }
+    )
+    for number in range(rounds):
+        tidings_path = fresh(directory, "s7b-tidings.db")
+        es_path = fresh(directory, "s7b-eventsourcing.db")
+        if number % 2 == 0:
+            ours = asyncio.run(_tidings_concurrent(tidings_path, slices, deposits))
+            advance(saves)
+            theirs = _es_concurrent(es_path, slices, deposits)
+        else:
+            theirs = _es_concurrent(es_path, slices, deposits)
+            advance(saves)
+            ours = asyncio.run(_tidings_concurrent(tidings_path, slices, deposits))
+        advance(saves)
+        measured.tidings.append(saves / ours)
+        measured.raw.append(saves / theirs)
+        drop(tidings_path)
+        drop(es_path)
+    return measured

@@ -389,6 +389,15 @@ def peer_rows(sizes: Sizes, directory: str, phases: Phases) -> list[Row]:
         save, load = peer_eventsourcing.versus_eventsourcing(
             directory, accounts, r, passes, advance_save, advance_load
         )
+    clients = 32
+    with phases.phase(
+        f"7b. {saves:,} saves from {clients} concurrent clients vs eventsourcing "
+        f"({r} round{'s' * (r > 1)} x 2 sides)",
+        r * 2 * (accounts // clients) * clients * 10,
+    ) as advance_concurrent:
+        concurrent = peer_eventsourcing.concurrent_saves(
+            directory, accounts, clients, r, advance_concurrent
+        )
     label = f"eventsourcing {peer_eventsourcing.EVENTSOURCING_VERSION}, same work and settings"
     return [
         Row(
@@ -401,6 +410,17 @@ def peer_rows(sizes: Sizes, directory: str, phases: Phases) -> list[Row]:
             1.5,
             ">= 1.5x eventsourcing",
             save,
+        ),
+        Row(
+            "concurrent_save_vs_eventsourcing",
+            f"7b. aggregate saves, {clients} concurrent clients, vs eventsourcing",
+            "saves/s",
+            best(concurrent.tidings),
+            best(concurrent.raw),
+            f"eventsourcing {peer_eventsourcing.EVENTSOURCING_VERSION}, {clients} threads",
+            1.5,
+            ">= 1.5x eventsourcing",
+            concurrent,
         ),
         Row(
             "load_vs_eventsourcing",
@@ -428,7 +448,7 @@ def table(rows: list[Row], title: str) -> Table:
             "Ratio = tidings / baseline, rounded towards missing the target. Baselines: raw "
             "sqlite3 doing the same work (1, 2, 4, 6); (1.) = scenario 1's raw single-event "
             "rate, this run (3); the same load of a 100-event aggregate (5); the eventsourcing "
-            "library on the same SQLite settings (7, 8)."
+            "library on the same SQLite settings (7, 7b, 8)."
         ),
         caption_justify="left",
     )
