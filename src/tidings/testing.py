@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Callable, Generator, Iterable, Mapping
 from typing import Any
 
 from tidings.app.aggregate import Aggregate
-from tidings.app.commands import Command, CommandBus
+from tidings.app.commands import Command, CommandBus, declared_handler
 from tidings.core.events import Event
 from tidings.store.memory import MemoryEventStore
 
@@ -77,7 +77,8 @@ class Scenario:
 
     def when(self, action: Action, *, handlers: Iterable[object] = ()) -> When:
         """An aggregate method call (a function of the aggregate) or a command to dispatch to
-        `handlers` (`@handles` functions, objects, or classes built with the store)."""
+        `handlers` (`@handles` functions, objects, or classes built with the store); without
+        `handlers`, the `@handles` function most recently declared for the command's class."""
         return When(self, action, list(handlers))
 
 
@@ -118,9 +119,16 @@ class When:
             for name, events in scenario.streams.items():
                 await store.append(name, events)
             before = await store.last_position()
-            bus = CommandBus(store, *(_build(h, store) for h in self.handlers))
-            if scenario.aggregate is not None and not self.handlers:
-                raise TypeError("when(command) needs handlers=[...] to dispatch it to")
+            handlers = [_build(h, store) for h in self.handlers]
+            if not handlers:
+                latest = declared_handler(type(self.action))
+                if latest is None:
+                    raise TypeError(
+                        f"no @handles function is declared for {type(self.action).__name__}; "
+                        "pass when(command, handlers=[...])"
+                    )
+                handlers = [latest]
+            bus = CommandBus(store, *handlers)
             error: BaseException | None = None
             try:
                 await bus.dispatch(self.action)

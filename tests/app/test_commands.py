@@ -18,6 +18,7 @@ from tests.app.domain import (
 from tidings import (
     Command,
     CommandBus,
+    CommandContext,
     ConfigurationError,
     EventStore,
     InvalidCommand,
@@ -142,3 +143,20 @@ async def test_bus_handles_decorator_registers(store: EventStore) -> None:
         return command.amount * 2
 
     assert await bus.dispatch(Deposit(account_id="a", amount=4)) == 8
+
+
+async def test_a_bus_without_store_runs_handlers_that_need_none() -> None:
+    @handles(Deposit)
+    def double(command: Deposit) -> int:
+        return command.amount * 2
+
+    bus = CommandBus(double)
+    assert await bus.dispatch(Deposit(account_id="a", amount=4)) == 8
+
+    @handles(OpenAccount)
+    async def needs_store(command: OpenAccount, ctx: CommandContext) -> None:
+        ctx.store  # noqa: B018
+
+    bus.register(needs_store)
+    with pytest.raises(ConfigurationError, match="no store"):
+        await bus.dispatch(OpenAccount(account_id="a", owner="ann"))

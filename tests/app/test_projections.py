@@ -265,3 +265,15 @@ async def test_handlers_get_typed_events_whatever_registry_the_store_decodes_wit
         assert balances["account-a2"] == {"owner": "owner2", "balance": 92, "events": 3}
         account = await Repository(store, Account).get("a1")
         assert account.balance == 91
+
+
+async def test_run_in_the_foreground_until_a_projection_fails(store: EventStore) -> None:
+    class Picky(Projection):
+        @on(Withdrew)
+        def withdrew(self, event: Withdrew) -> None:
+            raise RuntimeError("no withdrawals")
+
+    await write_accounts(store, 1)
+    runner = ProjectionRunner(store, Picky())  # one projection, not in a list
+    with pytest.raises(ProjectionError, match="no withdrawals"):
+        await asyncio.wait_for(runner.run(), timeout=10)

@@ -76,3 +76,11 @@ def test_command_scenario_in_sync_code() -> None:
     given(AccountOpened(owner="ann"), Deposited(amount=10), aggregate=Account, id="acc-1").when(
         Withdraw(account_id="acc-1", amount=5), handlers=[withdraw]
     ).then(Withdrew(amount=5))
+
+
+async def test_without_handlers_the_declared_handler_is_used() -> None:
+    await (
+        given({"account-acc-1": [AccountOpened(owner="ann"), Deposited(amount=100)]})
+        .when(Withdraw(account_id="acc-1", amount=30))
+        .then(Withdrew(amount=30))
+    )

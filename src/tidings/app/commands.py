@@ -36,7 +36,7 @@ from tidings.core.errors import ConfigurationError, InvalidCommand, NoCommandHan
 from tidings.core.ids import uuid7
 from tidings.store.base import EventStore
 
-__all__ = ["Command", "CommandBus", "CommandContext", "handles"]
+__all__ = ["Command", "CommandBus", "CommandContext", "declared_handler", "handles"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 A = TypeVar("A", bound=Aggregate)
@@ -91,9 +91,26 @@ def handles(*commands: type[Command]) -> Callable[[F], F]:
 
     def mark(function: F) -> F:
         setattr(function, _MARK, (*getattr(function, _MARK, ()), *commands))
+        if _is_free_function(function):
+            for command in commands:
+                _LATEST[command] = function
         return function
 
     return mark
+
+
+_LATEST: dict[type[Command], Callable[..., Any]] = {}
+"""The most recently declared `@handles` function per command class (for `tidings.testing`)."""
+
+
+def declared_handler(command: type[Command]) -> Callable[..., Any] | None:
+    """The `@handles` function most recently declared for `command` (not methods), if any."""
+    return _LATEST.get(command)
+
+
+def _is_free_function(function: Callable[..., Any]) -> bool:
+    parts = getattr(function, "__qualname__", "").split(".")
+    return len(parts) == 1 or parts[-2] == "<locals>"
 
 
 @dataclass
@@ -128,11 +145,14 @@ class CommandBus:
     """Routes each command to its one handler, inside the command's correlation.
 
     `CommandBus(store, *handlers)`: handlers are `@handles` functions, or objects (and
-    modules) whose `@handles` methods are registered.
+    modules) whose `@handles` methods are registered. The store is optional for handlers
+    that bring their own; `ctx.store` and `ctx.repository` need it.
     """
 
-    def __init__(self, store: EventStore, *handlers: object) -> None:
-        self.store = store
+    def __init__(self, store: EventStore | None = None, *handlers: object) -> None:
+        if store is not None and not isinstance(store, EventStore):
+            handlers, store = (store, *handlers), None  # CommandBus(handler, ...) without a store
+        self._store = store
         self._routes: dict[type[Command], _Route] = {}
         self._repositories: dict[tuple[Any, ...], Repository[Any]] = {}
         self.register(*handlers)
@@ -171,6 +191,13 @@ class CommandBus:
                     f"{command.__qualname__} already has a handler: {_name(existing.function)}"
                 )
             self._routes[command] = route
+
+    @property
+    def store(self) -> EventStore:
+        """The event store handlers reach through `ctx`; an error when the bus has none."""
+        if self._store is None:
+            raise ConfigurationError("this CommandBus has no store: CommandBus(store, ...)")
+        return self._store
 
     def repository(self, aggregate: type[A], **options: Any) -> Repository[A]:
         """A repository of `aggregate` on this bus's store, shared by its handlers."""

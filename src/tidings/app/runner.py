@@ -159,12 +159,17 @@ class ProjectionRunner:
     """
 
     def __init__(
-        self, store: EventStore, projections: Iterable[Projection], *, batch_size: int = 500
+        self,
+        store: EventStore,
+        projections: Projection | Iterable[Projection],
+        *,
+        batch_size: int = 500,
     ) -> None:
         self.store = _store(store)
         self.batch_size = batch_size
         self._workers: dict[str, _Worker] = {}
-        for projection in projections:
+        items = [projections] if isinstance(projections, Projection) else list(projections)
+        for projection in items:
             if not isinstance(projection, Projection):
                 raise ConfigurationError(f"not a Projection instance: {projection!r}")
             if projection.name in self._workers:
@@ -200,6 +205,18 @@ class ProjectionRunner:
         await asyncio.gather(*tasks, return_exceptions=True)
         for worker in self._workers.values():
             worker.task = None
+
+    async def run(self) -> None:
+        """Run in the foreground until cancelled (e.g. as a worker's main task)."""
+        await self.start()
+        try:
+            tasks = [w.task for w in self._workers.values() if w.task is not None]
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)  # one stopped
+            for worker in self._workers.values():
+                if worker.error is not None:
+                    raise worker.error
+        finally:
+            await self.stop()
 
     async def __aenter__(self) -> Self:
         return await self.start()

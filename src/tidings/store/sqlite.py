@@ -759,8 +759,15 @@ class SQLiteEventStore(StoreBase):
             "SELECT doc FROM tidings_documents WHERE projection = ? AND generation = ? AND key = ?"
         )
 
+        # This thread's read-only connection, taken once: the reader is called per event.
+        execute = self._inline(lambda conn: conn.execute)
+        path = self.path
+
         def read(key: str) -> str | None:
-            row = self._inline(lambda conn: conn.execute(sql, (name, generation, key)).fetchone())
+            try:
+                row = execute(sql, (name, generation, key)).fetchone()
+            except sqlite3.DatabaseError as exc:
+                raise StoreError(f"sqlite ({path}): {exc}") from exc
             return None if row is None else str(row[0])
 
         return read
