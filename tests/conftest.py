@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 import tidings
-from tests.backends import STORE_BACKENDS
+from tests.backends import STORE_BACKENDS, discard, require
 from tests.backends import store_url as backend_url
 
 
 @pytest.fixture(params=STORE_BACKENDS)
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """The URL of a fresh, empty store of each backend."""
-    return backend_url(request.param, tmp_path)
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """The URL of a fresh, empty store of each backend (dropped afterwards)."""
+    require(request.param)
+    url = backend_url(request.param, tmp_path)
+    yield url
+    discard(url)
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 import tidings
-from tests.backends import STORE_BACKENDS, store_url
+from tests.backends import STORE_BACKENDS, discard, require, store_url
 from tests.events import Note
 from tidings import ANY, NO_STREAM, STREAM_EXISTS, WrongExpectedVersion
 
@@ -32,7 +32,7 @@ def machine_for(backend: str) -> type[RuleBasedStateMachine]:
         def open(self) -> None:
             self.loop = asyncio.new_event_loop()
             self.tmp = tempfile.TemporaryDirectory()
-            url = store_url(backend, Path(self.tmp.name))
+            url = self.url = store_url(backend, Path(self.tmp.name))
             self.store: Any = self.run(tidings.open_store(url, batch_size=3).open())
             self.streams: dict[str, list[str]] = {}
             self.log: list[tuple[str, str]] = []
@@ -46,6 +46,7 @@ def machine_for(backend: str) -> type[RuleBasedStateMachine]:
                 self.run(self.store.aclose())
                 self.loop.close()
                 self.tmp.cleanup()
+                discard(self.url)
 
         @rule(
             stream=st.sampled_from(STREAMS),
@@ -125,6 +126,7 @@ def machine_for(backend: str) -> type[RuleBasedStateMachine]:
 
 @pytest.mark.parametrize("backend", STORE_BACKENDS)
 def test_store_agrees_with_the_model(backend: str) -> None:
+    require(backend)
     machine = machine_for(backend)
     machine.TestCase.settings = settings(max_examples=50, stateful_step_count=30, deadline=None)
     machine.TestCase().runTest()

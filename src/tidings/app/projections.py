@@ -20,6 +20,7 @@ shows.
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -30,11 +31,12 @@ import pydantic_core
 from tidings.app.handlers import HandlerTable
 from tidings.core.errors import ConfigurationError, ProjectionError
 from tidings.core.recorded import RecordedEvent
-from tidings.store.base import EventStore, StoreBase
+from tidings.store.base import DocumentNotLoaded, EventStore, StoreBase
 
 __all__ = ["Projection", "ReadModel", "View"]
 
-_MISSING: Any = object()
+_MISSING: Any = object()  # a deleted document
+_ABSENT: Any = object()  # not written in this batch
 
 
 class View:
@@ -47,10 +49,15 @@ class View:
     def __init__(self, reader: Callable[[str], str | None]) -> None:
         self._reader = reader
         self._writes: dict[str, Any] = {}
+        # A reader that can only read with `await` (PostgreSQL) raises DocumentNotLoaded;
+        # the event is then undone, the key loaded, and the event applied again.
+        self._can_miss = hasattr(reader, "load")
+        self._undo: dict[str, Any] | None = None
 
     def get(self, key: str, default: Any = None) -> Any:
         """The document stored under `key`, or `default`."""
         if key in self._writes:
+            self._remember(key)
             value = self._writes[key]
             return default if value is _MISSING else value
         raw = self._reader(_check_key(key))
@@ -58,11 +65,13 @@ class View:
 
     def put(self, key: str, document: Any) -> None:
         """Store `document` under `key` (replacing what was there) when the batch commits."""
-        self._writes[_check_key(key)] = document
+        self._remember(_check_key(key))
+        self._writes[key] = document
 
     def delete(self, key: str) -> None:
         """Remove the document under `key` when the batch commits."""
-        self._writes[_check_key(key)] = _MISSING
+        self._remember(_check_key(key))
+        self._writes[key] = _MISSING
 
     def __contains__(self, key: object) -> bool:
         return isinstance(key, str) and self.get(key, _MISSING) is not _MISSING
@@ -73,6 +82,31 @@ class View:
             key: None if value is _MISSING else pydantic_core.to_json(value).decode()
             for key, value in self._writes.items()
         }
+
+    # -- applying one event again after a document had to be loaded ------------------------
+
+    def begin_event(self) -> None:
+        """Start recording what the next event changes, so it can be undone."""
+        if self._can_miss:
+            self._undo = {}
+
+    def _remember(self, key: str) -> None:
+        undo = self._undo
+        if undo is not None and key not in undo:
+            undo[key] = copy.deepcopy(self._writes[key]) if key in self._writes else _ABSENT
+
+    def undo_event(self) -> None:
+        """Put back what the current event changed (including objects it mutated)."""
+        for key, before in (self._undo or {}).items():
+            if before is _ABSENT:
+                self._writes.pop(key, None)
+            else:
+                self._writes[key] = before
+        self._undo = {}
+
+    async def load(self, key: str) -> None:
+        """Load `key` into an awaitable reader's cache."""
+        await self._reader.load([key])  # type: ignore[attr-defined]
 
 
 class _Detached(View):
@@ -136,12 +170,19 @@ class Projection:
                     if found is None:
                         continue
                     handler, event = found
-                    if handler.takes_record:
-                        outcome = handler.function(self, event, record)
-                    else:
-                        outcome = handler.function(self, event)
-                    if handler.is_async:
-                        await outcome
+                    while True:
+                        view.begin_event()
+                        try:
+                            if handler.takes_record:
+                                outcome = handler.function(self, event, record)
+                            else:
+                                outcome = handler.function(self, event)
+                            if handler.is_async:
+                                await outcome
+                            break
+                        except DocumentNotLoaded as missing:
+                            view.undo_event()
+                            await view.load(missing.key)
                 except Exception as exc:
                     raise ProjectionError(
                         self.name, record.position, record.type, f"{type(exc).__name__}: {exc}"

@@ -42,6 +42,7 @@ __all__ = [
     "EventStore",
     "ExpectedVersion",
     "NO_STREAM",
+    "DocumentNotLoaded",
     "ProjectionConflict",
     "ProjectionState",
     "STREAM_EXISTS",
@@ -125,6 +126,18 @@ class ProjectionState:
         if generation == self.building_generation:
             return self.building_position
         raise ProjectionConflict(self.name, f"generation {generation} is neither live nor building")
+
+
+class DocumentNotLoaded(BaseException):
+    """Raised by a document reader that can only read with `await` (PostgreSQL) for a key it
+    has not loaded yet; the projection loads it and applies the event again.
+
+    A `BaseException`, so a handler's own `except Exception` never swallows it.
+    """
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        super().__init__(key)
 
 
 class ProjectionConflict(TidingsError):
@@ -636,11 +649,15 @@ class StoreBase(ABC):
                 after = scanned_to
                 wait = first_wait
                 continue
-            if self.shared_across_processes:
-                await self._signal.wait(seen, wait)
+            timeout = self._idle_wait(wait)
+            await self._signal.wait(seen, timeout)
+            if timeout is not None:
                 wait = min(wait * 2, longest_wait)
-            else:
-                await self._signal.wait(seen, None)
+
+    def _idle_wait(self, backoff: float) -> float | None:
+        """How long a caught-up subscriber sleeps before reading again: until woken (None)
+        when every append reaches it through this process, else the polling backoff."""
+        return backoff if self.shared_across_processes else None
 
     # -- snapshots -------------------------------------------------------------------------
 
@@ -729,6 +746,21 @@ class StoreBase(ABC):
         """A synchronous lookup of committed documents, for handlers running in a batch."""
         self._check_open()
         return self._document_reader(name, generation)
+
+    # -- leases ----------------------------------------------------------------------------
+
+    async def acquire_lease(self, name: str, owner: str, ttl: float) -> bool:
+        """Take or renew the lease `name` for `owner` for `ttl` seconds; False while another
+        owner holds it unexpired. Workers use it so one of them runs each projection."""
+        self._check_open()
+        if ttl <= 0:
+            raise ValueError(f"a lease lasts a positive time, not {ttl}")
+        return await self._acquire_lease(name, owner, ttl)
+
+    async def release_lease(self, name: str, owner: str) -> None:
+        """Give the lease up now (if `owner` holds it), so another worker takes over at once."""
+        self._check_open()
+        await self._release_lease(name, owner)
 
     def _decode(self, rows: list[Row]) -> Iterator[RecordedEvent[Any]]:
         return self.codec.iter_rows(rows, id_of=self._id_of, time_of=self._time_of)
@@ -837,6 +869,14 @@ class StoreBase(ABC):
     @abstractmethod
     def _document_reader(self, name: str, generation: int) -> Callable[[str], str | None]:
         """A synchronous, cheap lookup of committed documents of one generation."""
+
+    @abstractmethod
+    async def _acquire_lease(self, name: str, owner: str, ttl: float) -> bool:
+        """Atomically: take the lease if free, expired or already `owner`'s; report success."""
+
+    @abstractmethod
+    async def _release_lease(self, name: str, owner: str) -> None:
+        """Delete the lease if `owner` holds it."""
 
 
 def url_options(url: str, known: dict[str, type]) -> dict[str, Any]:

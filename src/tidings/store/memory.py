@@ -8,6 +8,7 @@ same. Nothing survives the process.
 from __future__ import annotations
 
 import heapq
+import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
@@ -71,6 +72,7 @@ class MemoryEventStore(StoreBase):
         self._snapshots: dict[str, list[Snapshot]] = {}  # stream id -> snapshots by version
         self._projections: dict[str, ProjectionState] = {}
         self._documents: dict[tuple[str, int], dict[str, str]] = {}  # (name, generation) -> docs
+        self._leases: dict[str, tuple[str, float]] = {}  # name -> (owner, expires, monotonic)
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> MemoryEventStore:
@@ -262,3 +264,17 @@ class MemoryEventStore(StoreBase):
             return self._documents.get((name, generation), {}).get(key)
 
         return read
+
+    # -- leases ----------------------------------------------------------------------------
+
+    async def _acquire_lease(self, name: str, owner: str, ttl: float) -> bool:
+        now = time.monotonic()
+        holder = self._leases.get(name)
+        if holder is not None and holder[0] != owner and holder[1] > now:
+            return False
+        self._leases[name] = (owner, now + ttl)
+        return True
+
+    async def _release_lease(self, name: str, owner: str) -> None:
+        if self._leases.get(name, ("", 0.0))[0] == owner:
+            del self._leases[name]

@@ -112,6 +112,16 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             ) WITHOUT ROWID""",
         ],
     ),
+    (
+        3,
+        [
+            """CREATE TABLE tidings_leases (
+                name       TEXT    PRIMARY KEY,
+                owner      TEXT    NOT NULL,
+                expires_at INTEGER NOT NULL  -- microseconds since the Unix epoch
+            ) WITHOUT ROWID""",
+        ],
+    ),
 ]
 
 _COLUMNS = "position, id, stream_id, version, type, schema_version, recorded_at, data, metadata"
@@ -771,6 +781,28 @@ class SQLiteEventStore(StoreBase):
             return None if row is None else str(row[0])
 
         return read
+
+    # -- leases ----------------------------------------------------------------------------
+
+    async def _acquire_lease(self, name: str, owner: str, ttl: float) -> bool:
+        def work(conn: sqlite3.Connection, now: int) -> bool:
+            row = conn.execute(
+                "INSERT INTO tidings_leases (name, owner, expires_at) VALUES (?, ?, ?) "
+                "ON CONFLICT (name) DO UPDATE SET owner = excluded.owner, "
+                "expires_at = excluded.expires_at "
+                "WHERE tidings_leases.owner = excluded.owner OR tidings_leases.expires_at < ? "
+                "RETURNING owner",
+                (name, owner, now + int(ttl * 1_000_000), now),
+            ).fetchone()
+            return row is not None and row[0] == owner
+
+        return await self._write(work)
+
+    async def _release_lease(self, name: str, owner: str) -> None:
+        def work(conn: sqlite3.Connection, now: int) -> None:
+            conn.execute("DELETE FROM tidings_leases WHERE name = ? AND owner = ?", (name, owner))
+
+        await self._write(work)
 
 
 _PROJECTION = (
