@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -25,6 +27,7 @@ from typing import Any, Self
 
 from tidings.app.projections import Projection, ReadModel, View
 from tidings.core.errors import ConfigurationError, ProjectionError, StoreClosed, TidingsError
+from tidings.core.ids import uuid7
 from tidings.store.base import EventStore, ProjectionConflict, StoreBase
 
 __all__ = ["ProjectionRunner", "ProjectionStatus", "projection_status"]
@@ -93,6 +96,7 @@ class _Worker:
         self.position = 0
         self.error: ProjectionError | None = None
         self.task: asyncio.Task[None] | None = None
+        self.leased = False  # whether this runner holds the projection's lease (with leases)
 
     async def load(self) -> None:
         state = await self.runner.store.projection_state(self.name)
@@ -131,7 +135,47 @@ class _Worker:
         await store.commit_projection(self.name, generation, position, scanned_to, view.encoded())
 
     async def forever(self) -> None:
-        """Follow the log until cancelled; a handler error stops it, a store error is retried."""
+        """Follow the log until cancelled; with a lease, only while this runner holds it."""
+        if self.runner.lease is None:
+            await self.follow()
+            return
+        ttl = self.runner.lease
+        lease = f"projection:{self.name}"
+        owner = self.runner.owner
+        store = self.runner.store
+        try:
+            while True:
+                if not await _quietly(store.acquire_lease(lease, owner, ttl)):
+                    self.leased = False
+                    await asyncio.sleep(ttl / 3)
+                    continue
+                self.leased = True
+                log.info("%s holds the lease on projection %s", owner, self.name)
+                following = asyncio.create_task(self.follow())
+                lost = False
+                try:
+                    while not following.done():
+                        await asyncio.wait({following}, timeout=ttl / 3)
+                        if not following.done() and not await _quietly(
+                            store.acquire_lease(lease, owner, ttl)
+                        ):
+                            log.warning("%s lost the lease on projection %s", owner, self.name)
+                            lost = True
+                            break
+                finally:
+                    if not following.done():
+                        following.cancel()
+                    await asyncio.gather(following, return_exceptions=True)
+                    self.leased = False
+                if not lost:
+                    return  # it stopped by itself: a handler error, or the store closed
+        finally:
+            self.leased = False
+            if not store._closed:
+                await asyncio.shield(_quietly(store.release_lease(lease, owner)))
+
+    async def follow(self) -> None:
+        """Apply new events as they come; a handler error stops it, a store error is retried."""
         delay = _RETRY_FIRST
         while True:
             try:
@@ -149,6 +193,15 @@ class _Worker:
                 delay = min(delay * 2, _RETRY_LONGEST)
 
 
+async def _quietly(call: Any) -> Any:
+    """Await a lease call; a store error counts as "not held" (and is logged)."""
+    try:
+        return await call
+    except (TidingsError, OSError) as exc:
+        log.warning("lease: %s", exc)
+        return False
+
+
 class ProjectionRunner:
     """Runs projections: in the background (`async with` / `start`) or on demand (`catch_up`).
 
@@ -156,6 +209,11 @@ class ProjectionRunner:
         store: the event store holding the log, the checkpoints and the read models.
         projections: projection instances, each with a distinct `name`.
         batch_size: events per transaction.
+        lease: with several worker processes on one store, run each projection only while
+            holding its lease for this many seconds (renewed every third of it). When its
+            holder dies another runner takes over within about 1.3 x `lease`, from the
+            committed checkpoint. None (the default) runs every projection here.
+        owner: this runner's name in the lease table (default: host, pid and a random part).
     """
 
     def __init__(
@@ -164,9 +222,15 @@ class ProjectionRunner:
         projections: Projection | Iterable[Projection],
         *,
         batch_size: int = 500,
+        lease: float | None = None,
+        owner: str | None = None,
     ) -> None:
         self.store = _store(store)
         self.batch_size = batch_size
+        if lease is not None and lease <= 0:
+            raise ConfigurationError(f"lease must be a positive number of seconds, not {lease}")
+        self.lease = lease
+        self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid7().hex[-8:]}"
         self._workers: dict[str, _Worker] = {}
         items = [projections] if isinstance(projections, Projection) else list(projections)
         for projection in items:
@@ -276,9 +340,14 @@ class ProjectionRunner:
                     for worker in workers:
                         if worker.error is not None:
                             raise worker.error
+                        if self.lease is not None and not worker.leased:
+                            await worker.load()  # another worker holds it: read its checkpoint
                     if all(worker.position >= position for worker in workers):
                         return
-                    await self._changed.wait()
+                    try:  # with leases, other processes move checkpoints: look again soon
+                        await asyncio.wait_for(self._changed.wait(), self.lease and 0.05)
+                    except TimeoutError:
+                        pass
 
         try:
             await asyncio.wait_for(reached(), timeout)
@@ -366,6 +435,13 @@ class ProjectionRunner:
                 )
             )
         return out
+
+    def leases(self) -> dict[str, bool]:
+        """Whether this runner holds each projection's lease (all True without leases)."""
+        return {
+            name: worker.leased if self.lease is not None else worker.task is not None
+            for name, worker in self._workers.items()
+        }
 
     def _worker(self, name: str) -> _Worker:
         try:

@@ -13,7 +13,7 @@ import typer
 from typer.core import TyperGroup
 
 from tidings import __version__
-from tidings.cli import demo, projections, render, store
+from tidings.cli import demo, projections, render, store, worker
 from tidings.core.errors import TidingsError
 
 __all__ = ["app", "main"]
@@ -70,6 +70,7 @@ def _root(
 app.add_typer(store.app)
 app.add_typer(projections.app, name="projections")
 app.add_typer(demo.app)
+app.add_typer(worker.app)
 
 
 def main() -> None:

@@ -29,7 +29,7 @@ from tidings.cli import render
 from tidings.cli.store import DEFAULT_STORE, JSONOption, StoreOption, open_for_reading
 from tidings.core.codec import JSONCodec
 from tidings.core.errors import ConfigurationError
-from tidings.core.events import TypeRegistry, default_registry
+from tidings.core.events import Event, TypeRegistry, default_registry
 from tidings.store import open_store
 
 __all__ = [
@@ -242,14 +242,19 @@ def load_projections(target: str) -> dict[str, Projection]:
     return out
 
 
-def registry_for(projection: Projection) -> TypeRegistry:
-    """The registry that decodes what `projection` reads: its handlers' event classes'.
+def registry_for(*projections: Projection) -> TypeRegistry:
+    """The registry that decodes what `projections` read: their handlers' event classes'.
 
     Usually that is one registry (the default one, or an application's own); classes from
     several registries are merged into a new one. Events of other types arrive as
     `UnknownEvent`, which a handler naming their class still receives typed.
     """
-    classes = projection.__handlers__.event_classes()
+    classes: set[type[Event]] = set()
+    for projection in projections:
+        classes |= projection.__handlers__.event_classes()
+        manager = getattr(projection, "manager", None)  # a ProcessDriver: its manager's types
+        if manager is not None:
+            classes |= manager.__reactions__.event_classes() | manager.__handlers__.event_classes()
     registries = list(
         {id(r): r for r in (cls.__event_registry__ or default_registry for cls in classes)}.values()
     )

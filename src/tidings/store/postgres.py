@@ -240,6 +240,7 @@ class PostgresEventStore(StoreBase):
         self._pool: asyncpg.Pool | None = None
         self._listener: asyncpg.Connection | None = None
         self._listener_task: asyncio.Task[None] | None = None
+        self._connecting: asyncio.Future[Any] | None = None
         self._listening = False
         self._holes: dict[int, int] = {}  # first position of a hole -> guard transaction id
         self._skipped: set[int] = set()  # positions known never to be used
@@ -327,12 +328,27 @@ class PostgresEventStore(StoreBase):
                         )
 
     async def _close(self) -> None:
-        if self._listener_task is not None:
-            self._listener_task.cancel()
-            await asyncio.gather(self._listener_task, return_exceptions=True)
-        pool = self._pool
-        if pool is not None:
-            await pool.close()
+        try:
+            if self._listener_task is not None:
+                self._listener_task.cancel()
+                await asyncio.gather(self._listener_task, return_exceptions=True)
+            connecting = self._connecting
+            if connecting is not None and not connecting.done():
+                # A listener connection still being opened (shielded from the cancel above):
+                # let it arrive and close it, so no socket outlives the store.
+                await asyncio.wait({connecting}, timeout=self.connect_timeout)
+            if (
+                connecting is not None
+                and connecting.done()
+                and not connecting.cancelled()
+                and connecting.exception() is None
+                and not connecting.result().is_closed()
+            ):
+                connecting.result().terminate()
+            await asyncio.sleep(0)  # let an aborted transport finish closing
+        finally:
+            if self._pool is not None:
+                await self._pool.close()
 
     @asynccontextmanager
     async def _connection(self) -> Any:
@@ -352,7 +368,10 @@ class PostgresEventStore(StoreBase):
         delay = 0.1
         while not self._closed:
             try:
-                conn = await _connect_cancellably(self.dsn, self.connect_timeout)
+                self._connecting = asyncio.ensure_future(
+                    asyncpg.connect(self.dsn, timeout=self.connect_timeout)
+                )
+                conn = await asyncio.shield(self._connecting)
             except (*_CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
                 log.warning("LISTEN on %s failed: %s; retrying", self.address, _describe(exc))
                 await asyncio.sleep(delay)
@@ -770,21 +789,6 @@ class _DocumentCache:
         found = await self.store._get_documents(self.name, self.generation, keys)
         for key in keys:
             self.loaded[key] = found.get(key)
-
-
-async def _connect_cancellably(dsn: str, timeout: float) -> Any:
-    """`asyncpg.connect`, but a connection that arrives after a cancel is closed, not leaked."""
-    connecting = asyncio.ensure_future(asyncpg.connect(dsn, timeout=timeout))
-    try:
-        return await asyncio.shield(connecting)
-    except asyncio.CancelledError:
-        connecting.add_done_callback(_terminate_result)
-        raise
-
-
-def _terminate_result(future: asyncio.Future[Any]) -> None:
-    if not future.cancelled() and future.exception() is None:
-        future.result().terminate()
 
 
 def _setter(event: asyncio.Event) -> Callable[[Any], None]:
