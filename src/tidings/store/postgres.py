@@ -73,6 +73,7 @@ _CONNECTION_ERRORS = (
 _COLUMNS = "position, id, stream_id, version, type, schema_version, recorded_at, data, metadata"
 _EXPECTED_CODES = {ANY: -1, STREAM_EXISTS: -2}
 _APPEND_ATTEMPTS = 2  # a lost connection is retried once with the same ids (idempotent)
+_SAFETY_POLL = 5.0  # seconds between reads of a listening subscriber with nothing to do
 
 
 def _migrations(schema: str) -> list[tuple[int, list[str]]]:
@@ -141,7 +142,6 @@ def _migrations(schema: str) -> list[tuple[int, list[str]]]:
                         WITH ORDINALITY AS t(id, type, sv, data, n);
                     UPDATE {s}.tidings_streams SET version = v_actual + v_count
                         WHERE stream_id = p_stream;
-                    PERFORM pg_notify('tidings_{schema}', v_positions[v_count]::text);
                     RETURN QUERY SELECT true, v_actual + v_count, v_positions[v_count];
                 END
                 $$""",
@@ -241,6 +241,8 @@ class PostgresEventStore(StoreBase):
         self._listener: asyncpg.Connection | None = None
         self._listener_task: asyncio.Task[None] | None = None
         self._connecting: asyncio.Future[Any] | None = None
+        self._announcer: asyncio.Task[None] | None = None
+        self._announce_wanted = False
         self._listening = False
         self._holes: dict[int, int] = {}  # first position of a hole -> guard transaction id
         self._skipped: set[int] = set()  # positions known never to be used
@@ -276,6 +278,7 @@ class PostgresEventStore(StoreBase):
                     min_size=self.min_size,
                     max_size=self.max_size,
                     init=_init_connection,
+                    reset=_keep_session,
                     timeout=self.connect_timeout,
                 ),
                 self.connect_timeout,
@@ -291,10 +294,6 @@ class PostgresEventStore(StoreBase):
         except BaseException:
             await pool.close()
             raise
-        if self.listen:
-            self._listener_task = asyncio.create_task(
-                self._listen_forever(), name=f"tidings listen {self.channel}"
-            )
 
     async def _prepare(self) -> None:
         """Create or migrate the schema: one process migrates, the others wait, then see it."""
@@ -329,6 +328,8 @@ class PostgresEventStore(StoreBase):
 
     async def _close(self) -> None:
         try:
+            if self._announcer is not None:  # the last notification still goes out
+                await asyncio.gather(self._announcer, return_exceptions=True)
             if self._listener_task is not None:
                 self._listener_task.cancel()
                 await asyncio.gather(self._listener_task, return_exceptions=True)
@@ -397,10 +398,43 @@ class PostgresEventStore(StoreBase):
         self._signal.notify()
 
     def _idle_wait(self, backoff: float) -> float | None:
-        """Sleep until notified while the listener is up and no hole is pending; else poll."""
+        """Sleep until notified while the listener is up and no hole is pending (with a slow
+        safety poll, since a notification is sent after its commit); else poll quickly.
+
+        The listening connection is opened by the first subscriber that waits, so a
+        process that only appends never holds one.
+        """
+        if self.listen and self._listener_task is None and not self._closed:
+            self._listener_task = asyncio.create_task(
+                self._listen_forever(), name=f"tidings listen {self.channel}"
+            )
         if self._listening and not self._holes:
-            return None
+            return _SAFETY_POLL
         return backoff
+
+    def _announce(self) -> None:
+        """Notify other processes' subscribers, after the commit, merging a burst into one.
+
+        NOTIFY inside the append would hold PostgreSQL's notification lock through the commit's
+        disk flush and serialise every writer, so it is sent from here instead, in its own
+        transaction with `synchronous_commit` off.
+        """
+        self._announce_wanted = True
+        if self._announcer is None or self._announcer.done():
+            self._announcer = asyncio.create_task(self._announce_loop())
+
+    async def _announce_loop(self) -> None:
+        while self._announce_wanted and not self._closed:
+            self._announce_wanted = False
+            try:
+                async with self._connection() as conn:
+                    await conn.execute(
+                        "SELECT set_config('synchronous_commit', 'off', true), pg_notify($1, '')",
+                        self.channel,
+                    )
+            except (StoreError, StoreClosed) as exc:  # subscribers' safety poll covers it
+                log.warning("NOTIFY %s failed: %s", self.channel, exc)
+                return
 
     # -- writing ---------------------------------------------------------------------------
 
@@ -437,6 +471,7 @@ class PostgresEventStore(StoreBase):
                             raise
                         return resolve_duplicates(stream_id, ids, found)
                     if ok:
+                        self._announce()
                         return AppendResult(version=version, position=position)
                     found = await self._find_ids(conn, ids)
                     if found:
@@ -796,6 +831,13 @@ def _setter(event: asyncio.Event) -> Callable[[Any], None]:
         event.set()
 
     return set_it
+
+
+async def _keep_session(conn: Any) -> None:
+    """Return a connection to the pool as it is (asyncpg still rolls back an open
+    transaction): tidings leaves no session state behind (its advisory locks are
+    transaction-scoped and LISTEN has its own connection), and asyncpg's default reset
+    query would cost every append a second round trip."""
 
 
 async def _init_connection(conn: Any) -> None:
