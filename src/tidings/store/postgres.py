@@ -74,6 +74,7 @@ _COLUMNS = "position, id, stream_id, version, type, schema_version, recorded_at,
 _EXPECTED_CODES = {ANY: -1, STREAM_EXISTS: -2}
 _APPEND_ATTEMPTS = 2  # a lost connection is retried once with the same ids (idempotent)
 _SAFETY_POLL = 5.0  # seconds between reads of a listening subscriber with nothing to do
+_NOTIFY_DELAY = 0.002  # seconds a notification waits to carry the appends that follow it
 
 
 def _migrations(schema: str) -> list[tuple[int, list[str]]]:
@@ -130,10 +131,14 @@ def _migrations(schema: str) -> list[tuple[int, list[str]]]:
                         RETURN QUERY SELECT false, v_actual, 0::bigint;
                         RETURN;
                     END IF;
-                    SELECT array_agg(p ORDER BY p) INTO v_positions FROM (
-                        SELECT nextval('{s}.tidings_positions') AS p
-                        FROM generate_series(1, v_count)
-                    ) drawn;
+                    IF v_count = 1 THEN
+                        v_positions := ARRAY[nextval('{s}.tidings_positions')];
+                    ELSE
+                        SELECT array_agg(p ORDER BY p) INTO v_positions FROM (
+                            SELECT nextval('{s}.tidings_positions') AS p
+                            FROM generate_series(1, v_count)
+                        ) drawn;
+                    END IF;
                     INSERT INTO {s}.tidings_events (position, id, stream_id, version, type,
                         schema_version, recorded_at, data, metadata)
                     SELECT v_positions[t.n], t.id, p_stream, v_actual + t.n, t.type, t.sv,
@@ -425,6 +430,7 @@ class PostgresEventStore(StoreBase):
 
     async def _announce_loop(self) -> None:
         while self._announce_wanted and not self._closed:
+            await asyncio.sleep(_NOTIFY_DELAY)  # appends meanwhile share this notification
             self._announce_wanted = False
             try:
                 async with self._connection() as conn:
