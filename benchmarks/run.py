@@ -1,4 +1,4 @@
-"""`make bench`: tidings on SQLite against raw sqlite3 and the eventsourcing library, one run.
+"""`make bench`: tidings on SQLite and PostgreSQL against raw drivers and eventsourcing, one run.
 
     .venv/bin/python benchmarks/run.py            # the full run (about a minute or two)
     .venv/bin/python benchmarks/run.py --quick    # a smoke run with small counts (seconds)
@@ -16,6 +16,14 @@ ms per load against a 100-event one (the one ratio whose target is an upper boun
 projection catch-up against a raw sqlite3 loop doing the same reads and writes; 7. and 8. saves
 and loads of the same account aggregate against the `eventsourcing` library (9.5.6) on SQLite
 with the same settings (WAL, synchronous=FULL).
+
+Scenarios 9-11 use the PostgreSQL store (postgres_store.py) on the server at `--postgres URL`
+(default `$TIDINGS_BENCH_POSTGRES` or postgresql://postgres@127.0.0.1:5432/test), in schemas of
+their own that are dropped at the end: 9. single-event appends against raw asyncpg calling the
+same append function; 10. 16 concurrent writers against eventsourcing 9.5.6's single-writer
+rate on the same server; 11. append-to-subscriber latency through LISTEN/NOTIFY (p99 against a
+10 ms budget; p50 shown too). When the server is unreachable these rows are skipped, saying
+why, and the rest of the run goes on.
 
 Prints one table (tidings, the baseline, their ratio, the target, pass or missed) and writes the
 same numbers to benchmarks/results.json (a --quick run writes results-quick.json instead, so it
@@ -39,7 +47,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata
 from typing import Any
@@ -51,6 +59,7 @@ from rich.table import Table
 # Run as a script (`python benchmarks/run.py`), so this directory is on sys.path already.
 import aggregates
 import peer_eventsourcing
+import postgres_store
 import projections
 import sqlite_store
 import tidings
@@ -75,6 +84,16 @@ class Sizes:
     catch_up_rounds: int
     peer_accounts: int
     peer_load_passes: int
+    pg_single_appends: int
+    pg_writer_blocks: int
+    pg_writer_block_appends: int
+    pg_es_block_saves: int
+    pg_latency_samples: int
+    pg_latency_warm: int
+
+
+PG_WRITERS = 16
+LATENCY_BUDGET_MS = 10.0
 
 
 FULL = Sizes(
@@ -91,6 +110,12 @@ FULL = Sizes(
     catch_up_rounds=2,
     peer_accounts=300,
     peer_load_passes=3,
+    pg_single_appends=2000,
+    pg_writer_blocks=12,
+    pg_writer_block_appends=15,
+    pg_es_block_saves=150,
+    pg_latency_samples=400,
+    pg_latency_warm=50,
 )
 QUICK = Sizes(
     single_appends=1000,
@@ -106,6 +131,12 @@ QUICK = Sizes(
     catch_up_rounds=1,
     peer_accounts=40,
     peer_load_passes=2,
+    pg_single_appends=200,
+    pg_writer_blocks=2,
+    pg_writer_block_appends=5,
+    pg_es_block_saves=40,
+    pg_latency_samples=40,
+    pg_latency_warm=10,
 )
 
 
@@ -123,6 +154,8 @@ class Row:
     target_text: str
     measured: Measured
     at_most: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)  # more figures for the JSON
+    shown: tuple[str, str] | None = None  # the table's tidings and baseline cells, if not rates
 
     @property
     def ratio(self) -> float:
@@ -159,8 +192,18 @@ class Row:
                     strict=True,
                 )
             ],
+            **self.extra,
             "parameters": self.measured.info,
         }
+
+
+@dataclass
+class Skipped:
+    """A scenario that could not run here, and why."""
+
+    key: str
+    scenario: str
+    reason: str
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -193,6 +236,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="where to make the temporary directory for the database files "
         "(default: the system's; it must be a real disk for fsync to count)",
+    )
+    parser.add_argument(
+        "--postgres",
+        default=postgres_store.DEFAULT_URL,
+        metavar="URL",
+        help="the PostgreSQL server for scenarios 9-11 (default $TIDINGS_BENCH_POSTGRES or "
+        "postgresql://postgres@127.0.0.1:5432/test); each run uses schemas of its own and "
+        "drops them; 'none' skips these scenarios",
     )
     parser.add_argument(
         "--json",
@@ -235,6 +286,7 @@ def median(values: list[float]) -> float:
 
 
 def run(sizes: Sizes, directory: str, phases: Phases) -> list[Row]:
+    """Scenarios 1-8 (SQLite)."""
     rows: list[Row] = []
     r = sizes.rounds
 
@@ -436,11 +488,107 @@ def peer_rows(sizes: Sizes, directory: str, phases: Phases) -> list[Row]:
     ]
 
 
+PG_SCENARIOS = {
+    "pg_single_event_appends": "9. PG single-event appends",
+    "pg_concurrent_vs_eventsourcing": f"10. PG {PG_WRITERS} concurrent writers vs eventsourcing",
+    "pg_notify_latency": "11. PG append -> subscriber latency (NOTIFY)",
+}
+
+
+def postgres_rows(
+    sizes: Sizes, server: postgres_store.Server | str, phases: Phases
+) -> tuple[list[Row], list[Skipped]]:
+    """Scenarios 9-11, or why they are skipped (`server` is then the reason)."""
+    if isinstance(server, str):
+        return [], [Skipped(key, name, server) for key, name in PG_SCENARIOS.items()]
+    rows: list[Row] = []
+    skipped: list[Skipped] = []
+    r = sizes.rounds
+    rounds = f"{r} round{'s' * (r > 1)}"
+    n = sizes.pg_single_appends
+    with phases.phase(
+        f"9. PostgreSQL single-event appends ({rounds} x 2 sides)", r * 2 * n
+    ) as advance:
+        single = postgres_store.single_appends(server, n, r, advance)
+    rows.append(
+        Row(
+            "pg_single_event_appends",
+            PG_SCENARIOS["pg_single_event_appends"],
+            "events/s",
+            best(single.tidings),
+            best(single.raw),
+            "raw asyncpg, same append function and arguments",
+            0.8,
+            ">= 0.8x raw",
+            single,
+        )
+    )
+
+    missing = postgres_store.eventsourcing_missing()
+    if missing:
+        skipped.append(
+            Skipped(
+                "pg_concurrent_vs_eventsourcing",
+                PG_SCENARIOS["pg_concurrent_vs_eventsourcing"],
+                missing,
+            )
+        )
+    else:
+        blocks, per_block, es_block = (
+            sizes.pg_writer_blocks,
+            sizes.pg_writer_block_appends,
+            sizes.pg_es_block_saves,
+        )
+        with phases.phase(
+            f"10. {PG_WRITERS} concurrent PostgreSQL writers vs eventsourcing ({rounds})",
+            r * blocks * (PG_WRITERS * per_block + es_block),
+        ) as advance:
+            concurrent = postgres_store.concurrent_appends(
+                server, PG_WRITERS, per_block, blocks, es_block, r, advance
+            )
+        rows.append(
+            Row(
+                "pg_concurrent_vs_eventsourcing",
+                PG_SCENARIOS["pg_concurrent_vs_eventsourcing"],
+                "events/s",
+                best(concurrent.tidings),
+                best(concurrent.raw),
+                f"eventsourcing {postgres_store.EVENTSOURCING_VERSION}, one writer, "
+                "one event per save",
+                5.0,
+                ">= 5x eventsourcing",
+                concurrent,
+            )
+        )
+
+    samples, warm = sizes.pg_latency_samples, sizes.pg_latency_warm
+    with phases.phase(f"11. LISTEN/NOTIFY latency ({samples} appends)", samples) as advance:
+        latency, figures = postgres_store.notify_latency(server, warm, samples, advance)
+    p50, p99 = figures["p50_ms"], figures["p99_ms"]
+    rows.append(
+        Row(
+            "pg_notify_latency",
+            PG_SCENARIOS["pg_notify_latency"],
+            "ms",
+            p99,
+            LATENCY_BUDGET_MS,
+            f"the {LATENCY_BUDGET_MS:g} ms budget; tidings = p99 (p50 in p50_ms)",
+            1.0,
+            f"p99 <= {LATENCY_BUDGET_MS:g} ms",
+            latency,
+            at_most=True,
+            extra={name: round(value, 3) for name, value in figures.items()},
+            shown=(f"{p99:.2f} ms (p50 {p50:.2f})", f"{LATENCY_BUDGET_MS:g} ms budget"),
+        )
+    )
+    return rows, skipped
+
+
 def _figure(value: float, unit: str) -> str:
     return f"{value:,.3f} {unit}" if value < 100 else f"{value:,.0f} {unit}"
 
 
-def table(rows: list[Row], title: str) -> Table:
+def table(rows: list[Row], skipped: list[Skipped], title: str) -> Table:
     out = Table(
         title=title,
         title_justify="left",
@@ -448,7 +596,10 @@ def table(rows: list[Row], title: str) -> Table:
             "Ratio = tidings / baseline, rounded towards missing the target. Baselines: raw "
             "sqlite3 doing the same work (1, 2, 4, 6); (1.) = scenario 1's raw single-event "
             "rate, this run (3); the same load of a 100-event aggregate (5); the eventsourcing "
-            "library on the same SQLite settings (7, 7b, 8)."
+            "library on the same SQLite settings (7, 7b, 8); raw asyncpg calling the same "
+            "append function (9); eventsourcing's single-writer rate on the same PostgreSQL "
+            "server (10); 11 is the p99 latency from just before an append to the subscriber "
+            "of another store instance (p50 beside it), against a 10 ms budget."
         ),
         caption_justify="left",
     )
@@ -460,27 +611,33 @@ def table(rows: list[Row], title: str) -> Table:
     out.add_column("pass/fail")
     for row in rows:
         verdict = "[green]pass[/]" if row.passed else "[bold red]MISSED[/]"
-        baseline = _figure(row.baseline, row.unit)
+        ours, baseline = _figure(row.tidings, row.unit), _figure(row.baseline, row.unit)
         if row.key == "concurrent_single_appends":
             baseline = f"(1.) {baseline}"
+        if row.shown is not None:
+            ours, baseline = row.shown
         rounding = math.ceil if row.at_most else math.floor
         out.add_row(
             row.scenario,
-            _figure(row.tidings, row.unit),
+            ours,
             baseline,
             f"{rounding(row.ratio * 100) / 100:.2f}x",
             row.target_text,
             verdict,
         )
+    for skip in skipped:
+        out.add_row(skip.scenario, "-", "-", "-", "-", "[yellow]skipped[/]")
     return out
 
 
-def environment() -> dict[str, Any]:
+def environment(server: postgres_store.Server | str) -> dict[str, Any]:
     return {
         "python": platform.python_version(),
         "sqlite": sqlite3.sqlite_version,
         "tidings": tidings.__version__,
         "eventsourcing": _version("eventsourcing"),
+        "postgresql": server.settings if isinstance(server, postgres_store.Server) else None,
+        "asyncpg": _version("asyncpg"),
         "platform": platform.platform(),
         "machine": platform.machine(),
         "cpus": os.cpu_count(),
@@ -527,6 +684,11 @@ def main(argv: list[str] | None = None) -> int:
     if not console.is_terminal:  # piped (make bench | tee): do not squeeze the table into 80
         console = Console(width=140)
     check_same_encoding()
+    server = (
+        "skipped with --postgres none"
+        if args.postgres.lower() == "none"
+        else postgres_store.connect(args.postgres)
+    )
     started = time.perf_counter()
     progress = Progress(
         TextColumn("{task.description}"),
@@ -536,23 +698,46 @@ def main(argv: list[str] | None = None) -> int:
         console=console,
         refresh_per_second=4,
     )
-    with tempfile.TemporaryDirectory(prefix="tidings-bench-", dir=args.dir) as directory, progress:
-        rows = run(sizes, directory, Phases(progress))
+    try:
+        with (
+            tempfile.TemporaryDirectory(prefix="tidings-bench-", dir=args.dir) as directory,
+            progress,
+        ):
+            phases = Phases(progress)
+            rows = run(sizes, directory, phases)
+            pg_rows, skipped = postgres_rows(sizes, server, phases)
+            rows.extend(pg_rows)
+    finally:
+        if isinstance(server, postgres_store.Server):
+            server.drop_all()
     seconds = time.perf_counter() - started
 
-    env = environment()
+    env = environment(server)
+    pg = env["postgresql"]
     title = (
-        f"tidings {env['tidings']} vs raw sqlite3 {env['sqlite']} and eventsourcing "
-        f"{env['eventsourcing']} — Python {env['python']}, {env['cpus']} CPUs, "
-        f"{'quick' if args.quick else 'full'} run; best of {sizes.rounds} (1-3, 7-8), "
-        f"{sizes.read_rounds} (4) and {sizes.catch_up_rounds} (6) per side; 5: median of blocks"
+        f"tidings {env['tidings']} vs raw sqlite3 {env['sqlite']}"
+        + (f", raw asyncpg {env['asyncpg']} on PostgreSQL {pg['server_version']}" if pg else "")
+        + f" and eventsourcing {env['eventsourcing']} — Python {env['python']}, "
+        f"{env['cpus']} CPUs, {'quick' if args.quick else 'full'} run; best of "
+        f"{sizes.rounds} (1-3, 7-10), {sizes.read_rounds} (4) and {sizes.catch_up_rounds} (6) "
+        "per side; 5: median of blocks"
     )
-    console.print(table(rows, title))
+    console.print(table(rows, skipped, title))
+    if any(row.key == "pg_notify_latency" for row in rows):
+        console.print("11: tidings = p99 latency (p50 in brackets); ratio = p99 / the budget.")
     missed = [row.scenario for row in rows if not row.passed]
     if missed:
         console.print(f"[bold red]Missed {len(missed)} target(s):[/] " + "; ".join(missed))
     else:
         console.print("[green]Every target met.[/]")
+    if skipped:
+        reasons = sorted({skip.reason for skip in skipped})
+        console.print(
+            f"[yellow]Skipped {len(skipped)} scenario(s)[/] ("
+            + ", ".join(skip.scenario.split(".")[0] for skip in skipped)
+            + "): "
+            + "; ".join(reasons)
+        )
     console.print(f"Took {seconds:.0f} s. Results written to {os.path.relpath(json_path)}.")
 
     result = {
@@ -560,7 +745,11 @@ def main(argv: list[str] | None = None) -> int:
         "run": "quick" if args.quick else "full",
         "seconds": round(seconds, 1),
         "environment": env,
-        "durability": "journal_mode=WAL, synchronous=FULL on both sides of every scenario",
+        "durability": (
+            "SQLite (1-8): journal_mode=WAL, synchronous=FULL on both sides of every scenario; "
+            "PostgreSQL (9-11): the server's settings (fsync, synchronous_commit in "
+            "environment.postgresql), the same for both sides"
+        ),
         "method": (
             "Rates are per second (events, saves or loads); the best round per side is reported "
             "and the ratio is best tidings / best baseline. Scenarios 1 and 2 alternate the two "
@@ -570,9 +759,18 @@ def main(argv: list[str] | None = None) -> int:
             "of a 100,000-event aggregate's load against a 100-event one's, both with "
             "snapshot_every=100; its target is an upper bound. Scenario 6 catches a projection "
             "up on a fresh copy of one populated file per side and round. Scenarios 7 and 8 "
-            "alternate tidings and eventsourcing 9.5.6 block by block on open files."
+            "alternate tidings and eventsourcing 9.5.6 block by block on open files. "
+            "Scenarios 9-11 run on PostgreSQL with the server's own durability settings "
+            "(environment.postgresql), each side in a schema of its own: 9 alternates tidings "
+            "and raw asyncpg block by block; 10 alternates blocks of 16 concurrent tidings "
+            "writers with blocks of eventsourcing's single writer; 11 is one run of spaced "
+            "appends, its figure the p99 latency in ms (p50_ms, p90_ms, p99_ms, max_ms and "
+            "mean_ms beside it) and its baseline the 10 ms budget, so ratio = p99 / 10 ms."
         ),
         "scenarios": {row.key: row.to_json() for row in rows},
+        "skipped": {
+            skip.key: {"scenario": skip.scenario, "reason": skip.reason} for skip in skipped
+        },
     }
     with open(json_path, "w") as fh:
         json.dump(result, fh, indent=2)
