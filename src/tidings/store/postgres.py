@@ -396,6 +396,7 @@ class PostgresEventStore(StoreBase):
             finally:
                 self._listening = False
                 self._listener = None
+                self._signal.notify()  # sleeping subscribers switch to polling now
                 if not lost.is_set():
                     conn.terminate()  # no await: this may run while being cancelled
 
@@ -429,18 +430,20 @@ class PostgresEventStore(StoreBase):
             self._announcer = asyncio.create_task(self._announce_loop())
 
     async def _announce_loop(self) -> None:
-        while self._announce_wanted and not self._closed:
+        # Runs on while the store closes (`_close` waits for it), so a process that appends
+        # and exits still wakes the others at once.
+        while self._announce_wanted and self._pool is not None:
             await asyncio.sleep(_NOTIFY_DELAY)  # appends meanwhile share this notification
             self._announce_wanted = False
             try:
-                async with self._connection() as conn:
+                async with self._pool.acquire() as conn:
                     await conn.execute(
                         "SELECT set_config('synchronous_commit', 'off', true), pg_notify($1, '')",
                         self.channel,
                     )
-            except (StoreError, StoreClosed) as exc:  # subscribers' safety poll covers it
-                log.warning("NOTIFY %s failed: %s", self.channel, exc)
-                return
+            except (*_CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
+                log.warning("NOTIFY %s failed: %s", self.channel, _describe(exc))
+                return  # subscribers' safety poll covers it
 
     # -- writing ---------------------------------------------------------------------------
 
@@ -541,6 +544,8 @@ class PostgresEventStore(StoreBase):
     ) -> tuple[list[Row], int, bool]:
         """The rows before the first open hole, the position reached, and whether a hole
         just turned out to be filled (so reading again now gets further)."""
+        for start in [start for start in self._holes if start <= after]:
+            del self._holes[start]  # passed; a reader behind takes a fresh guard if it meets it
         accepted: list[Row] = []
         expected = after + 1
         for row in rows:
@@ -572,7 +577,7 @@ class PostgresEventStore(StoreBase):
         oldest = int(await conn.fetchval("SELECT pg_snapshot_xmin(pg_current_snapshot())::text"))
         if oldest <= guard:
             return "open"
-        del self._holes[start]
+        self._holes.pop(start, None)  # another reader of this store may have closed it too
         found = await conn.fetchval(
             f"SELECT count(*) FROM {self._s}.tidings_events WHERE position BETWEEN $1 AND $2",
             start,

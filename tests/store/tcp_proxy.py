@@ -1,0 +1,89 @@
+"""A loopback TCP proxy for tests that need a database connection to break on cue."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+
+
+class TcpProxy:
+    """Forwards 127.0.0.1:`port` (a free port) to `target_host:target_port`.
+
+    `cut()` drops every live connection at once (both sides see a reset, as when a network
+    link or the server goes away); while `refusing` is set, new connections are closed as soon
+    as they arrive, so a client's reconnect fails too; while `muted` is set, what the server
+    sends is dropped (it still gets and runs every request, the client hears nothing back).
+    """
+
+    def __init__(self, target_host: str, target_port: int) -> None:
+        self.target = (target_host, target_port)
+        self.port = 0
+        self.refusing = False
+        self.muted = False
+        self._server: asyncio.Server | None = None
+        self._links: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def __aenter__(self) -> TcpProxy:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        self.cut()
+        await self._server.wait_closed()
+        while pending := [task for task in self._tasks if not task.done()]:
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    def cut(self) -> int:
+        """Reset every live connection now; returns how many there were."""
+        links, self._links = self._links, set()
+        for client, upstream in links:
+            client.transport.abort()
+            upstream.transport.abort()
+        return len(links)
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        this = asyncio.current_task()
+        assert this is not None
+        self._tasks.add(this)  # so closing the proxy waits for this handler too
+        try:
+            await self._serve(reader, writer)
+        finally:
+            self._tasks.discard(this)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.refusing:
+            writer.transport.abort()
+            return
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self.target)
+        except OSError:
+            writer.transport.abort()
+            return
+        link = (writer, up_writer)
+        self._links.add(link)
+        pumps = [
+            asyncio.create_task(self._pump(reader, up_writer, lambda: False)),
+            asyncio.create_task(self._pump(up_reader, writer, lambda: self.muted)),
+        ]
+        self._tasks.update(pumps)
+        await asyncio.gather(*pumps, return_exceptions=True)
+        self._tasks.difference_update(pumps)
+        self._links.discard(link)
+        writer.transport.abort()
+        up_writer.transport.abort()
+
+    @staticmethod
+    async def _pump(
+        source: asyncio.StreamReader, sink: asyncio.StreamWriter, muted: Callable[[], bool]
+    ) -> None:
+        with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+            while data := await source.read(65536):
+                if not muted():
+                    sink.write(data)
+                    await sink.drain()
+        sink.close()  # one side ended: end the other
