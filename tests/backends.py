@@ -21,6 +21,8 @@ from urllib.parse import parse_qsl, urlsplit
 import pytest
 
 STORE_BACKENDS = ("memory", "sqlite", "postgres")
+BROKER_BACKENDS = ("memory",)
+"""Brokers the conformance suite runs on; Redis, RabbitMQ and NATS join as they are built."""
 POSTGRES = os.environ.get("TIDINGS_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
 REQUIRE_SERVICES = os.environ.get("TIDINGS_REQUIRE_SERVICES") == "1"
 
@@ -33,6 +35,11 @@ def store_url(backend: str, folder: Path) -> str:
         "memory": "memory://",
         "sqlite": f"sqlite:///{folder / 'events.db'}",
     }[backend]
+
+
+def broker_url(backend: str) -> str:
+    """The URL of a broker of `backend` (topics and groups in tests are unique per test)."""
+    return {"memory": "memory://"}[backend]
 
 
 def require(backend: str) -> None:

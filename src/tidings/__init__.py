@@ -10,6 +10,8 @@ from tidings.app.process import ProcessDriver, ProcessManager, reacts_to
 from tidings.app.projections import Projection, ReadModel, View
 from tidings.app.repository import Repository
 from tidings.app.runner import ProjectionRunner, ProjectionStatus, projection_status
+from tidings.app.service import Context, Retry, Service
+from tidings.brokers import Broker, DeadLetter, Delivery, open_broker
 from tidings.core.cloudevents import from_cloudevent, to_cloudevent
 from tidings.core.codec import JSONCodec
 from tidings.core.context import Correlation, caused_by, correlate, current_correlation
@@ -65,11 +67,15 @@ __all__ = [
     "Aggregate",
     "AggregateNotFound",
     "AppendResult",
+    "Broker",
     "Command",
     "CommandBus",
     "CommandContext",
     "ConfigurationError",
+    "Context",
     "Correlation",
+    "DeadLetter",
+    "Delivery",
     "DuplicateEventType",
     "Event",
     "EventDecodeError",
@@ -100,7 +106,9 @@ __all__ = [
     "ReadModel",
     "RecordedEvent",
     "Repository",
+    "Retry",
     "STREAM_EXISTS",
+    "Service",
     "Snapshot",
     "StoreClosed",
     "StoreError",
@@ -122,6 +130,7 @@ __all__ = [
     "given",
     "handles",
     "on",
+    "open_broker",
     "open_store",
     "projection_status",
     "reacts_to",

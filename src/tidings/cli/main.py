@@ -13,7 +13,7 @@ import typer
 from typer.core import TyperGroup
 
 from tidings import __version__
-from tidings.cli import demo, projections, render, store, worker
+from tidings.cli import brokers, demo, projections, render, store, worker
 from tidings.core.errors import TidingsError
 
 __all__ = ["app", "main"]
@@ -71,6 +71,8 @@ app.add_typer(store.app)
 app.add_typer(projections.app, name="projections")
 app.add_typer(demo.app)
 app.add_typer(worker.app)
+app.add_typer(brokers.dlq, name="dlq")
+app.add_typer(brokers.run_app)
 
 
 def main() -> None:

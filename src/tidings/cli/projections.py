@@ -8,12 +8,8 @@ from the start of the log, blue/green, while the old read model keeps serving qu
 from __future__ import annotations
 
 import asyncio
-import importlib
-import os
-import sys
 from collections.abc import Iterable
 from datetime import UTC
-from types import ModuleType
 from typing import Annotated, Any, TypeGuard
 
 import typer
@@ -26,6 +22,7 @@ from rich.text import Text
 from tidings.app.projections import Projection
 from tidings.app.runner import ProjectionRunner, ProjectionStatus, projection_status
 from tidings.cli import render
+from tidings.cli.loading import import_module
 from tidings.cli.store import DEFAULT_STORE, JSONOption, StoreOption, open_for_reading
 from tidings.core.codec import JSONCodec
 from tidings.core.errors import ConfigurationError
@@ -206,7 +203,7 @@ def load_projections(target: str) -> dict[str, Projection]:
     module_name, _, attribute = target.partition(":")
     if not module_name:
         raise ConfigurationError(f"--app {target!r}: name a module, e.g. myapp.projections")
-    module = _import(module_name)
+    module = import_module(module_name)
     found: list[Any]
     if attribute:
         try:
@@ -267,21 +264,6 @@ def registry_for(*projections: Projection) -> TypeRegistry:
         for cls in registry:
             merged.register(cls)  # a type name claimed twice raises DuplicateEventType
     return merged
-
-
-def _import(module_name: str) -> ModuleType:
-    here = os.getcwd()
-    if here not in sys.path:
-        sys.path.insert(0, here)  # as `python -m` would: the user's own package comes first
-    try:
-        return importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name == module_name or module_name.startswith(f"{exc.name}."):
-            raise ConfigurationError(
-                f"cannot import {module_name}: no module named {exc.name!r} in the current "
-                "folder or on $PYTHONPATH"
-            ) from None
-        raise
 
 
 def _is_projection_class(value: object) -> TypeGuard[type[Projection]]:

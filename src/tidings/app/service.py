@@ -1,0 +1,264 @@
+"""`Service`: typed event handlers on a broker, with retries, dead letters and graceful stop.
+
+```python
+service = Service("email", broker=broker)
+
+@service.handler("orders", retry=Retry(attempts=5, backoff=0.2))
+async def send_confirmation(event: OrderPlaced, ctx: Context) -> None:
+    ...
+
+await service.run()        # or: tidings run myapp.email:service
+```
+
+A handler is chosen by the event's class (from its first parameter's annotation). Other
+types on the topic go to their own handlers, or are acknowledged and skipped. A handler that
+raises is retried in place with exponential backoff and jitter (so a key's order holds),
+then the message is dead-lettered with the error and the attempt count. A message that is
+not a CloudEvent, does not validate, or has an unknown type is dead-lettered at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import random
+import typing
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from tidings.brokers.base import BrokerBase, Delivery
+from tidings.core.context import caused_by
+from tidings.core.errors import ConfigurationError, TidingsError
+from tidings.core.events import Event, UnknownEvent
+from tidings.core.metadata import MetadataLike
+
+__all__ = ["Context", "Retry", "Service"]
+
+log = logging.getLogger("tidings.service")
+H = TypeVar("H", bound=Callable[..., Awaitable[Any]])
+
+
+@dataclass(frozen=True, slots=True)
+class Retry:
+    """How often a failing handler is tried, and how long to wait in between.
+
+    Attempt n waits `backoff * 2**(n-1)` seconds (at most `max_backoff`), times a random
+    factor in [1 - jitter, 1 + jitter] so that many consumers do not retry in step.
+    """
+
+    attempts: int = 3
+    backoff: float = 0.1
+    max_backoff: float = 30.0
+    jitter: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1 or self.backoff < 0 or not 0 <= self.jitter <= 1:
+            raise ConfigurationError(f"invalid retry policy {self!r}")
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait after failed attempt number `attempt` (1-based)."""
+        base = min(self.max_backoff, self.backoff * 2 ** (attempt - 1))
+        return float(base * random.uniform(1 - self.jitter, 1 + self.jitter))
+
+
+@dataclass
+class Context:
+    """What a handler may need: the delivery, the service, and publishing in its causation."""
+
+    service: Service
+    delivery: Delivery
+    attempt: int
+
+    @property
+    def broker(self) -> BrokerBase:
+        return self.service.broker
+
+    async def publish(
+        self,
+        topic: str,
+        event: Event,
+        *,
+        key: str | None = None,
+        metadata: MetadataLike | None = None,
+    ) -> None:
+        """Publish a follow-up event: same correlation, caused by the event being handled."""
+        await self.service.broker.publish(topic, event, key=key, metadata=metadata)
+
+
+@dataclass
+class _Handler:
+    topic: str
+    group: str
+    event: type[Event] | None  # None: every event of the topic
+    function: Callable[..., Awaitable[Any]]
+    retry: Retry
+    takes_context: bool
+
+
+@dataclass
+class Service:
+    """A named set of handlers on one broker; the name is the default consumer group."""
+
+    name: str
+    broker: BrokerBase
+    concurrency: int = 1
+    shutdown_timeout: float = 10.0
+    _handlers: list[_Handler] = field(default_factory=list, repr=False)
+    _stopping: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
+
+    def handler(
+        self,
+        topic: str,
+        *,
+        group: str | None = None,
+        retry: Retry | None = None,
+        event: type[Event] | None = None,
+    ) -> Callable[[H], H]:
+        """Register an async handler of `topic` for the event class its first parameter
+        names (or `event=`); `group` defaults to the service's name."""
+
+        def register(function: H) -> H:
+            if not inspect.iscoroutinefunction(typing.cast(Any, function)):
+                raise ConfigurationError(f"{function.__qualname__} must be an async function")
+            cls = event or _event_class(function)
+            group_name = group or self.name
+            for existing in self._handlers:
+                if (existing.topic, existing.group, existing.event) == (topic, group_name, cls):
+                    raise ConfigurationError(
+                        f"{topic}/{group_name} already has a handler for "
+                        f"{cls.__qualname__ if cls else 'every event'}"
+                    )
+            params = list(inspect.signature(function).parameters.values())
+            self._handlers.append(
+                _Handler(topic, group_name, cls, function, retry or Retry(), len(params) >= 2)
+            )
+            return function
+
+        return register
+
+    @property
+    def subscriptions(self) -> list[tuple[str, str]]:
+        """The (topic, group) pairs this service consumes."""
+        return sorted({(h.topic, h.group) for h in self._handlers})
+
+    async def run(self) -> None:
+        """Consume until `stop()` (or cancellation); in-flight handlers finish first."""
+        if not self._handlers:
+            raise ConfigurationError(f"service {self.name!r} has no handlers")
+        for topic, group in self.subscriptions:
+            await self.broker.declare(topic, group)
+        members = [
+            asyncio.create_task(self._member(topic, group), name=f"{self.name} {topic}/{group}")
+            for topic, group in self.subscriptions
+            for _ in range(self.concurrency)
+        ]
+        try:
+            await asyncio.gather(*members)
+        finally:
+            for task in members:
+                task.cancel()
+            await asyncio.gather(*members, return_exceptions=True)
+            self._stopping.clear()  # the service can run again
+
+    def stop(self) -> None:
+        """Ask `run` to finish (or not to start): no new messages are taken, in-flight ones
+        complete and are acknowledged."""
+        self._stopping.set()
+
+    async def _member(self, topic: str, group: str) -> None:
+        stopping = self._stopping
+        async with self.broker.subscribe(topic, group=group) as deliveries:
+            iterator = aiter(deliveries)
+            while not stopping.is_set():
+                taking = asyncio.ensure_future(anext(iterator))
+                stopped = asyncio.ensure_future(stopping.wait())
+                done, _ = await asyncio.wait({taking, stopped}, return_when=asyncio.FIRST_COMPLETED)
+                if taking not in done:
+                    taking.cancel()  # a message not yet taken stays with the broker
+                    await asyncio.gather(taking, return_exceptions=True)
+                    stopped.cancel()
+                    break
+                stopped.cancel()
+                try:
+                    delivery = taking.result()
+                except StopAsyncIteration:
+                    break
+                work = asyncio.ensure_future(self.handle(delivery))
+                try:
+                    await asyncio.shield(work)
+                except asyncio.CancelledError:
+                    # Stopping hard: give the handler its bound, then leave it unacked.
+                    try:
+                        await asyncio.wait_for(work, self.shutdown_timeout)
+                    except (TimeoutError, asyncio.CancelledError):
+                        pass
+                    raise
+
+    async def handle(self, delivery: Delivery) -> None:
+        """Process one delivery: decode, route, retry, dead-letter or skip; then settle it."""
+        try:
+            record = delivery.record
+        except TidingsError as exc:
+            await delivery.dead_letter(f"{type(exc).__name__}: {exc}")
+            return
+        handler = self._route(delivery.topic, delivery.group, record.event)
+        if handler is None:
+            if isinstance(record.event, UnknownEvent):
+                await delivery.dead_letter(f"UnknownEventType: no class for {record.type!r}")
+            else:
+                await delivery.ack()  # another handler's business, or nobody's
+            return
+        attempt = delivery.attempt
+        while True:
+            try:
+                with caused_by(record.id, record.correlation_id):
+                    context = Context(self, delivery, attempt)
+                    if handler.takes_context:
+                        await handler.function(record.event, context)
+                    else:
+                        await handler.function(record.event)
+            except Exception as exc:
+                if attempt >= handler.retry.attempts:
+                    log.warning(
+                        "%s: %s failed %d times; dead-lettered: %s",
+                        self.name,
+                        record.type,
+                        attempt,
+                        exc,
+                    )
+                    await delivery.dead_letter(f"{type(exc).__name__}: {exc}", attempts=attempt)
+                    return
+                await asyncio.sleep(handler.retry.delay(attempt))
+                attempt += 1
+                continue
+            await delivery.ack()
+            return
+
+    def _route(self, topic: str, group: str, event: Event) -> _Handler | None:
+        catch_all = None
+        for handler in self._handlers:
+            if handler.topic != topic or handler.group != group:
+                continue
+            if handler.event is None:
+                catch_all = handler
+            elif isinstance(event, handler.event):
+                return handler
+        return catch_all
+
+
+def _event_class(function: Callable[..., Any]) -> type[Event] | None:
+    hints = typing.get_type_hints(function)
+    params = list(inspect.signature(function).parameters)
+    if not params:
+        raise ConfigurationError(f"{function.__qualname__} takes no event parameter")
+    cls = hints.get(params[0])
+    if cls is None or cls is Event:
+        return None
+    if not (isinstance(cls, type) and issubclass(cls, Event)):
+        raise ConfigurationError(
+            f"{function.__qualname__}: annotate its first parameter with an Event class, "
+            f"not {cls!r}"
+        )
+    return cls

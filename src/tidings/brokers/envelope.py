@@ -1,0 +1,155 @@
+"""Messages on the wire: CloudEvents 1.0 in binary mode (attributes as headers, data as the
+body) for brokers with headers, structured mode (one JSON document) for those without.
+
+A `Message` is the broker-neutral form both modes are made from. Adapters pick the mode
+and the header prefix their broker's CloudEvents binding uses (`ce-` for HTTP-style
+headers, `ce_` for Kafka, `cloudEvents_` for AMQP 0-9-1 properties).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from tidings.core.cloudevents import from_cloudevent, to_cloudevent
+from tidings.core.codec import JSONCodec
+from tidings.core.errors import InvalidCloudEvent
+from tidings.core.events import Event
+from tidings.core.metadata import Metadata
+from tidings.core.recorded import RecordedEvent
+
+__all__ = ["Message", "encode"]
+
+_INTS = ("schemaversion", "streamversion", "position")
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One event as a broker carries it: CloudEvents attributes, JSON data, and a key."""
+
+    topic: str
+    attributes: Mapping[str, Any]
+    data: bytes
+    key: str | None = None
+    headers: Mapping[str, str] = field(default_factory=dict)  # broker headers, as received
+
+    @property
+    def id(self) -> str:
+        """The CloudEvent id: the event's id, so a re-publish is recognisably the same."""
+        return str(self.attributes.get("id", ""))
+
+    @property
+    def type(self) -> str:
+        return str(self.attributes.get("type", ""))
+
+    # -- binary mode ------------------------------------------------------------------------
+
+    def binary_headers(self, prefix: str = "ce-") -> dict[str, str]:
+        """The attributes as broker headers (`ce-id`, `ce-type`, ...) plus `content-type`."""
+        headers = {f"{prefix}{name}": str(value) for name, value in self.attributes.items()}
+        headers.pop(f"{prefix}datacontenttype", None)
+        headers["content-type"] = str(self.attributes.get("datacontenttype", "application/json"))
+        return headers
+
+    @classmethod
+    def from_binary(
+        cls,
+        topic: str,
+        headers: Mapping[str, str],
+        body: bytes,
+        *,
+        prefix: str = "ce-",
+        key: str | None = None,
+    ) -> Message:
+        """A message received in binary mode. Headers without the prefix are kept aside."""
+        lower = prefix.lower()
+        attributes: dict[str, Any] = {}
+        for name, value in headers.items():
+            if name.lower().startswith(lower):
+                attr = name[len(prefix) :].lower()
+                attributes[attr] = int(value) if attr in _INTS and str(value).isdigit() else value
+        content_type = headers.get("content-type") or headers.get("Content-Type")
+        if content_type:
+            attributes["datacontenttype"] = content_type
+        if "specversion" not in attributes and body.lstrip().startswith(b"{"):
+            return cls.from_structured(topic, body, key=key, headers=headers)
+        return cls(topic, attributes, body, key or attributes.get("partitionkey"), dict(headers))
+
+    # -- structured mode --------------------------------------------------------------------
+
+    def structured(self) -> bytes:
+        """The whole CloudEvent as one JSON document (for brokers without headers)."""
+        document = dict(self.attributes)
+        try:
+            document["data"] = json.loads(self.data)
+        except ValueError:
+            document["data"] = self.data.decode("utf-8", "replace")
+        return json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_structured(
+        cls,
+        topic: str,
+        body: bytes,
+        *,
+        key: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> Message:
+        """A message received in structured mode; not a JSON object is `InvalidCloudEvent`."""
+        try:
+            document = json.loads(body)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise InvalidCloudEvent(f"the message is not JSON: {exc}") from exc
+        if not isinstance(document, dict):
+            raise InvalidCloudEvent("the message is not a JSON object")
+        data = document.pop("data", None)
+        raw = data.encode() if isinstance(data, str) else json.dumps(data).encode()
+        return cls(topic, document, raw, key or document.get("partitionkey"), dict(headers or {}))
+
+    # -- decoding ---------------------------------------------------------------------------
+
+    def record(self, codec: JSONCodec | None = None) -> RecordedEvent[Any]:
+        """The typed event with its metadata; `InvalidCloudEvent` or a decode error if bad."""
+        document = dict(self.attributes)
+        document.pop("partitionkey", None)  # the key travels beside the event, not in it
+        document["data"] = self.data.decode("utf-8", "replace")
+        return from_cloudevent(document, codec=codec)
+
+
+def encode(
+    topic: str,
+    event: Event,
+    *,
+    key: str | None = None,
+    metadata: Metadata | None = None,
+    source: str = "tidings",
+    record: RecordedEvent[Any] | None = None,
+    codec: JSONCodec | None = None,
+) -> Message:
+    """The message for publishing `event` (or a stored `record` of it, keeping its stream,
+    version and position) to `topic`."""
+    codec = codec or JSONCodec()
+    if record is None:
+        encoded = codec.encode(event)
+        record = RecordedEvent(
+            encoded.id,
+            key or topic,
+            0,
+            0,
+            encoded.type,
+            encoded.schema_version,
+            datetime.now(UTC),
+            event,
+            metadata or Metadata(),
+        )
+    document = to_cloudevent(record, source=source)
+    data = json.dumps(document.pop("data"), ensure_ascii=False, separators=(",", ":")).encode()
+    if record.version == 0:  # not from a store: no stream version or position to carry
+        document.pop("streamversion", None)
+        document.pop("position", None)
+    if key is not None:
+        document["partitionkey"] = key  # the CloudEvents partitioning extension
+    return Message(topic, document, data, key)
