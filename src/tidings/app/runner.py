@@ -345,12 +345,14 @@ class ProjectionRunner:
                     if all(worker.position >= position for worker in workers):
                         return
                     try:  # with leases, other processes move checkpoints: look again soon
-                        await asyncio.wait_for(self._changed.wait(), self.lease and 0.05)
+                        async with asyncio.timeout(self.lease and 0.05):
+                            await self._changed.wait()
                     except TimeoutError:
                         pass
 
         try:
-            await asyncio.wait_for(reached(), timeout)
+            async with asyncio.timeout(timeout):
+                await reached()
         except TimeoutError:
             behind = ", ".join(
                 f"{w.name} at {w.position}" for w in workers if w.position < position

@@ -191,7 +191,8 @@ class Service:
                 except asyncio.CancelledError:
                     # Stopping hard: give the handler its bound, then leave it unacked.
                     try:
-                        await asyncio.wait_for(work, self.shutdown_timeout)
+                        async with asyncio.timeout(self.shutdown_timeout):
+                            await work
                     except (TimeoutError, asyncio.CancelledError):
                         pass
                     raise

@@ -127,7 +127,8 @@ class MemoryBroker(BrokerBase):
                 state.changed.clear()
                 timeout = None if soonest is None else max(0.0, soonest - time.monotonic())
                 try:
-                    await asyncio.wait_for(state.changed.wait(), timeout)
+                    async with asyncio.timeout(timeout):
+                        await state.changed.wait()
                 except TimeoutError:
                     pass
                 continue

@@ -83,7 +83,8 @@ async def _work(
                         print(f"{'holds' if now else 'waiting'} {name}", flush=True)
                         held[name] = now
                 try:
-                    await asyncio.wait_for(stop.wait(), 0.2)
+                    async with asyncio.timeout(0.2):
+                        await stop.wait()
                 except TimeoutError:
                     pass
     print(f"worker {runner.owner}: stopped", flush=True)

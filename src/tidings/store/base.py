@@ -409,8 +409,9 @@ class AppendSignal:
             if self._seq != seen:
                 return
             self._waiters.add(entry)
-        try:
-            await asyncio.wait_for(future, timeout)
+        try:  # not asyncio.wait_for: on 3.11 it loses a cancel that races a wake-up
+            async with asyncio.timeout(timeout):
+                await future
         except TimeoutError:
             pass
         finally:

@@ -280,17 +280,15 @@ class PostgresEventStore(StoreBase):
 
     async def _open(self) -> None:
         try:
-            pool = await asyncio.wait_for(
-                asyncpg.create_pool(
+            async with asyncio.timeout(self.connect_timeout):
+                pool = await asyncpg.create_pool(
                     self.dsn,
                     min_size=self.min_size,
                     max_size=self.max_size,
                     init=_init_connection,
                     reset=_keep_session,
                     timeout=self.connect_timeout,
-                ),
-                self.connect_timeout,
-            )
+                )
         except (*_CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
             raise StoreError(
                 f"cannot connect to PostgreSQL at {self.address} within "
@@ -906,7 +904,8 @@ async def _schema_version(conn: Any, schema: str) -> int | None:
 
 async def _quietly_close(conn: Any) -> None:
     try:
-        await asyncio.wait_for(conn.close(), 2.0)
+        async with asyncio.timeout(2.0):
+            await conn.close()
     except Exception:
         conn.terminate()
 
