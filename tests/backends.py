@@ -2,8 +2,9 @@
 
 PostgreSQL runs against the server at `$TIDINGS_TEST_POSTGRES` (default
 `postgresql://postgres@127.0.0.1:5432/test`), each store in a fresh schema that `discard`
-drops afterwards. When the server is absent its cases skip, saying why, except under
-`TIDINGS_REQUIRE_SERVICES=1` (CI), where they fail.
+drops afterwards; the brokers against Redis (`$TIDINGS_TEST_REDIS`) and NATS JetStream
+(`$TIDINGS_TEST_NATS`) on loopback. When a server is absent its cases skip, saying why,
+except under `TIDINGS_REQUIRE_SERVICES=1` (CI), where they fail.
 """
 
 from __future__ import annotations
@@ -21,9 +22,20 @@ from urllib.parse import parse_qsl, urlsplit
 import pytest
 
 STORE_BACKENDS = ("memory", "sqlite", "postgres")
-BROKER_BACKENDS = ("memory",)
-"""Brokers the conformance suite runs on; Redis, RabbitMQ and NATS join as they are built."""
+BROKER_BACKENDS = tuple(
+    os.environ.get("TIDINGS_TEST_BROKERS", "memory,redis,nats").split(",")
+)
+"""Brokers the conformance suite runs on (`TIDINGS_TEST_BROKERS=rabbitmq` picks others)."""
 POSTGRES = os.environ.get("TIDINGS_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
+REDIS = os.environ.get("TIDINGS_TEST_REDIS", "redis://127.0.0.1:6379/0")
+NATS = os.environ.get("TIDINGS_TEST_NATS", "nats://127.0.0.1:4222")
+RABBITMQ = os.environ.get("TIDINGS_TEST_RABBITMQ", "amqp://guest:guest@127.0.0.1:5672/")
+SERVERS = {  # backend: (server URL, what to call it, the variable that moves it)
+    "postgres": (POSTGRES, "PostgreSQL", "TIDINGS_TEST_POSTGRES"),
+    "redis": (REDIS, "Redis", "TIDINGS_TEST_REDIS"),
+    "nats": (NATS, "NATS JetStream", "TIDINGS_TEST_NATS"),
+    "rabbitmq": (RABBITMQ, "RabbitMQ", "TIDINGS_TEST_RABBITMQ"),
+}
 REQUIRE_SERVICES = os.environ.get("TIDINGS_REQUIRE_SERVICES") == "1"
 
 
@@ -39,14 +51,20 @@ def store_url(backend: str, folder: Path) -> str:
 
 def broker_url(backend: str) -> str:
     """The URL of a broker of `backend` (topics and groups in tests are unique per test)."""
-    return {"memory": "memory://"}[backend]
+    return {
+        "memory": "memory://",
+        "redis": REDIS,
+        "nats": f"{NATS}?group_expiry=60",  # test groups are unique: let the server drop them
+        "rabbitmq": f"{RABBITMQ}?expires=60",
+    }[backend]
 
 
 def require(backend: str) -> None:
     """Skip (or, in CI, fail) a test whose backend's server is not running."""
-    if backend != "postgres" or _reachable(POSTGRES):
+    if backend not in SERVERS or _reachable(SERVERS[backend][0]):
         return
-    message = f"PostgreSQL is not running at {_address(POSTGRES)} (set TIDINGS_TEST_POSTGRES)"
+    url, name, variable = SERVERS[backend]
+    message = f"{name} is not running at {_address(url)} (set {variable})"
     if REQUIRE_SERVICES:
         pytest.fail(message + "; TIDINGS_REQUIRE_SERVICES=1 makes this a failure")
     pytest.skip(message)
@@ -87,9 +105,12 @@ def _in_thread(coroutine: Any) -> None:
         raise failure[0]
 
 
+_DEFAULT_PORTS = {"postgresql": 5432, "postgres": 5432, "redis": 6379, "nats": 4222, "amqp": 5672}
+
+
 def _address(url: str) -> tuple[str, int]:
     parts = urlsplit(url)
-    return parts.hostname or "127.0.0.1", parts.port or 5432
+    return parts.hostname or "127.0.0.1", parts.port or _DEFAULT_PORTS[parts.scheme]
 
 
 @cache

@@ -21,9 +21,11 @@ class TcpProxy:
         self.port = 0
         self.refusing = False
         self.muted = False
+        self._closing = False
         self._server: asyncio.Server | None = None
         self._links: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._accepted: set[asyncio.StreamWriter] = set()
 
     async def __aenter__(self) -> TcpProxy:
         self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
@@ -33,10 +35,19 @@ class TcpProxy:
     async def __aexit__(self, *_exc: object) -> None:
         assert self._server is not None
         self._server.close()
-        self.cut()
+        self._closing = True
+        # A connection accepted just before the close may still be on its way to `_accept`:
+        # give it a moment, then reset everything the proxy ever accepted that is still open.
+        await asyncio.sleep(0.05)
+        while True:
+            self.cut()
+            for writer in self._accepted:
+                writer.transport.abort()
+            pending = [task for task in self._tasks if not task.done()]
+            if not pending:
+                break
+            await asyncio.wait(pending, timeout=0.1)
         await self._server.wait_closed()
-        while pending := [task for task in self._tasks if not task.done()]:
-            await asyncio.gather(*pending, return_exceptions=True)
 
     def cut(self) -> int:
         """Reset every live connection now; returns how many there were."""
@@ -46,23 +57,27 @@ class TcpProxy:
             upstream.transport.abort()
         return len(links)
 
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        this = asyncio.current_task()
-        assert this is not None
-        self._tasks.add(this)  # so closing the proxy waits for this handler too
-        try:
-            await self._serve(reader, writer)
-        finally:
-            self._tasks.discard(this)
+    def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # A plain function, so asyncio calls it as the connection is made: nothing accepted can
+        # slip past `__aexit__` before its handler task exists.
+        self._accepted.add(writer)
+        task = asyncio.create_task(self._serve(reader, writer))
+        self._tasks.add(task)  # so closing the proxy waits for this handler too
+        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(lambda _: self._accepted.discard(writer))
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self.refusing:
+        if self.refusing or self._closing:
             writer.transport.abort()
             return
         try:
             up_reader, up_writer = await asyncio.open_connection(*self.target)
         except OSError:
             writer.transport.abort()
+            return
+        if self._closing:
+            writer.transport.abort()
+            up_writer.transport.abort()
             return
         link = (writer, up_writer)
         self._links.add(link)

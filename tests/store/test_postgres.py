@@ -659,7 +659,10 @@ async def test_server_down_at_start_is_a_store_error_naming_it() -> None:
 
 
 async def test_silent_server_is_a_store_error_within_the_connect_timeout() -> None:
+    accepted: list[asyncio.StreamWriter] = []
+
     async def accept_and_say_nothing(reader: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        accepted.append(w)
         await reader.read()  # until the client gives up
         w.close()
 
@@ -675,6 +678,8 @@ async def test_silent_server_is_a_store_error_within_the_connect_timeout() -> No
         took = time.monotonic() - started
     finally:
         server.close()
+        for w in accepted:  # the client may have given up a moment before its handler noticed
+            w.transport.abort()
         await server.wait_closed()
     assert 0.5 < took < 3, f"gave up after {took:.2f}s"
 

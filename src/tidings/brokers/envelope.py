@@ -8,11 +8,13 @@ headers, `ce_` for Kafka, `cloudEvents_` for AMQP 0-9-1 properties).
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import quote, unquote
 
 from tidings.core.cloudevents import from_cloudevent, to_cloudevent
 from tidings.core.codec import JSONCodec
@@ -24,6 +26,9 @@ from tidings.core.recorded import RecordedEvent
 __all__ = ["Message", "encode"]
 
 _INTS = ("schemaversion", "streamversion", "position")
+_PERCENT_SAFE = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) not in '"%')
+"""What the HTTP binding (and so `ce-` headers) leaves unescaped: printable ASCII but `"`
+and `%`; the rest is UTF-8, percent-encoded."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,8 +53,11 @@ class Message:
     # -- binary mode ------------------------------------------------------------------------
 
     def binary_headers(self, prefix: str = "ce-") -> dict[str, str]:
-        """The attributes as broker headers (`ce-id`, `ce-type`, ...) plus `content-type`."""
-        headers = {f"{prefix}{name}": str(value) for name, value in self.attributes.items()}
+        """The attributes as broker headers (`ce-id`, `ce-type`, ...) plus `content-type`.
+
+        `ce-` headers are percent-encoded as the HTTP binding says (the SDKs do so)."""
+        escape = _escape if prefix == "ce-" else str
+        headers = {f"{prefix}{name}": escape(value) for name, value in self.attributes.items()}
         headers.pop(f"{prefix}datacontenttype", None)
         headers["content-type"] = str(self.attributes.get("datacontenttype", "application/json"))
         return headers
@@ -70,6 +78,8 @@ class Message:
         for name, value in headers.items():
             if name.lower().startswith(lower):
                 attr = name[len(prefix) :].lower()
+                if lower == "ce-" and isinstance(value, str):
+                    value = unquote(value)
                 attributes[attr] = int(value) if attr in _INTS and str(value).isdigit() else value
         content_type = headers.get("content-type") or headers.get("Content-Type")
         if content_type:
@@ -105,8 +115,16 @@ class Message:
             raise InvalidCloudEvent(f"the message is not JSON: {exc}") from exc
         if not isinstance(document, dict):
             raise InvalidCloudEvent("the message is not a JSON object")
-        data = document.pop("data", None)
-        raw = data.encode() if isinstance(data, str) else json.dumps(data).encode()
+        if "data_base64" in document:
+            try:
+                raw = base64.b64decode(document.pop("data_base64"), validate=True)
+            except (ValueError, TypeError) as exc:
+                raise InvalidCloudEvent(f"data_base64 is not base64: {exc}") from exc
+        elif "data" not in document:
+            raw = b""
+        else:
+            data = document.pop("data")
+            raw = data.encode() if isinstance(data, str) else json.dumps(data).encode()
         return cls(topic, document, raw, key or document.get("partitionkey"), dict(headers or {}))
 
     # -- decoding ---------------------------------------------------------------------------
@@ -117,6 +135,10 @@ class Message:
         document.pop("partitionkey", None)  # the key travels beside the event, not in it
         document["data"] = self.data.decode("utf-8", "replace")
         return from_cloudevent(document, codec=codec)
+
+
+def _escape(value: Any) -> str:
+    return quote(str(value), safe=_PERCENT_SAFE)
 
 
 def encode(
