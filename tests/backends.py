@@ -22,9 +22,7 @@ from urllib.parse import parse_qsl, urlsplit
 import pytest
 
 STORE_BACKENDS = ("memory", "sqlite", "postgres")
-BROKER_BACKENDS = tuple(
-    os.environ.get("TIDINGS_TEST_BROKERS", "memory,redis,nats").split(",")
-)
+BROKER_BACKENDS = tuple(os.environ.get("TIDINGS_TEST_BROKERS", "memory,redis,nats").split(","))
 """Brokers the conformance suite runs on (`TIDINGS_TEST_BROKERS=rabbitmq` picks others)."""
 POSTGRES = os.environ.get("TIDINGS_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
 REDIS = os.environ.get("TIDINGS_TEST_REDIS", "redis://127.0.0.1:6379/0")
@@ -54,7 +52,7 @@ def broker_url(backend: str) -> str:
     return {
         "memory": "memory://",
         "redis": REDIS,
-        "nats": f"{NATS}?group_expiry=60",  # test groups are unique: let the server drop them
+        "nats": f"{NATS}?group_expiry=60&max_age=3600",  # unique test groups: let them go
         "rabbitmq": f"{RABBITMQ}?expires=60",
     }[backend]
 

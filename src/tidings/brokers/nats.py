@@ -1,8 +1,15 @@
 """`NATSBroker`: the broker on NATS JetStream (`nats://host:4222`), on nats-py.
 
-Every topic lives in one shared stream, `TIDINGS`, with interest retention: a message is kept
-until each group that was declared when it arrived has acked it, so finished topics leave
-nothing behind. Subjects are `tidings.<topic>.<lane>.<target>`: a keyed message goes to lane
+Every topic lives in one shared stream, `TIDINGS`, with limits retention: messages are kept
+for `max_age` (7 days) whether or not every group has acked them, as a Kafka topic keeps its
+log. `?retention=interest` keeps a message only until each group declared when it arrived
+has acked it, so finished topics leave nothing behind; but nats-server 2.9 can drop a
+message it has just acknowledged when the server is shut down at that moment (the consumers
+stop before the stream, so the message finds no interest), which breaks "publish returns once
+the broker has it durably". Limits retention has no such window. The retention of an existing
+stream cannot change: opening with the other one is a `ConfigurationError` naming the stream.
+
+Subjects are `tidings.<topic>.<lane>.<target>`: a keyed message goes to lane
 `crc32(key) % shards` (16 by default), a keyless one to lane `any`; the target is `_` (every
 group) or, for a replayed dead letter, the one group meant to retry it. Dots in names become
 `~`, so a topic or group is always one token. Messages are published with `Nats-Msg-Id` set
@@ -79,6 +86,7 @@ _HEADER_NAME = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 _PREFIX = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _DEAD_ID = re.compile(r"^[A-Za-z0-9-]{1,100}$")
 _STREAM_IN_USE = 10058  # JetStream: stream name already in use with another configuration
+_RETENTIONS = {"limits": api.RetentionPolicy.LIMITS, "interest": api.RetentionPolicy.INTEREST}
 _GRACE = 1.0  # seconds after a pull request's expiry before it counts as lost
 _OPTIONS: dict[str, type] = {
     "shards": int,
@@ -86,6 +94,7 @@ _OPTIONS: dict[str, type] = {
     "group_expiry": float,
     "stream": str,
     "prefix": str,
+    "retention": str,
     "max_age": float,
     "dead_letter_max_age": float,
     "max_in_flight": int,
@@ -104,7 +113,8 @@ class NATSBroker(BrokerBase):
     while messages are in flight), `ack_wait` seconds before a crashed member's messages are
     redelivered (30), `group_expiry` seconds a group's consumers survive without members (7
     days; 0 keeps them), `stream` name (`TIDINGS`, dead letters in `<stream>_DLQ`), subject
-    `prefix` (`tidings`), `max_age` of unacked messages (0 keeps them), `dead_letter_max_age`
+    `prefix` (`tidings`), `retention` (`limits` or `interest`), `max_age` of messages (7 days;
+    0 keeps them), `dead_letter_max_age`
     (0 keeps them), `max_in_flight` unacked keyless messages per group (1000),
     `pull_expires` (5 s), `publish_timeout` (5 s), `publish_attempts` (4), `connect_timeout`
     (5 s). Several servers: `nats://a:4222,b:4222`.
@@ -121,7 +131,8 @@ class NATSBroker(BrokerBase):
         group_expiry: float = 7 * 86400.0,
         stream: str = "TIDINGS",
         prefix: str = "tidings",
-        max_age: float = 0.0,
+        retention: str = "limits",
+        max_age: float = 7 * 86400.0,
         dead_letter_max_age: float = 0.0,
         max_in_flight: int = 1000,
         pull_expires: float = 5.0,
@@ -144,6 +155,8 @@ class NATSBroker(BrokerBase):
         ):
             if value <= 0:
                 raise ConfigurationError(f"{name} must be positive, got {value}")
+        if retention not in _RETENTIONS:
+            raise ConfigurationError(f"retention is 'limits' or 'interest', got {retention!r}")
         if min(group_expiry, max_age, dead_letter_max_age) < 0:
             raise ConfigurationError("group_expiry, max_age, dead_letter_max_age must be >= 0")
         if max_in_flight < 1 or publish_attempts < 1:
@@ -157,6 +170,7 @@ class NATSBroker(BrokerBase):
         self.stream = stream
         self.dead_letter_stream = f"{stream}_DLQ"
         self.prefix = prefix
+        self.retention = retention
         self.max_age = max_age
         self.dead_letter_max_age = dead_letter_max_age
         self.max_in_flight = max_in_flight
@@ -234,10 +248,10 @@ class NATSBroker(BrokerBase):
                 name=self.stream,
                 description="tidings topics (see tidings.brokers.nats)",
                 subjects=[f"{self.prefix}.>"],
-                retention=api.RetentionPolicy.INTEREST,
+                retention=_RETENTIONS[self.retention],
                 storage=api.StorageType.FILE,
                 max_age=self.max_age,
-                duplicate_window=120.0,
+                duplicate_window=min(120.0, self.max_age or 120.0),  # no longer than max_age
             )
         )
         await self._ensure_stream(
@@ -258,6 +272,14 @@ class NATSBroker(BrokerBase):
         except nats.js.errors.BadRequestError as exc:
             if exc.err_code != _STREAM_IN_USE:
                 raise StoreError(f"cannot create stream {config.name}: {exc}") from exc
+            existing = (await js.stream_info(str(config.name))).config
+            if existing.retention != config.retention:
+                raise ConfigurationError(
+                    f"stream {config.name} on NATS at {self.address} has "
+                    f"{_retention_name(existing.retention)} retention, not "
+                    f"{_retention_name(config.retention)}: open it with that retention, "
+                    "or delete the stream (and what it holds) first"
+                ) from exc
             log.debug("stream %s exists with another configuration; using it", config.name)
         except _NATS_ERRORS as exc:
             raise StoreError(
@@ -655,6 +677,10 @@ def _servers(url: str) -> list[str]:
 def _address(server: str) -> str:
     parts = urlsplit(server)
     return f"{parts.hostname or '127.0.0.1'}:{parts.port or 4222}"
+
+
+def _retention_name(policy: api.RetentionPolicy | None) -> str:
+    return next((name for name, p in _RETENTIONS.items() if p == policy), str(policy))
 
 
 def _describe(exc: BaseException) -> str:
