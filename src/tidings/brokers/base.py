@@ -54,6 +54,11 @@ class Received(ABC):
     async def nack(self, delay: float | None) -> None:
         """Not done: deliver it again (to any member of the group) after `delay` seconds."""
 
+    async def terminate(self) -> None:
+        """Given up on (it is a dead letter now): never deliver it again. Brokers with a verb
+        for that (JetStream's `term`) say so; the others ack."""
+        await self.ack()
+
 
 @dataclass(frozen=True, slots=True)
 class DeadLetter:
@@ -136,7 +141,7 @@ class Delivery:
 
     async def dead_letter(self, error: str, *, attempts: int | None = None) -> DeadLetter:
         """Give up on it: keep it with `error` and the number of `attempts` made (default:
-        the deliveries so far) among the dead letters, then ack it."""
+        the deliveries so far) among the dead letters, then tell the broker it is finished."""
         self._settle()
         dead = DeadLetter(
             str(uuid.uuid4()),
@@ -148,7 +153,7 @@ class Delivery:
             self.message,
         )
         await self.broker._add_dead_letter(dead)
-        await self.received.ack()
+        await self.received.terminate()
         return dead
 
     def _settle(self) -> None:

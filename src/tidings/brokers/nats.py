@@ -22,8 +22,9 @@ consumer has `max_ack_pending=1`: the server hands the lane's next message to an
 once the previous one is acked, so one key is never in two hands and keeps publish order (keys
 sharing a lane wait for each other, which bounds a group's parallelism by `shards`). The `any`
 lane allows `max_in_flight` unacked messages. A nack is a `NAK` with the delay, held as the
-lane's pending message; `attempt` is JetStream's delivery count. A replay targets another group
-arrives at every group's consumer of the lane; other groups ack and skip it.
+lane's pending message; `attempt` is JetStream's delivery count; a dead-lettered message is
+`TERM`ed (JetStream never redelivers it). A replay meant for one group
+arrives at every group's consumer of the lane; the other groups ack and skip it.
 
 A member pulls lazily: only while it waits for its next message does it send pull requests
 (batch 1 per keyed lane, the free prefetch for `any`, five-second expiry) to its own inbox, so
@@ -647,6 +648,9 @@ class _NATSReceived(Received):
             await self.msg.nak(delay=delay if delay and delay > 0 else None)
 
         await self._settle(nak)
+
+    async def terminate(self) -> None:
+        await self._settle(self.msg.term)  # AckTerm: JetStream stops redelivering it
 
     async def _settle(self, action: Callable[[], Awaitable[None]]) -> None:
         if self.settled:
