@@ -17,6 +17,7 @@ from tidings.core.codec import JSONCodec
 from tidings.core.context import Correlation, caused_by, correlate, current_correlation
 from tidings.core.errors import (
     AggregateNotFound,
+    BrokerError,
     ConfigurationError,
     DuplicateEventType,
     EventDecodeError,
@@ -112,6 +113,7 @@ __all__ = [
     "Snapshot",
     "StoreClosed",
     "StoreError",
+    "BrokerError",
     "StoreNotFound",
     "StreamInfo",
     "StreamState",

@@ -14,7 +14,7 @@ Subjects are `tidings.<topic>.<lane>.<target>`: a keyed message goes to lane
 group) or, for a replayed dead letter, the one group meant to retry it. Dots in names become
 `~`, so a topic or group is always one token. Messages are published with `Nats-Msg-Id` set
 to `<topic>:<event id>` (a retried publish is dropped as a duplicate within two minutes) and
-each waits for its publish ack; a few retries cover a reconnect, then `StoreError`.
+each waits for its publish ack; a few retries cover a reconnect, then `BrokerError`.
 
 A group is one durable pull consumer per lane, filtering `tidings.<topic>.<lane>.*` with
 deliver policy "new" (the group gets what is published after `declare`). A keyed lane's
@@ -71,7 +71,7 @@ from nats.js import JetStreamContext, api
 from tidings.brokers.base import BrokerBase, DeadLetter, DeadLetterNotFound, Received
 from tidings.brokers.envelope import Message
 from tidings.core.codec import JSONCodec
-from tidings.core.errors import ConfigurationError, InvalidCloudEvent, StoreError
+from tidings.core.errors import BrokerError, ConfigurationError, InvalidCloudEvent
 from tidings.store.base import url_options
 
 __all__ = ["NATSBroker"]
@@ -209,7 +209,9 @@ class NATSBroker(BrokerBase):
                 self.connect_timeout * 2,
             )
         except _NATS_ERRORS as exc:
-            raise StoreError(f"cannot connect to NATS at {self.address}: {_describe(exc)}") from exc
+            raise BrokerError(
+                f"cannot connect to NATS at {self.address}: {_describe(exc)}"
+            ) from exc
         self._js = self._nc.jetstream(timeout=self.publish_timeout)
         try:
             await self._ensure_streams()
@@ -240,7 +242,7 @@ class NATSBroker(BrokerBase):
 
     def _connection(self) -> tuple[Client, JetStreamContext]:
         if self._nc is None or self._js is None:
-            raise StoreError("the NATS broker is not connected")
+            raise BrokerError("the NATS broker is not connected")
         return self._nc, self._js
 
     async def _ensure_streams(self) -> None:
@@ -272,7 +274,7 @@ class NATSBroker(BrokerBase):
             await js.add_stream(config)
         except nats.js.errors.BadRequestError as exc:
             if exc.err_code != _STREAM_IN_USE:
-                raise StoreError(f"cannot create stream {config.name}: {exc}") from exc
+                raise BrokerError(f"cannot create stream {config.name}: {exc}") from exc
             existing = (await js.stream_info(str(config.name))).config
             if existing.retention != config.retention:
                 raise ConfigurationError(
@@ -283,7 +285,7 @@ class NATSBroker(BrokerBase):
                 ) from exc
             log.debug("stream %s exists with another configuration; using it", config.name)
         except _NATS_ERRORS as exc:
-            raise StoreError(
+            raise BrokerError(
                 f"cannot create stream {config.name} on NATS at {self.address} "
                 f"(is JetStream enabled?): {_describe(exc)}"
             ) from exc
@@ -312,12 +314,12 @@ class NATSBroker(BrokerBase):
                 )
                 return
             except nats.js.errors.APIError as exc:
-                raise StoreError(f"NATS refused the message on {subject}: {exc}") from exc
+                raise BrokerError(f"NATS refused the message on {subject}: {exc}") from exc
             except (nats.errors.ConnectionClosedError, nats.errors.MaxPayloadError) as exc:
-                raise StoreError(f"cannot publish to {subject}: {_describe(exc)}") from exc
+                raise BrokerError(f"cannot publish to {subject}: {_describe(exc)}") from exc
             except _NATS_ERRORS as exc:
                 if attempt == self.publish_attempts:
-                    raise StoreError(
+                    raise BrokerError(
                         f"NATS at {self.address} did not take the message on {subject} "
                         f"after {attempt} attempts: {_describe(exc)}"
                     ) from exc
@@ -325,7 +327,7 @@ class NATSBroker(BrokerBase):
                 await asyncio.sleep(delay)
                 delay = min(delay * 4, 1.0)
                 if isinstance(exc, nats.js.errors.NoStreamResponseError):
-                    with contextlib.suppress(StoreError):
+                    with contextlib.suppress(BrokerError):
                         await self._ensure_streams()  # deleted under us, or JetStream restarting
 
     def _lane(self, key: str | None) -> str:
@@ -365,10 +367,10 @@ class NATSBroker(BrokerBase):
             try:
                 await js.consumer_info(self.stream, name)
             except _NATS_ERRORS:
-                raise StoreError(f"cannot create consumer {name}: {exc}") from exc
+                raise BrokerError(f"cannot create consumer {name}: {exc}") from exc
             log.debug("consumer %s exists with another configuration; using it", name)
         except _NATS_ERRORS as exc:
-            raise StoreError(
+            raise BrokerError(
                 f"cannot declare group {group!r} on {topic!r}: {_describe(exc)}"
             ) from exc
 
@@ -472,7 +474,7 @@ class NATSBroker(BrokerBase):
                 self.dead_letter_stream, subject=f"{self.prefix}_dlq.*.{dead_letter_id}"
             )
         except _NATS_ERRORS as exc:
-            raise StoreError(f"cannot drop dead letter {dead_letter_id}: {exc}") from exc
+            raise BrokerError(f"cannot drop dead letter {dead_letter_id}: {exc}") from exc
 
     async def _read_dead_letters(self, subject: str, limit: int = 0) -> list[DeadLetter]:
         _, js = self._connection()
@@ -484,7 +486,7 @@ class NATSBroker(BrokerBase):
             except nats.js.errors.NotFoundError:
                 break
             except _NATS_ERRORS as exc:
-                raise StoreError(f"cannot read the dead letters: {_describe(exc)}") from exc
+                raise BrokerError(f"cannot read the dead letters: {_describe(exc)}") from exc
             if raw.seq is None:
                 break
             seq = raw.seq + 1
@@ -523,7 +525,7 @@ class _Puller:
         try:
             self.sub = await self.nc.subscribe(f"{self.inbox}.*", cb=self._arrived)
         except _NATS_ERRORS as exc:
-            raise StoreError(f"cannot subscribe to NATS: {_describe(exc)}") from exc
+            raise BrokerError(f"cannot subscribe to NATS: {_describe(exc)}") from exc
         self.keepalive = asyncio.create_task(self._keep_alive())
 
     async def _arrived(self, msg: Msg) -> None:
@@ -567,7 +569,7 @@ class _Puller:
             self.redeclare = False
             try:
                 await broker._declare(self.topic, self.group)
-            except StoreError as exc:
+            except BrokerError as exc:
                 log.warning("re-declaring %s/%s failed: %s", self.topic, self.group, exc)
                 await asyncio.sleep(1.0)
         now = time.monotonic()
@@ -661,7 +663,7 @@ class _NATSReceived(Received):
         try:
             await action()
         except _NATS_ERRORS as exc:
-            raise StoreError(f"cannot settle message {self.message.id}: {_describe(exc)}") from exc
+            raise BrokerError(f"cannot settle message {self.message.id}: {_describe(exc)}") from exc
 
 
 # -- helpers ------------------------------------------------------------------------------

@@ -63,7 +63,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from tidings.brokers.base import BrokerBase, DeadLetter, Received
 from tidings.brokers.envelope import Message
 from tidings.core.codec import JSONCodec
-from tidings.core.errors import ConfigurationError, StoreError
+from tidings.core.errors import BrokerError, ConfigurationError
 
 __all__ = ["RedisBroker", "RedisBrokerError"]
 
@@ -113,7 +113,7 @@ return 0
 """
 
 
-class RedisBrokerError(StoreError):
+class RedisBrokerError(BrokerError):
     """Redis failed (unreachable after retries, or refused a command)."""
 
 

@@ -19,6 +19,7 @@ TidingsError
 ├── EventDecodeError (ValueError)          a stored row that cannot be decoded
 ├── InvalidCloudEvent (ValueError)         a message that is not a CloudEvent we can read
 ├── StoreError (RuntimeError)              the database failed (locked, disk full, corrupt)
+│   └── BrokerError                        a broker unreachable after bounded retries, or refusing
 ├── StoreClosed (RuntimeError)             the store is not open
 ├── AggregateNotFound (LookupError)        `Repository.get` of a stream with no events
 ├── UnhandledEvent (LookupError)           an aggregate or projection has no `@on` for a type
@@ -39,6 +40,7 @@ from pydantic import ValidationError
 
 __all__ = [
     "AggregateNotFound",
+    "BrokerError",
     "ConfigurationError",
     "DuplicateEventType",
     "EventDecodeError",
@@ -220,6 +222,11 @@ class InvalidCloudEvent(TidingsError, ValueError):
 
 class StoreError(TidingsError, RuntimeError):
     """The backend failed underneath tidings; the driver's error is the `__cause__`."""
+
+
+class BrokerError(StoreError):
+    """A broker failed underneath tidings: unreachable after the adapter's bounded retries,
+    or it refused an operation. A `StoreError` too, so one handler covers any backend."""
 
 
 class StoreClosed(TidingsError, RuntimeError):
