@@ -22,8 +22,10 @@ from urllib.parse import parse_qsl, urlsplit
 import pytest
 
 STORE_BACKENDS = ("memory", "sqlite", "postgres")
-BROKER_BACKENDS = tuple(os.environ.get("TIDINGS_TEST_BROKERS", "memory,redis,nats").split(","))
-"""Brokers the conformance suite runs on (`TIDINGS_TEST_BROKERS=rabbitmq` picks others)."""
+BROKER_BACKENDS = tuple(
+    os.environ.get("TIDINGS_TEST_BROKERS", "memory,redis,nats,rabbitmq").split(",")
+)
+"""Brokers the conformance suite runs on (`TIDINGS_TEST_BROKERS=redis,nats` picks fewer)."""
 POSTGRES = os.environ.get("TIDINGS_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
 REDIS = os.environ.get("TIDINGS_TEST_REDIS", "redis://127.0.0.1:6379/0")
 NATS = os.environ.get("TIDINGS_TEST_NATS", "nats://127.0.0.1:4222")

@@ -459,19 +459,11 @@ async def amqp_publish(
         await exchange.publish(message, routing_key=rabbitmq_route(key))
 
 
-TIMESTAMP_TIME = pytest.mark.xfail(
-    reason="RabbitMQBroker reads header values with str() (rabbitmq.py _text_headers): the "
-    "AMQP binding's cloudEvents_time as a timestamp (int ms) becomes '1714979289123', which "
-    "from_cloudevent refuses: dead-lettered as 'InvalidCloudEvent: month must be in 1..12'",
-    strict=True,
-)
-
-
 @pytest.mark.parametrize(
     ("mode", "key"),
     [
-        pytest.param("binary", KEY, marks=TIMESTAMP_TIME, id="binary-keyed"),
-        pytest.param("binary", None, marks=TIMESTAMP_TIME, id="binary-keyless"),
+        pytest.param("binary", KEY, id="binary-keyed"),
+        pytest.param("binary", None, id="binary-keyless"),
         pytest.param("binary-text-time", KEY, id="binary-text-time-keyed"),
         pytest.param("binary-text-time", None, id="binary-text-time-keyless"),
         pytest.param("structured", KEY, id="structured-keyed"),

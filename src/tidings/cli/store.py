@@ -9,6 +9,7 @@ show, as their type and raw data.
 from __future__ import annotations
 
 import asyncio
+import signal
 from typing import Annotated, Any
 
 import typer
@@ -153,9 +154,23 @@ async def _tail(url: str, after: int, limit: int | None, follow: bool, as_json: 
             async for record in store.read_all(after, limit=limit):
                 show(record)
             return
-        shown = 0
-        async for record in store.subscribe(after):
-            show(record)
-            shown += 1
-            if limit is not None and shown >= limit:
-                return
+
+        async def follow_log() -> None:
+            shown = 0
+            async for record in store.subscribe(after):
+                show(record)
+                shown += 1
+                if limit is not None and shown >= limit:
+                    return
+
+        # Ctrl-C through the loop, not as KeyboardInterrupt: asyncio.run's own SIGINT handler
+        # cancels between any two bytecodes, which can break a read finishing at that moment.
+        following = asyncio.create_task(follow_log())
+        loop = asyncio.get_running_loop()
+        for number in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(number, following.cancel)
+        try:
+            await following
+        except asyncio.CancelledError:
+            if not following.cancelled():
+                raise  # this coroutine itself was cancelled
