@@ -25,6 +25,15 @@ rate on the same server; 11. append-to-subscriber latency through LISTEN/NOTIFY 
 10 ms budget; p50 shown too). When the server is unreachable these rows are skipped, saying
 why, and the rest of the run goes on.
 
+Scenarios 12-15 use the broker adapters (brokers.py) on Redis Streams (`--redis URL`, default
+`$TIDINGS_BENCH_REDIS` or redis://127.0.0.1:6379/0) and NATS JetStream (`--nats URL`, default
+`$TIDINGS_BENCH_NATS` or nats://127.0.0.1:4222), in streams of their own per round that are
+deleted afterwards: 12 and 14 publish (one message at a time, each awaited), 13 and 15 consume
+and ack (a `Service` handler; prefetch 16), each measured in the same run against (a) the raw
+client doing the same work (target 0.75x) and (b) faststream on the same broker (target 1x).
+An unreachable server skips its rows, saying why; RabbitMQ's rows are not measured yet (its
+adapter is being reworked; see `brokers.RABBITMQ_TARGET`).
+
 Prints one table (tidings, the baseline, their ratio, the target, pass or missed) and writes the
 same numbers to benchmarks/results.json (a --quick run writes results-quick.json instead, so it
 never overwrites the numbers the README quotes). A missed target is reported, not an error: the
@@ -58,6 +67,7 @@ from rich.table import Table
 
 # Run as a script (`python benchmarks/run.py`), so this directory is on sys.path already.
 import aggregates
+import brokers
 import peer_eventsourcing
 import postgres_store
 import projections
@@ -90,6 +100,8 @@ class Sizes:
     pg_es_block_saves: int
     pg_latency_samples: int
     pg_latency_warm: int
+    broker_messages: int
+    broker_warm: int
 
 
 PG_WRITERS = 16
@@ -116,6 +128,8 @@ FULL = Sizes(
     pg_es_block_saves=150,
     pg_latency_samples=400,
     pg_latency_warm=50,
+    broker_messages=5000,
+    broker_warm=50,
 )
 QUICK = Sizes(
     single_appends=1000,
@@ -137,6 +151,8 @@ QUICK = Sizes(
     pg_es_block_saves=40,
     pg_latency_samples=40,
     pg_latency_warm=10,
+    broker_messages=200,
+    broker_warm=20,
 )
 
 
@@ -244,6 +260,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="the PostgreSQL server for scenarios 9-11 (default $TIDINGS_BENCH_POSTGRES or "
         "postgresql://postgres@127.0.0.1:5432/test); each run uses schemas of its own and "
         "drops them; 'none' skips these scenarios",
+    )
+    parser.add_argument(
+        "--redis",
+        default=brokers.DEFAULT_REDIS,
+        metavar="URL",
+        help="the Redis server for scenarios 12-13 (default $TIDINGS_BENCH_REDIS or "
+        "redis://127.0.0.1:6379/0); each round uses keys of its own and deletes them; 'none' "
+        "skips these scenarios",
+    )
+    parser.add_argument(
+        "--nats",
+        default=brokers.DEFAULT_NATS,
+        metavar="URL",
+        help="the NATS server (JetStream on) for scenarios 14-15 (default $TIDINGS_BENCH_NATS "
+        "or nats://127.0.0.1:4222); each round uses streams of its own and deletes them; "
+        "'none' skips these scenarios",
     )
     parser.add_argument(
         "--json",
@@ -584,6 +616,92 @@ def postgres_rows(
     return rows, skipped
 
 
+# Scenarios 12-15, per broker: (publish, consume) x (raw client, faststream). RabbitMQ's rows
+# (16-17) come the same way once its adapter settles: see `brokers.RABBITMQ_TARGET`.
+BROKER_NUMBERS = {"redis": (12, 13), "nats": (14, 15)}
+BROKER_TITLES = {"redis": "Redis Streams", "nats": "NATS JetStream"}
+BROKER_RAW = {"redis": "raw redis.asyncio", "nats": "raw nats-py"}
+RAW_TARGET, FASTSTREAM_TARGET = 0.75, 1.0
+
+
+def broker_scenarios(key: str) -> dict[str, str]:
+    """The four rows of broker `key`: row key -> scenario name."""
+    publish, consume = BROKER_NUMBERS[key]
+    title, raw = BROKER_TITLES[key], BROKER_RAW[key]
+    return {
+        f"{key}_publish_vs_raw": f"{publish}a. {title} publish vs {raw}",
+        f"{key}_publish_vs_faststream": f"{publish}b. {title} publish vs faststream",
+        f"{key}_consume_vs_raw": f"{consume}a. {title} consume+ack vs {raw}",
+        f"{key}_consume_vs_faststream": f"{consume}b. {title} consume+ack vs faststream",
+    }
+
+
+def broker_rows(
+    sizes: Sizes, targets: dict[str, brokers.Target | str], phases: Phases
+) -> tuple[list[Row], list[Skipped]]:
+    """Scenarios 12-15, or why they are skipped (a target is then the reason)."""
+    rows: list[Row] = []
+    skipped: list[Skipped] = []
+    no_faststream = brokers.faststream_missing()
+    r, n, warm = sizes.rounds, sizes.broker_messages, sizes.broker_warm
+    rounds = f"{r} round{'s' * (r > 1)}"
+    for key, target in targets.items():
+        names = broker_scenarios(key)
+        if isinstance(target, str):
+            skipped.extend(Skipped(row, name, target) for row, name in names.items())
+            continue
+        sides = 2 if no_faststream else 3
+        publish, consume = BROKER_NUMBERS[key]
+        title = BROKER_TITLES[key]
+        with (
+            phases.phase(
+                f"{publish}. {title}: publish, {sides} sides ({rounds})",
+                r * sides * n,
+            ) as advance_publish,
+            phases.phase(
+                f"{consume}. {title}: consume+ack, {sides} sides ({rounds})",
+                r * sides * (warm + n),
+            ) as advance_consume,
+        ):
+            measured = brokers.measure(
+                target,
+                n,
+                r,
+                advance_publish,
+                advance_consume,
+                with_faststream=no_faststream is None,
+                warm=warm,
+            )
+        raw = f"{BROKER_RAW[key]}, same work, acks and batching"
+        faststream = f"faststream {brokers.faststream_version()} on {title}"
+        pairs = [
+            ("publish_vs_raw", measured.publish_raw, raw, RAW_TARGET),
+            ("publish_vs_faststream", measured.publish_faststream, faststream, FASTSTREAM_TARGET),
+            ("consume_vs_raw", measured.consume_raw, raw, RAW_TARGET),
+            ("consume_vs_faststream", measured.consume_faststream, faststream, FASTSTREAM_TARGET),
+        ]
+        for suffix, pair, label, target_ratio in pairs:
+            row_key = f"{key}_{suffix}"
+            if pair is None:
+                skipped.append(Skipped(row_key, names[row_key], str(no_faststream)))
+                continue
+            who = "faststream" if suffix.endswith("faststream") else "raw"
+            rows.append(
+                Row(
+                    row_key,
+                    names[row_key],
+                    "msgs/s",
+                    best(pair.tidings),
+                    best(pair.raw),
+                    label,
+                    target_ratio,
+                    f">= {target_ratio:g}x {who}",
+                    pair,
+                )
+            )
+    return rows, skipped
+
+
 def _figure(value: float, unit: str) -> str:
     return f"{value:,.3f} {unit}" if value < 100 else f"{value:,.0f} {unit}"
 
@@ -599,7 +717,10 @@ def table(rows: list[Row], skipped: list[Skipped], title: str) -> Table:
             "library on the same SQLite settings (7, 7b, 8); raw asyncpg calling the same "
             "append function (9); eventsourcing's single-writer rate on the same PostgreSQL "
             "server (10); 11 is the p99 latency from just before an append to the subscriber "
-            "of another store instance (p50 beside it), against a 10 ms budget."
+            "of another store instance (p50 beside it), against a 10 ms budget. 12-15: "
+            "messages/s through the Redis and NATS adapters (publish one at a time, awaited; "
+            "consume with a Service, prefetch 16, acked) against the raw client doing the same "
+            "(a) and faststream (b), best round each."
         ),
         caption_justify="left",
     )
@@ -689,6 +810,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.postgres.lower() == "none"
         else postgres_store.connect(args.postgres)
     )
+    targets = {key: brokers.connect(key, getattr(args, key)) for key in ("redis", "nats")}
     started = time.perf_counter()
     progress = Progress(
         TextColumn("{task.description}"),
@@ -707,20 +829,24 @@ def main(argv: list[str] | None = None) -> int:
             rows = run(sizes, directory, phases)
             pg_rows, skipped = postgres_rows(sizes, server, phases)
             rows.extend(pg_rows)
+            broker_measured, broker_skipped = broker_rows(sizes, targets, phases)
+            rows.extend(broker_measured)
+            skipped.extend(broker_skipped)
     finally:
         if isinstance(server, postgres_store.Server):
             server.drop_all()
     seconds = time.perf_counter() - started
 
     env = environment(server)
+    env["brokers"] = brokers.environment(targets)
     pg = env["postgresql"]
     title = (
         f"tidings {env['tidings']} vs raw sqlite3 {env['sqlite']}"
         + (f", raw asyncpg {env['asyncpg']} on PostgreSQL {pg['server_version']}" if pg else "")
         + f" and eventsourcing {env['eventsourcing']} — Python {env['python']}, "
         f"{env['cpus']} CPUs, {'quick' if args.quick else 'full'} run; best of "
-        f"{sizes.rounds} (1-3, 7-10), {sizes.read_rounds} (4) and {sizes.catch_up_rounds} (6) "
-        "per side; 5: median of blocks"
+        f"{sizes.rounds} (1-3, 7-10, 12-15), {sizes.read_rounds} (4) and "
+        f"{sizes.catch_up_rounds} (6) per side; 5: median of blocks"
     )
     console.print(table(rows, skipped, title))
     if any(row.key == "pg_notify_latency" for row in rows):
@@ -748,7 +874,8 @@ def main(argv: list[str] | None = None) -> int:
         "durability": (
             "SQLite (1-8): journal_mode=WAL, synchronous=FULL on both sides of every scenario; "
             "PostgreSQL (9-11): the server's settings (fsync, synchronous_commit in "
-            "environment.postgresql), the same for both sides"
+            "environment.postgresql), the same for both sides; Redis and NATS (12-15): the "
+            "servers' own settings, the same for every side (NATS: file storage)"
         ),
         "method": (
             "Rates are per second (events, saves or loads); the best round per side is reported "
@@ -765,7 +892,12 @@ def main(argv: list[str] | None = None) -> int:
             "and raw asyncpg block by block; 10 alternates blocks of 16 concurrent tidings "
             "writers with blocks of eventsourcing's single writer; 11 is one run of spaced "
             "appends, its figure the p99 latency in ms (p50_ms, p90_ms, p99_ms, max_ms and "
-            "mean_ms beside it) and its baseline the 10 ms budget, so ratio = p99 / 10 ms."
+            "mean_ms beside it) and its baseline the 10 ms budget, so ratio = p99 / 10 ms. "
+            "Scenarios 12-15 (brokers.py) run tidings, the raw client and faststream on the "
+            "same server, each on streams of its own per round: publishing alternates the "
+            "three sides block by block (each message awaited); consuming times each side's "
+            "group from the first message at the handler until the server reports all "
+            "acked; the (a) rows compare with the raw client, the (b) rows with faststream."
         ),
         "scenarios": {row.key: row.to_json() for row in rows},
         "skipped": {

@@ -1,0 +1,907 @@
+"""Scenarios 12-15: the broker adapters against the raw client and faststream, one run.
+
+Each broker runs three sides in the same process, each on a connection of its own and in
+streams of its own named after this run and round (`bench-<run id>-<round>-<side>...` keys on
+Redis, `BENCH_<run id>_<round>_<SIDE>` streams on NATS), all deleted after each round:
+
+- tidings: `open_broker(url, prefix=...)` (Redis) / `open_broker(url, stream=..., prefix=...)`
+  (NATS) with every other option at its default. Publishing is `broker.publish("orders",
+  event)` of a `tidings.Event` with four fields, no key; consuming is a `Service` with one
+  `@service.handler("orders")` taking the typed event, as a user writes it (concurrency 1,
+  `subscribe`'s prefetch 16; the service acks after the handler returns). Without a key, the
+  messages go to one stream: `<prefix>:orders:any` on Redis (a CloudEvent in structured
+  mode, field `ce`), subject `<prefix>.orders.any._` of a file-backed, interest-retention
+  JetStream stream on NATS (binary mode: `ce-` headers, the data as body, `Nats-Msg-Id`).
+- raw: the plain client doing the same work on the same layout. Redis (redis.asyncio): one
+  `XADD <stream> * ce <body>` per message, awaited; one consumer reads `XREADGROUP ... COUNT
+  16 BLOCK 100` on that stream, `json.loads` each body and `XACK`s it (awaited) before the
+  next. NATS (nats-py): a stream with the same configuration (file storage, interest
+  retention, 120 s duplicate window), one `js.publish(subject, body, stream=..., headers=
+  {"Nats-Msg-Id": ...})` per message, awaiting its ack; a durable pull consumer like
+  tidings' (explicit ack, deliver "new", ack_wait 30 s, max_ack_pending 1000) read with
+  `fetch(16)`, `json.loads` and `msg.ack()` per message. The raw body is a small JSON
+  envelope (id, type, time and the data, encoded in the timed part) padded with spaces to
+  the exact size tidings puts on the wire for the same event (Redis: the structured
+  CloudEvent; NATS: the `ce-` headers plus the body), so both move the same bytes.
+- faststream: its `RedisBroker` publishing the same fields as a pydantic model
+  (`broker.publish(model, stream=...)`) and consuming with `StreamSub(stream, group,
+  consumer, max_records=16)`; its `NatsBroker` publishing with `stream=` (JetStream, waits
+  for the ack; given the same `Nats-Msg-Id` header so the server does the same
+  de-duplication work) to a stream of the same configuration and consuming with
+  `pull_sub=PullSub(16)` on a durable consumer of the same configuration. The handler takes
+  the pydantic model (faststream validates it); acks are faststream's default (after the
+  handler). Its logger is off (`logger=None`), as tidings logs nothing per message either.
+  faststream puts its own envelope (headers, correlation id) on the wire; the bytes each
+  side stored are recorded in `wire_bytes`.
+
+Publishing: the three sides publish the same events one at a time, each awaited (the broker
+has it durably), taking turns in blocks (`block` messages each, the order rotating) so drift
+on a small VM hits all alike; each side's clock runs only around its own blocks. A warm-up of
+`warm` messages per side comes first, untimed. Consuming: the group of each side was declared
+before publishing, so it holds the `warm + count` messages; the sides then consume in turn
+(the order rotating by round). The clock starts when the first message reaches the handler
+(so connecting and declaring, which differ by design, are not counted) and stops when the
+server reports every message acked (Redis: the group's XPENDING count is 0; NATS: the
+group's durable consumer of those messages has none pending and none awaiting an ack), polled
+from a separate admin connection once the last message reached the handler; the rate is
+(messages - 1) / that time. Each consumer must see every message exactly once (checked).
+Best round per side.
+
+RabbitMQ: its adapter is being reworked; `RABBITMQ_TARGET` is the hook for adding its rows
+the same way (a `Target` subclass with raw aio-pika and faststream `RabbitBroker` sides).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import json
+import os
+import random
+import time
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from importlib import metadata
+from typing import Any
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel
+
+from sqlite_store import Measured
+from tidings import Event, Service, open_broker
+from tidings.brokers import BrokerBase
+from tidings.brokers.envelope import encode as encode_message
+
+Advance = Callable[[int], None]
+
+DEFAULT_REDIS = os.environ.get("TIDINGS_BENCH_REDIS", "redis://127.0.0.1:6379/0")
+DEFAULT_NATS = os.environ.get("TIDINGS_BENCH_NATS", "nats://127.0.0.1:4222")
+TOPIC = "orders"
+GROUP = "bench"
+EVENT_TYPE = "bench.order.placed"
+PREFETCH = 16  # tidings' subscribe default; the raw COUNT / fetch batch and faststream's too
+CONSUME_LIMIT = 60.0  # seconds one side may take to consume a round's messages
+SIDES = ("tidings", "raw", "faststream")
+
+
+class OrderPlaced(Event, type=EVENT_TYPE):
+    """The event tidings publishes: a realistic small one, four fields."""
+
+    order_id: str
+    customer: str
+    amount_cents: int
+    currency: str
+
+
+class OrderModel(BaseModel):
+    """What a faststream user publishes: the same fields, plus the id and time tidings adds."""
+
+    id: uuid.UUID
+    time: datetime
+    order_id: str
+    customer: str
+    amount_cents: int
+    currency: str
+
+
+@dataclass(frozen=True, slots=True)
+class Order:
+    """One event as each side receives it, built before any timing."""
+
+    event: OrderPlaced  # tidings
+    model: OrderModel  # faststream
+    id: str  # raw: the id and the fields
+    data: dict[str, Any]
+    redis_bytes: int  # what tidings puts on the wire for it: the raw body is padded to this
+    nats_bytes: int
+
+
+def make_orders(count: int, seed: int) -> list[Order]:
+    from tidings.brokers.nats import _wire  # the adapter's own encoding, to size the raw body
+
+    rng = random.Random(seed)
+    currencies = ("EUR", "USD", "GBP", "CHF")
+    orders = []
+    for _ in range(count):
+        data = {
+            "order_id": f"ord-{rng.randrange(10**8):08d}",
+            "customer": f"cus-{rng.randrange(10**6):06d}",
+            "amount_cents": rng.randrange(100, 500_000),
+            "currency": rng.choice(currencies),
+        }
+        event = OrderPlaced(**data)
+        message = encode_message(TOPIC, event)
+        headers, body = _wire(message, "ce-")
+        nats_bytes = sum(len(k) + len(v) + 4 for k, v in headers.items()) + len(body)
+        model = OrderModel(id=event.event_id, time=datetime.now(UTC), **data)
+        orders.append(
+            Order(
+                event,
+                model,
+                str(event.event_id),
+                data,
+                len(message.structured()),
+                nats_bytes,
+            )
+        )
+    return orders
+
+
+def raw_body(order: Order, size: int) -> bytes:
+    """The raw side's message: a JSON envelope padded to tidings' size (in the timed part)."""
+    document = {
+        "id": order.id,
+        "type": EVENT_TYPE,
+        "time": datetime.now(UTC).isoformat(),
+        "data": order.data,
+    }
+    return json.dumps(document, separators=(",", ":")).encode().ljust(size)
+
+
+def faststream_missing() -> str | None:
+    """Why the faststream sides cannot run, or None."""
+    try:
+        import faststream.nats
+        import faststream.redis  # noqa: F401
+    except ImportError as exc:
+        return f'faststream is not installed ({exc}); pip install -e ".[dev]"'
+    return None
+
+
+def _version(distribution: str) -> str | None:
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def faststream_version() -> str | None:
+    return _version("faststream")
+
+
+def environment(targets: dict[str, Target | str]) -> dict[str, Any]:
+    """The brokers' server versions (None when skipped) and the client libraries."""
+    return {
+        **{
+            key: target.server if isinstance(target, Target) else None
+            for key, target in targets.items()
+        },
+        "clients": {name: _version(name) for name in ("redis", "nats-py", "faststream")},
+    }
+
+
+def _address(url: str, port: int) -> str:
+    parts = urlsplit(url.split(",", 1)[0])
+    return f"{parts.hostname or '127.0.0.1'}:{parts.port or port}"
+
+
+class Tally:
+    """Messages seen by one consumer; the clock starts at the first."""
+
+    def __init__(self, expected: int) -> None:
+        self.expected = expected
+        self.seen = 0
+        self.first = 0.0
+        self.done = asyncio.Event()
+
+    def hit(self) -> None:
+        self.seen += 1
+        if self.seen == 1:
+            self.first = time.perf_counter()
+        if self.seen == self.expected:
+            self.done.set()
+
+
+# -- the sides ---------------------------------------------------------------------------
+
+
+class Side(ABC):
+    """One way of publishing and consuming: tidings, the raw client, or faststream."""
+
+    name: str
+    where: str  # the stream (key on Redis, name on NATS) its messages go to
+
+    @abstractmethod
+    async def open(self) -> None:
+        """Connect and declare the group, so it keeps what is published next (untimed)."""
+
+    @abstractmethod
+    async def publish(self, orders: list[Order]) -> None:
+        """Publish each order, one at a time, each awaited (timed)."""
+
+    @abstractmethod
+    async def start(self, tally: Tally) -> None:
+        """Start consuming the group, calling `tally.hit()` in the handler."""
+
+    @abstractmethod
+    async def stop(self) -> None:
+        """Stop consuming (after the clock)."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Disconnect."""
+
+
+class TidingsSide(Side):
+    name = "tidings"
+
+    def __init__(self, url: str, where: str, **options: Any) -> None:
+        self.where = where
+        self.broker: BrokerBase = open_broker(url, **options)
+        self.service: Service | None = None
+        self.task: asyncio.Task[None] | None = None
+
+    async def open(self) -> None:
+        await self.broker.open()
+        await self.broker.declare(TOPIC, GROUP)
+
+    async def publish(self, orders: list[Order]) -> None:
+        publish = self.broker.publish
+        for order in orders:
+            await publish(TOPIC, order.event)
+
+    async def start(self, tally: Tally) -> None:
+        service = Service(GROUP, broker=self.broker)
+
+        @service.handler(TOPIC)
+        async def placed(event: OrderPlaced) -> None:
+            tally.hit()
+
+        self.service = service
+        self.task = asyncio.create_task(service.run())
+
+    async def stop(self) -> None:
+        if self.service is not None and self.task is not None:
+            self.service.stop()
+            async with asyncio.timeout(15):
+                await self.task
+
+    async def close(self) -> None:
+        await self.broker.aclose()
+
+
+class _Loop(Side):
+    """A side whose consumer is a plain loop in a task, stopped by a flag it checks after
+    each read (cancelling redis-py in a blocking XREADGROUP can hang)."""
+
+    task: asyncio.Task[None] | None = None
+    running = False
+
+    async def start(self, tally: Tally) -> None:
+        self.running = True
+        self.task = asyncio.create_task(self._consume(tally))
+
+    @abstractmethod
+    async def _consume(self, tally: Tally) -> None: ...
+
+    async def stop(self) -> None:
+        self.running = False
+        if self.task is not None:
+            async with asyncio.timeout(15):
+                await self.task
+
+
+# -- Redis Streams -----------------------------------------------------------------------
+
+
+class RawRedis(_Loop):
+    name = "raw"
+
+    def __init__(self, url: str, where: str) -> None:
+        import redis.asyncio as aioredis
+
+        self.where = where
+        self.client = aioredis.Redis.from_url(url, protocol=2, decode_responses=False)
+
+    async def open(self) -> None:
+        await self.client.xgroup_create(self.where, GROUP, id="$", mkstream=True)
+
+    async def publish(self, orders: list[Order]) -> None:
+        xadd, stream = self.client.xadd, self.where
+        for order in orders:
+            await xadd(stream, {"ce": raw_body(order, order.redis_bytes)})
+
+    async def _consume(self, tally: Tally) -> None:
+        client, stream = self.client, self.where
+        while self.running:
+            response: Any = await client.xreadgroup(
+                GROUP, "raw-1", {stream: ">"}, count=PREFETCH, block=100
+            )
+            for _, entries in response or []:
+                for entry_id, fields in entries:
+                    json.loads(fields[b"ce"])
+                    tally.hit()
+                    await client.xack(stream, GROUP, entry_id)
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+
+class FastStreamRedis(Side):
+    name = "faststream"
+
+    def __init__(self, url: str, where: str, admin: Any) -> None:
+        from faststream.redis import RedisBroker, StreamSub
+
+        self.where = where
+        self.admin = admin
+        self.broker = RedisBroker(url, logger=None)
+        self.tally: Tally | None = None
+        subscriber = self.broker.subscriber(
+            stream=StreamSub(where, group=GROUP, consumer="faststream-1", max_records=PREFETCH)
+        )
+
+        @subscriber
+        async def placed(order: OrderModel) -> None:
+            assert self.tally is not None
+            self.tally.hit()
+
+    async def open(self) -> None:
+        # The group first, at `$` as faststream would make it, so it keeps what follows.
+        await self.admin.xgroup_create(self.where, GROUP, id="$", mkstream=True)
+        await self.broker.connect()
+
+    async def publish(self, orders: list[Order]) -> None:
+        publish, stream = self.broker.publish, self.where
+        for order in orders:
+            await publish(order.model, stream=stream)
+
+    async def start(self, tally: Tally) -> None:
+        self.tally = tally
+        await self.broker.start()
+
+    async def stop(self) -> None:
+        await self.broker.stop()
+
+    async def close(self) -> None:
+        await self.broker.stop()
+
+
+# -- NATS JetStream ----------------------------------------------------------------------
+
+
+def _nats_stream_config(name: str, subjects: list[str]) -> Any:
+    from nats.js import api
+
+    return api.StreamConfig(  # what NATSBroker makes for its stream
+        name=name,
+        subjects=subjects,
+        retention=api.RetentionPolicy.INTEREST,
+        storage=api.StorageType.FILE,
+        duplicate_window=120.0,
+    )
+
+
+def _nats_consumer_config(subject: str) -> Any:
+    from nats.js import api
+
+    return api.ConsumerConfig(  # what NATSBroker makes for a group's keyless lane
+        durable_name=GROUP,
+        deliver_policy=api.DeliverPolicy.NEW,
+        ack_policy=api.AckPolicy.EXPLICIT,
+        ack_wait=30.0,
+        max_deliver=-1,
+        filter_subject=subject,
+        max_ack_pending=1000,
+    )
+
+
+class RawNATS(_Loop):
+    name = "raw"
+
+    def __init__(self, url: str, where: str, subject: str) -> None:
+        self.url = url
+        self.where = where
+        self.subject = subject
+        self.nc: Any = None
+        self.js: Any = None
+
+    async def open(self) -> None:
+        import nats
+
+        self.nc = await nats.connect(self.url.split("?", 1)[0])
+        self.js = self.nc.jetstream(timeout=5.0)
+        await self.js.add_stream(_nats_stream_config(self.where, [self.subject]))
+        await self.js.add_consumer(self.where, _nats_consumer_config(self.subject))
+
+    async def publish(self, orders: list[Order]) -> None:
+        publish, subject, stream = self.js.publish, self.subject, self.where
+        for order in orders:
+            await publish(
+                subject,
+                raw_body(order, order.nats_bytes),
+                timeout=5.0,
+                stream=stream,
+                headers={"Nats-Msg-Id": f"{TOPIC}:{order.id}"},
+            )
+
+    async def _consume(self, tally: Tally) -> None:
+        import nats.errors
+
+        sub = await self.js.pull_subscribe_bind(GROUP, self.where)
+        try:
+            while self.running:
+                try:
+                    messages = await sub.fetch(PREFETCH, timeout=0.1)
+                except nats.errors.TimeoutError:
+                    continue
+                for msg in messages:
+                    json.loads(msg.data)
+                    tally.hit()
+                    await msg.ack()
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    async def close(self) -> None:
+        if self.nc is not None:
+            await self.nc.close()
+
+
+class FastStreamNATS(Side):
+    name = "faststream"
+
+    def __init__(self, url: str, where: str, subject: str, admin: Any) -> None:
+        from faststream.nats import JStream, NatsBroker, PullSub
+
+        self.where = where
+        self.subject = subject
+        self.admin = admin
+        self.broker = NatsBroker(url.split("?", 1)[0], logger=None)
+        self.tally: Tally | None = None
+        subscriber = self.broker.subscriber(
+            subject,
+            stream=JStream(where, declare=False),  # made in open(), as the others' are
+            durable=GROUP,
+            pull_sub=PullSub(PREFETCH),
+        )
+
+        @subscriber
+        async def placed(order: OrderModel) -> None:
+            assert self.tally is not None
+            self.tally.hit()
+
+    async def open(self) -> None:
+        await self.admin.add_stream(_nats_stream_config(self.where, [self.subject]))
+        await self.admin.add_consumer(self.where, _nats_consumer_config(self.subject))
+        await self.broker.connect()
+
+    async def publish(self, orders: list[Order]) -> None:
+        publish, subject, stream = self.broker.publish, self.subject, self.where
+        for order in orders:
+            await publish(
+                order.model,
+                subject,
+                stream=stream,
+                timeout=5.0,
+                headers={"Nats-Msg-Id": f"{TOPIC}:{order.id}"},
+            )
+
+    async def start(self, tally: Tally) -> None:
+        self.tally = tally
+        await self.broker.start()
+
+    async def stop(self) -> None:
+        await self.broker.stop()
+
+    async def close(self) -> None:
+        await self.broker.stop()
+
+
+# -- the brokers -------------------------------------------------------------------------
+
+
+class Target(ABC):
+    """One broker under test: how to reach it, its three sides, and the admin checks."""
+
+    key: str  # "redis"
+    title: str  # "Redis Streams"
+    variable: str  # the environment variable of its URL
+    option: str  # the run.py option of its URL
+
+    def __init__(self, url: str, run_id: str) -> None:
+        self.url = url
+        self.run_id = run_id
+        self.server: dict[str, Any] = {}
+
+    @abstractmethod
+    async def probe(self) -> None:
+        """Raise if the server cannot be used; fill `self.server` with its version."""
+
+    @abstractmethod
+    async def admin_open(self) -> None: ...
+
+    @abstractmethod
+    async def admin_close(self) -> None: ...
+
+    @abstractmethod
+    def sides(self, number: int, with_faststream: bool) -> list[Side]:
+        """The sides of round `number`, on names of their own."""
+
+    @abstractmethod
+    async def drained(self, side: Side) -> bool:
+        """Whether the server holds no unacked message of `side`'s group."""
+
+    @abstractmethod
+    async def stored_bytes(self, side: Side) -> int:
+        """The bytes the server holds for the first message of `side` (body and fields or
+        headers)."""
+
+    @abstractmethod
+    async def cleanup(self, number: int | None = None) -> None:
+        """Delete what round `number` (None: this whole run) made on the server."""
+
+    def unreachable(self, exc: BaseException) -> str:
+        return (
+            f"{self.title} is not reachable at {self.address} ({type(exc).__name__}: {exc}); "
+            f"start it or pass {self.option} URL (or set {self.variable})"
+        )
+
+    @property
+    @abstractmethod
+    def address(self) -> str: ...
+
+
+class RedisTarget(Target):
+    key = "redis"
+    title = "Redis"
+    variable = "TIDINGS_BENCH_REDIS"
+    option = "--redis"
+
+    admin: Any = None
+
+    @property
+    def address(self) -> str:
+        return _address(self.url, 6379)
+
+    def _tag(self, number: int) -> str:
+        return f"bench-{self.run_id}-{number}"
+
+    async def probe(self) -> None:
+        import redis.asyncio as aioredis
+
+        client = aioredis.Redis.from_url(self.url, socket_connect_timeout=3)
+        try:
+            async with asyncio.timeout(5):
+                info = await client.info("server")
+        finally:
+            await client.aclose()
+        self.server = {"redis_version": info.get("redis_version")}
+
+    async def admin_open(self) -> None:
+        import redis.asyncio as aioredis
+
+        self.admin = aioredis.Redis.from_url(self.url, protocol=2, decode_responses=False)
+
+    async def admin_close(self) -> None:
+        await self.admin.aclose()
+
+    def sides(self, number: int, with_faststream: bool) -> list[Side]:
+        tag = self._tag(number)
+        prefix = f"{tag}-tidings"
+        sides: list[Side] = [
+            TidingsSide(self.url, f"{prefix}:{TOPIC}:any", prefix=prefix),
+            RawRedis(self.url, f"{tag}-raw:{TOPIC}:any"),
+        ]
+        if with_faststream:
+            sides.append(FastStreamRedis(self.url, f"{tag}-faststream:{TOPIC}", self.admin))
+        return sides
+
+    async def drained(self, side: Side) -> bool:
+        summary = await self.admin.xpending(side.where, GROUP)
+        return int(summary["pending"]) == 0
+
+    async def stored_bytes(self, side: Side) -> int:
+        entries = await self.admin.xrange(side.where, count=1)
+        return sum(len(k) + len(v) for k, v in entries[0][1].items()) if entries else 0
+
+    async def cleanup(self, number: int | None = None) -> None:
+        pattern = f"bench-{self.run_id}-*" if number is None else f"{self._tag(number)}-*"
+        keys = [key async for key in self.admin.scan_iter(match=pattern, count=500)]
+        for start in range(0, len(keys), 500):
+            await self.admin.delete(*keys[start : start + 500])
+
+
+class NATSTarget(Target):
+    key = "nats"
+    title = "NATS JetStream"
+    variable = "TIDINGS_BENCH_NATS"
+    option = "--nats"
+
+    nc: Any = None
+    js: Any = None
+
+    def __init__(self, url: str, run_id: str) -> None:
+        super().__init__(url, run_id)
+        self._durables: dict[str, str] = {}  # stream -> the durable consumer of its group
+
+    @property
+    def address(self) -> str:
+        return _address(self.url, 4222)
+
+    def _names(self, number: int) -> tuple[str, str]:
+        """The stream name stem and subject prefix stem of round `number`."""
+        return f"BENCH_{self.run_id}_{number}", f"bench_{self.run_id}_{number}"
+
+    async def probe(self) -> None:
+        import nats
+
+        async with asyncio.timeout(5):
+            nc = await nats.connect(
+                self.url.split("?", 1)[0],
+                connect_timeout=3,
+                allow_reconnect=False,
+                max_reconnect_attempts=0,
+            )
+        try:
+            async with asyncio.timeout(5):
+                await nc.jetstream().account_info()  # raises without JetStream
+            self.server = {"nats_server_version": nc.connected_server_version.__str__()}
+        finally:
+            await nc.close()
+
+    async def admin_open(self) -> None:
+        import nats
+
+        self.nc = await nats.connect(self.url.split("?", 1)[0])
+        self.js = self.nc.jetstream(timeout=5.0)
+
+    async def admin_close(self) -> None:
+        await self.nc.close()
+
+    def sides(self, number: int, with_faststream: bool) -> list[Side]:
+        stream, prefix = self._names(number)
+        sides: list[Side] = [
+            TidingsSide(
+                self.url,
+                f"{stream}_TIDINGS",
+                stream=f"{stream}_TIDINGS",
+                prefix=f"{prefix}_tidings",
+            ),
+            RawNATS(self.url, f"{stream}_RAW", f"{prefix}_raw.{TOPIC}"),
+        ]
+        if with_faststream:
+            sides.append(
+                FastStreamNATS(
+                    self.url, f"{stream}_FASTSTREAM", f"{prefix}_faststream.{TOPIC}", self.js
+                )
+            )
+        return sides
+
+    async def drained(self, side: Side) -> bool:
+        durable = self._durables.get(side.where)
+        if durable is None:  # tidings' group has a consumer per lane: the keyless one's
+            durable = GROUP
+            for info in await self.js.consumers_info(side.where):
+                if (info.config.filter_subject or "").endswith(f".{TOPIC}.any.*"):
+                    durable = info.name
+            self._durables[side.where] = durable
+        info = await self.js.consumer_info(side.where, durable)
+        return int(info.num_ack_pending) == 0 and int(info.num_pending) == 0
+
+    async def stored_bytes(self, side: Side) -> int:
+        msg = await self.js.get_msg(side.where, seq=1)
+        headers = sum(len(k) + len(v) + 4 for k, v in (msg.headers or {}).items())
+        return headers + len(msg.data or b"")
+
+    async def cleanup(self, number: int | None = None) -> None:
+        stem = f"BENCH_{self.run_id}_" if number is None else f"{self._names(number)[0]}_"
+        for info in await self.js.streams_info():
+            if info.config.name and info.config.name.startswith(stem):
+                with contextlib.suppress(Exception):
+                    await self.js.delete_stream(info.config.name)
+
+
+TARGETS: dict[str, type[Target]] = {"redis": RedisTarget, "nats": NATSTarget}
+
+RABBITMQ_TARGET: type[Target] | None = None
+"""The hook for RabbitMQ's rows, not measured while its adapter is being reworked: write a
+`RabbitMQTarget(Target)` like `RedisTarget` (tidings side: `TidingsSide(url, <queue>, ...)`;
+raw side: aio-pika publishing with publisher confirms and consuming with the same prefetch
+and manual acks; faststream side: its `RabbitBroker`), set it here, add it to `TARGETS`, and
+add its four rows to `run.py`'s `BROKER_SCENARIOS` (`--rabbitmq URL` beside `--redis`)."""
+
+
+def connect(key: str, url: str) -> Target | str:
+    """The broker `key` at `url`, or why it cannot be used (a message for skipped rows)."""
+    target = TARGETS[key](url, uuid.uuid4().hex[:8])
+    if url.lower() == "none":
+        return f"skipped with {target.option} none"
+    try:
+        asyncio.run(target.probe())
+    except ImportError as exc:
+        return f'the {key} client is not installed ({exc}); pip install -e ".[dev]"'
+    except Exception as exc:  # any failure to reach it: report it, run the rest
+        return target.unreachable(exc)
+    return target
+
+
+# -- one round and the scenarios ---------------------------------------------------------
+
+
+def _rotate(sides: list[Side], by: int) -> list[Side]:
+    k = by % len(sides)
+    return sides[k:] + sides[:k]
+
+
+async def _consume(target: Target, side: Side, total: int, number: int) -> float:
+    tally = Tally(total)
+    gc.collect()
+    await side.start(tally)
+    try:
+        async with asyncio.timeout(CONSUME_LIMIT):
+            await tally.done.wait()
+            while not await target.drained(side):
+                pass
+        end = time.perf_counter()
+    except TimeoutError:
+        raise SystemExit(
+            f"{target.title}, round {number}: {side.name} consumed {tally.seen} of {total} "
+            f"messages in {CONSUME_LIMIT:g} s"
+        ) from None
+    finally:
+        await side.stop()
+    if tally.seen != total:
+        raise SystemExit(
+            f"{target.title}, round {number}: {side.name} handled {tally.seen} deliveries "
+            f"of {total} messages"
+        )
+    return (total - 1) / (end - tally.first)
+
+
+async def _round(
+    target: Target,
+    number: int,
+    count: int,
+    warm: int,
+    block: int,
+    with_faststream: bool,
+    advance_publish: Advance,
+    advance_consume: Advance,
+) -> tuple[dict[str, float], dict[str, float], dict[str, int]]:
+    orders = make_orders(warm + count, seed=1200 + number)
+    await target.admin_open()
+    sides = target.sides(number, with_faststream)
+    try:
+        for side in sides:
+            await side.open()
+            await side.publish(orders[:warm])
+        gc.collect()
+        spent = dict.fromkeys((side.name for side in sides), 0.0)
+        for index, lo in enumerate(range(warm, warm + count, block)):
+            hi = min(lo + block, warm + count)
+            for side in _rotate(sides, index + number):
+                start = time.perf_counter()
+                await side.publish(orders[lo:hi])
+                spent[side.name] += time.perf_counter() - start
+            advance_publish(len(sides) * (hi - lo))
+        stored = {side.name: await target.stored_bytes(side) for side in sides}
+        consumed: dict[str, float] = {}
+        for side in _rotate(sides, number):
+            consumed[side.name] = await _consume(target, side, warm + count, number)
+            advance_consume(warm + count)
+    finally:
+        for side in sides:
+            with contextlib.suppress(Exception):
+                await side.close()
+        try:
+            await target.cleanup(number)
+        finally:
+            await target.admin_close()
+    published = {name: count / seconds for name, seconds in spent.items()}
+    return published, consumed, stored
+
+
+@dataclass
+class BrokerMeasured:
+    """One broker's rates per side and round, as the four rows' `Measured`."""
+
+    publish_raw: Measured
+    publish_faststream: Measured | None
+    consume_raw: Measured
+    consume_faststream: Measured | None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def measure(
+    target: Target,
+    count: int,
+    rounds: int,
+    advance_publish: Advance,
+    advance_consume: Advance,
+    with_faststream: bool,
+    warm: int = 50,
+    block: int = 100,
+) -> BrokerMeasured:
+    """Publish and consume `count` messages per side and round (after `warm` untimed ones)."""
+    rates: dict[str, dict[str, list[float]]] = {
+        "publish": {name: [] for name in SIDES},
+        "consume": {name: [] for name in SIDES},
+    }
+    stored: dict[str, int] = {}
+    try:
+        for number in range(rounds):
+            published, consumed, stored = asyncio.run(
+                _round(
+                    target,
+                    number,
+                    count,
+                    warm,
+                    block,
+                    with_faststream,
+                    advance_publish,
+                    advance_consume,
+                )
+            )
+            for name, rate in published.items():
+                rates["publish"][name].append(rate)
+            for name, rate in consumed.items():
+                rates["consume"][name].append(rate)
+    finally:
+        asyncio.run(_cleanup_all(target))
+    info = {
+        "broker": target.title,
+        "server": target.server,
+        "clients": {
+            name: _version(name) for name in ("redis", "nats-py", "faststream", "pydantic")
+        },
+        "messages_per_round": count,
+        "warm_up_messages": warm,
+        "interleaved_block_messages": block,
+        "prefetch": PREFETCH,
+        "wire_bytes": stored,
+        "rates": rates,
+    }
+    publish_info = {**info, "timed": "publish, one message at a time, each awaited"}
+    consume_info = {
+        **info,
+        "timed": "first message at the handler -> the server reports every message acked",
+    }
+
+    def pair(kind: str, other: str, extra: dict[str, Any]) -> Measured:
+        return Measured(
+            tidings=list(rates[kind]["tidings"]),
+            raw=list(rates[kind][other]),
+            info={**extra, "baseline": other},
+        )
+
+    return BrokerMeasured(
+        pair("publish", "raw", publish_info),
+        pair("publish", "faststream", publish_info) if with_faststream else None,
+        pair("consume", "raw", consume_info),
+        pair("consume", "faststream", consume_info) if with_faststream else None,
+        info,
+    )
+
+
+async def _cleanup_all(target: Target) -> None:
+    """Delete whatever this run left (a crashed round's too)."""
+    await target.admin_open()
+    try:
+        await target.cleanup()
+    finally:
+        await target.admin_close()
