@@ -169,33 +169,34 @@ class Service:
 
     async def _member(self, topic: str, group: str) -> None:
         stopping = self._stopping
-        async with self.broker.subscribe(topic, group=group) as deliveries:
-            iterator = aiter(deliveries)
-            while not stopping.is_set():
-                taking = asyncio.ensure_future(anext(iterator))
-                stopped = asyncio.ensure_future(stopping.wait())
-                done, _ = await asyncio.wait({taking, stopped}, return_when=asyncio.FIRST_COMPLETED)
-                if taking not in done:
-                    taking.cancel()  # a message not yet taken stays with the broker
-                    await asyncio.gather(taking, return_exceptions=True)
-                    stopped.cancel()
-                    break
-                stopped.cancel()
-                try:
-                    delivery = taking.result()
-                except StopAsyncIteration:
-                    break
-                work = asyncio.ensure_future(self.handle(delivery))
-                try:
-                    await asyncio.shield(work)
-                except asyncio.CancelledError:
-                    # Stopping hard: give the handler its bound, then leave it unacked.
+        stopped = asyncio.ensure_future(stopping.wait())  # one watcher for the whole run
+        try:
+            async with self.broker.subscribe(topic, group=group) as deliveries:
+                iterator = aiter(deliveries)
+                while not stopping.is_set():
+                    taking = asyncio.ensure_future(anext(iterator))
+                    await asyncio.wait({taking, stopped}, return_when=asyncio.FIRST_COMPLETED)
+                    if not taking.done():
+                        taking.cancel()  # a message not yet taken stays with the broker
+                        await asyncio.gather(taking, return_exceptions=True)
+                        break
                     try:
-                        async with asyncio.timeout(self.shutdown_timeout):
-                            await work
-                    except (TimeoutError, asyncio.CancelledError):
-                        pass
-                    raise
+                        delivery = taking.result()
+                    except StopAsyncIteration:
+                        break
+                    work = asyncio.ensure_future(self.handle(delivery))
+                    try:
+                        await asyncio.shield(work)
+                    except asyncio.CancelledError:
+                        # Stopping hard: give the handler its bound, then leave it unacked.
+                        try:
+                            async with asyncio.timeout(self.shutdown_timeout):
+                                await work
+                        except (TimeoutError, asyncio.CancelledError):
+                            pass
+                        raise
+        finally:
+            stopped.cancel()
 
     async def handle(self, delivery: Delivery) -> None:
         """Process one delivery: decode, route, retry, dead-letter or skip; then settle it."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -29,6 +30,7 @@ _INTS = ("schemaversion", "streamversion", "position")
 _PERCENT_SAFE = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) not in '"%')
 """What the HTTP binding (and so `ce-` headers) leaves unescaped: printable ASCII but `"`
 and `%`; the rest is UTF-8, percent-encoded."""
+_NEEDS_ESCAPE = re.compile(r'[^\x21-\x7e]|["%]')
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,7 +140,8 @@ class Message:
 
 
 def _escape(value: Any) -> str:
-    return quote(str(value), safe=_PERCENT_SAFE)
+    text = str(value)
+    return quote(text, safe=_PERCENT_SAFE) if _NEEDS_ESCAPE.search(text) else text
 
 
 def encode(

@@ -27,7 +27,7 @@ lane's pending message; `attempt` is JetStream's delivery count; a dead-lettered
 arrives at every group's consumer of the lane; the other groups ack and skip it.
 
 A member pulls lazily: only while it waits for its next message does it send pull requests
-(batch 1 per keyed lane, the free prefetch for `any`, five-second expiry) to its own inbox, so
+(batch 1 per lane, five-second expiry) to its own inbox, so
 an idle or stopping member does not take messages it will not process. Leaving drains the inbox
 subscription (the server drops pull requests nobody listens to, and what was in flight
 arrives), then NAKs what the member held, for another member to take at once. While it holds
@@ -48,6 +48,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -339,9 +340,7 @@ class NATSBroker(BrokerBase):
     # -- groups and members ----------------------------------------------------------------
 
     def _durable(self, topic: str, group: str, lane: str) -> str:
-        digest = hashlib.sha256(f"{topic}\0{group}".encode()).hexdigest()[:16]
-        readable = re.sub(r"[^A-Za-z0-9_-]", "_", group)[:40]
-        return f"{readable}-{digest}-{lane}"
+        return f"{_group_name(topic, group)}-{lane}"
 
     async def _declare(self, topic: str, group: str) -> None:
         await asyncio.gather(*(self._ensure_consumer(topic, group, lane) for lane in self._lanes))
@@ -513,6 +512,7 @@ class _Puller:
         self.inbox = self.nc.new_inbox()
         self.sub: Subscription | None = None
         self.buffer: deque[Msg] = deque()
+        self._request: bytes | None = None  # the encoded pull request, made once
         self.waiting: dict[str, deque[float]] = {}  # lane -> deadlines of pull requests
         self.held: dict[int, _NATSReceived] = {}
         self.wake = asyncio.Event()
@@ -580,14 +580,17 @@ class _Puller:
         if room <= 0:
             return
         expires = broker.pull_expires
-        request = json.dumps({"batch": 1, "expires": int(expires * 1e9)}).encode()
+        request = self._request
+        if request is None:
+            request = json.dumps({"batch": 1, "expires": int(expires * 1e9)}).encode()
+            self._request = request
+        stem = f"{_API}.CONSUMER.MSG.NEXT.{broker.stream}.{_group_name(self.topic, self.group)}"
         for lane in broker._lanes:
             deadlines = self.waiting.setdefault(lane, deque())
             # One request of batch 1 per lane: JetStream (2.9) undercounts the deliveries of
             # a message NAKed while a departed member's older request is still waiting.
             wanted = 1 - len(deadlines)
-            durable = broker._durable(self.topic, self.group, lane)
-            subject = f"{_API}.CONSUMER.MSG.NEXT.{broker.stream}.{durable}"
+            subject = f"{stem}-{lane}"
             for _ in range(max(0, wanted)):
                 deadlines.append(now + expires + _GRACE)
                 try:
@@ -683,6 +686,14 @@ def _servers(url: str) -> list[str]:
 def _address(server: str) -> str:
     parts = urlsplit(server)
     return f"{parts.hostname or '127.0.0.1'}:{parts.port or 4222}"
+
+
+@functools.lru_cache(maxsize=4096)
+def _group_name(topic: str, group: str) -> str:
+    """The durable consumers' name stem for `group` of `topic` (readable, then unique)."""
+    digest = hashlib.sha256(f"{topic}\0{group}".encode()).hexdigest()[:16]
+    readable = re.sub(r"[^A-Za-z0-9_-]", "_", group)[:40]
+    return f"{readable}-{digest}"
 
 
 def _retention_name(policy: api.RetentionPolicy | None) -> str:

@@ -200,10 +200,12 @@ class _Received(Received):
         c, entry = self.consumer, self.entry
         b = self.broker
         try:
+            if not entry.not_before:  # the common case: one command, no pipeline
+                await b._client.xack(b._stream(c.topic, entry.shard), c.group, entry.id)
+                return
             async with b._client.pipeline(transaction=False) as pipe:
                 pipe.xack(b._stream(c.topic, entry.shard), c.group, entry.id)
-                if entry.not_before:
-                    pipe.hdel(b._hold(c.topic, entry.shard, c.group), entry.id)
+                pipe.hdel(b._hold(c.topic, entry.shard, c.group), entry.id)
                 await pipe.execute()
         except RedisError as exc:
             raise RedisBrokerError(f"cannot ack {self.message.id} on Redis: {exc}") from exc
@@ -344,7 +346,12 @@ class RedisBroker(BrokerBase):
         )
 
     async def _append(self, entries: Iterable[tuple[str, Mapping[Any, Any]]]) -> None:
+        entries = list(entries)
         try:
+            if len(entries) == 1:  # one XADD is atomic by itself: no MULTI/EXEC round
+                [(stream, fields)] = entries
+                await self._client.xadd(stream, dict(fields))
+                return
             async with self._client.pipeline(transaction=True) as pipe:
                 for stream, fields in entries:
                     pipe.xadd(stream, dict(fields))
