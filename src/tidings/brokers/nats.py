@@ -27,10 +27,14 @@ lane's pending message; `attempt` is JetStream's delivery count; a dead-lettered
 arrives at every group's consumer of the lane; the other groups ack and skip it.
 
 A member pulls lazily: only while it waits for its next message does it send pull requests
-(batch 1 per lane, five-second expiry) to its own inbox, so
-an idle or stopping member does not take messages it will not process. Leaving drains the inbox
-subscription (the server drops pull requests nobody listens to, and what was in flight
-arrives), then NAKs what the member held, for another member to take at once. While it holds
+(batch 1 and a five-second expiry per keyed lane; the free prefetch in one batch, open 0.2 s,
+for `any`, so a busy member does not pay a round trip per keyless message) to its own inboxes,
+so an idle or stopping member does not take messages it will not process. Leaving drains the
+keyed lanes' inbox (the server drops pull requests nobody listens to, and what was in flight
+arrives), lets the keyless batch request end (a NAK while it is open is miscounted by
+nats-server 2.9), then NAKs what the member held, for another member to take at once. A
+message fetched in a batch but given back without being handed out is remembered by stream
+sequence, so its next `attempt` does not count that delivery (within this process). While it holds
 messages it sends "in progress" every `ack_wait / 3`, so only a crashed member's messages wait
 for `ack_wait` (30 s) before redelivery. nats-py reconnects by itself; the consumers keep their
 state on the server, and pull requests lost in a reconnect expire and are sent again. A durable
@@ -80,6 +84,8 @@ __all__ = ["NATSBroker"]
 log = logging.getLogger("tidings.brokers.nats")
 
 _ANY = "any"  # the lane of keyless messages
+_BATCH_EXPIRES = 0.2  # seconds a batch request on the keyless lane stays open at the server
+_UNTAKEN_KEPT = 100_000  # given-back messages remembered for their attempt count
 _ALL = "_"  # the target of a message for every group (no group name starts with "_")
 _KEY_HEADER = "Tidings-Key"
 _STRUCTURED = "application/cloudevents+json"
@@ -184,6 +190,10 @@ class NATSBroker(BrokerBase):
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
         self._pullers: dict[str, _Puller] = {}
+        # Stream sequence -> how often a member of this process fetched the message in a batch
+        # and gave it back without handing it out: JetStream counts those deliveries, `attempt`
+        # does not. Another process cannot know, so there a returned message may say one more.
+        self._untaken: dict[int, int] = {}
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> NATSBroker:
@@ -338,6 +348,11 @@ class NATSBroker(BrokerBase):
         return f"{self.prefix}.{_token(topic)}.{lane}.{target}"
 
     # -- groups and members ----------------------------------------------------------------
+
+    def _count_untaken(self, sequence: int) -> None:
+        if len(self._untaken) >= _UNTAKEN_KEPT:
+            del self._untaken[next(iter(self._untaken))]  # the oldest
+        self._untaken[sequence] = self._untaken.get(sequence, 0) + 1
 
     def _durable(self, topic: str, group: str, lane: str) -> str:
         return f"{_group_name(topic, group)}-{lane}"
@@ -509,10 +524,13 @@ class _Puller:
         self.prefetch = prefetch
         self.target = _token(group)
         self.nc, _ = broker._connection()
-        self.inbox = self.nc.new_inbox()
+        self.inbox = self.nc.new_inbox()  # replies to the keyed lanes' requests
+        self.any_inbox = self.nc.new_inbox()  # and to the keyless lane's (leaving drains it last)
         self.sub: Subscription | None = None
+        self.any_sub: Subscription | None = None
         self.buffer: deque[Msg] = deque()
-        self._request: bytes | None = None  # the encoded pull request, made once
+        self._requests: dict[tuple[int, float], bytes] = {}  # encoded, by (batch, expiry)
+        self.outstanding: dict[str, int] = {}  # lane -> messages its request may still bring
         self.waiting: dict[str, deque[float]] = {}  # lane -> deadlines of pull requests
         self.held: dict[int, _NATSReceived] = {}
         self.wake = asyncio.Event()
@@ -524,6 +542,7 @@ class _Puller:
     async def start(self) -> None:
         try:
             self.sub = await self.nc.subscribe(f"{self.inbox}.*", cb=self._arrived)
+            self.any_sub = await self.nc.subscribe(f"{self.any_inbox}.*", cb=self._arrived)
         except _NATS_ERRORS as exc:
             raise BrokerError(f"cannot subscribe to NATS: {_describe(exc)}") from exc
         self.keepalive = asyncio.create_task(self._keep_alive())
@@ -534,7 +553,7 @@ class _Puller:
             status = headers.get("Status", "")
             if status == "100":  # idle heartbeat
                 return
-            self._answered(msg.subject.rpartition(".")[2])
+            self._answered(msg.subject.rpartition(".")[2], finished=True)
             description = str(headers.get(api.Header.DESCRIPTION, ""))
             if status == "503" or "Deleted" in description:
                 self.redeclare = True  # the consumer is gone (expired or deleted)
@@ -544,10 +563,15 @@ class _Puller:
         self.buffer.append(msg)
         self.wake.set()
 
-    def _answered(self, lane: str) -> None:
-        deadlines = self.waiting.get(lane)
-        if deadlines:
-            deadlines.popleft()
+    def _answered(self, lane: str, *, finished: bool = False) -> None:
+        """A message (or, `finished`, the server's end of the request) came for `lane`."""
+        left = self.outstanding.get(lane, 0) - 1
+        self.outstanding[lane] = left
+        if finished or left <= 0:
+            self.outstanding[lane] = 0
+            deadlines = self.waiting.get(lane)
+            if deadlines:
+                deadlines.popleft()
 
     def take(self) -> _NATSReceived | None:
         """The next buffered message as a delivery; None for another group's replay."""
@@ -558,7 +582,8 @@ class _Puller:
             task.add_done_callback(self.chores.discard)
             return None
         message = self.broker._decode(self.topic, msg)
-        received = _NATSReceived(self, msg, message, msg.metadata.num_delivered)
+        untaken = self.broker._untaken.get(msg.metadata.sequence.stream, 0)
+        received = _NATSReceived(self, msg, message, max(1, msg.metadata.num_delivered - untaken))
         self.held[id(received)] = received
         return received
 
@@ -576,28 +601,31 @@ class _Puller:
         for deadlines in self.waiting.values():
             while deadlines and deadlines[0] < now:
                 deadlines.popleft()  # lost with a connection: ask again
-        room = self.prefetch - len(self.held)
+        room = self.prefetch - len(self.held) - len(self.buffer)
         if room <= 0:
             return
         expires = broker.pull_expires
-        request = self._request
-        if request is None:
-            request = json.dumps({"batch": 1, "expires": int(expires * 1e9)}).encode()
-            self._request = request
         stem = f"{_API}.CONSUMER.MSG.NEXT.{broker.stream}.{_group_name(self.topic, self.group)}"
         for lane in broker._lanes:
             deadlines = self.waiting.setdefault(lane, deque())
-            # One request of batch 1 per lane: JetStream (2.9) undercounts the deliveries of
-            # a message NAKed while a departed member's older request is still waiting.
-            wanted = 1 - len(deadlines)
-            subject = f"{stem}-{lane}"
-            for _ in range(max(0, wanted)):
-                deadlines.append(now + expires + _GRACE)
-                try:
-                    await self.nc.publish(subject, request, reply=f"{self.inbox}.{lane}")
-                except _NATS_ERRORS as exc:
-                    log.debug("pull request failed: %s", _describe(exc))
-                    return  # asked again once its deadline passes
+            # One request at a time per lane. A keyed lane has one message in flight anyway;
+            # the keyless lane asks for the free prefetch in one batch, so a busy member does
+            # not pay a round trip per message.
+            if deadlines:
+                continue
+            batch, lasts = (room, min(expires, _BATCH_EXPIRES)) if lane == _ANY else (1, expires)
+            request = self._requests.get((batch, lasts))
+            if request is None:
+                request = json.dumps({"batch": batch, "expires": int(lasts * 1e9)}).encode()
+                self._requests[batch, lasts] = request
+            deadlines.append(now + lasts + _GRACE)
+            self.outstanding[lane] = batch
+            try:
+                inbox = self.any_inbox if lane == _ANY else self.inbox
+                await self.nc.publish(f"{stem}-{lane}", request, reply=f"{inbox}.{lane}")
+            except _NATS_ERRORS as exc:
+                log.debug("pull request failed: %s", _describe(exc))
+                return  # asked again once its deadline passes
 
     def patience(self) -> float:
         """Seconds to wait for a message before looking at the pull requests again."""
@@ -620,13 +648,19 @@ class _Puller:
         if self.keepalive is not None:
             self.keepalive.cancel()
             await asyncio.gather(self.keepalive, return_exceptions=True)
-        if self.sub is not None:
-            try:  # stop our pull requests; what the server already sent arrives first
-                async with asyncio.timeout(5.0):
-                    await self.sub.drain()  # type: ignore[no-untyped-call]
-            except _NATS_ERRORS:
-                with contextlib.suppress(*_NATS_ERRORS):
-                    await self.sub.unsubscribe()
+        await _drain(self.sub)  # the keyed lanes' requests: what the server sent arrives first
+        if self.any_sub is not None and self.waiting.get(_ANY):
+            # A batch request still open at the server would take the keyless messages NAKed
+            # below (and JetStream 2.9 then miscounts their deliveries): let it end first,
+            # keeping what it brings. It lasts at most _BATCH_EXPIRES.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(_BATCH_EXPIRES + _GRACE):
+                    while self.waiting.get(_ANY):
+                        self.wake.clear()
+                        await self.wake.wait()
+        await _drain(self.any_sub)
+        for msg in self.buffer:  # fetched but never handed out: not an attempt
+            self.broker._count_untaken(msg.metadata.sequence.stream)
         unsettled = [*self.buffer, *(r.msg for r in self.held.values())]
         for received in self.held.values():
             received.settled = True
@@ -646,6 +680,7 @@ class _NATSReceived(Received):
         self.settled = False
 
     async def ack(self) -> None:
+        self.puller.broker._untaken.pop(self.msg.metadata.sequence.stream, None)
         await self._settle(self.msg.ack)
 
     async def nack(self, delay: float | None) -> None:
@@ -655,6 +690,7 @@ class _NATSReceived(Received):
         await self._settle(nak)
 
     async def terminate(self) -> None:
+        self.puller.broker._untaken.pop(self.msg.metadata.sequence.stream, None)
         await self._settle(self.msg.term)  # AckTerm: JetStream stops redelivering it
 
     async def _settle(self, action: Callable[[], Awaitable[None]]) -> None:
@@ -670,6 +706,18 @@ class _NATSReceived(Received):
 
 
 # -- helpers ------------------------------------------------------------------------------
+
+
+async def _drain(sub: Subscription | None) -> None:
+    """Stop a pull-reply subscription; what the server already sent is delivered first."""
+    if sub is None:
+        return
+    try:
+        async with asyncio.timeout(5.0):
+            await sub.drain()  # type: ignore[no-untyped-call]
+    except _NATS_ERRORS:
+        with contextlib.suppress(*_NATS_ERRORS):
+            await sub.unsubscribe()
 
 
 def _token(name: str) -> str:
