@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
+import tidings
+from tests.backends import BROKER_BACKENDS, broker_url, require
 from tidings.cli.main import app
 
 SERVICE = """
@@ -74,3 +79,55 @@ def test_dlq_list_on_an_empty_broker_and_a_missing_one() -> None:
     assert result.exit_code == 2 and "no dead letter 'nope'" in result.output
     result = CliRunner().invoke(app, ["dlq", "list", "--broker", "kafkaish://x"])
     assert result.exit_code == 2 and "unknown broker URL" in result.output
+
+
+class Parcel(tidings.Event, type="test.cli.parcel"):
+    n: int
+
+
+REAL_BROKERS = [b for b in BROKER_BACKENDS if b != "memory"]  # memory keeps nothing between runs
+
+
+async def _dead_letter_one(url: str, topic: str) -> str:
+    async with tidings.open_broker(url) as broker:
+        await broker.declare(topic, "cli")
+        await broker.publish(topic, Parcel(n=7))
+        async with broker.subscribe(topic, group="cli") as deliveries:
+            async with asyncio.timeout(10):
+                delivery = await anext(aiter(deliveries))
+            dead = await delivery.dead_letter("boom: the label printer is out of paper")
+        return dead.id
+
+
+async def _redelivered(url: str, topic: str) -> tuple[int, list[str]]:
+    async with tidings.open_broker(url) as broker:
+        async with broker.subscribe(topic, group="cli") as deliveries:
+            async with asyncio.timeout(10):
+                delivery = await anext(aiter(deliveries))
+            await delivery.ack()
+        left = [dead.id for dead in await broker.dead_letters(topic)]
+        return delivery.event.n, left  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("backend", REAL_BROKERS)
+def test_dlq_list_show_and_replay_on_a_real_broker(backend: str) -> None:
+    require(backend)
+    url, topic = broker_url(backend), f"cli-{uuid.uuid4().hex[:10]}"
+    dead_id = asyncio.run(_dead_letter_one(url, topic))
+    runner = CliRunner()
+
+    listed = runner.invoke(app, ["dlq", "list", "--broker", url, "--topic", topic, "--json"])
+    assert listed.exit_code == 0, listed.output
+    [line] = [json.loads(text) for text in listed.output.splitlines()]
+    assert (line["id"], line["topic"], line["group"]) == (dead_id, topic, "cli")
+    assert line["error"] == "boom: the label printer is out of paper" and line["attempts"] == 1
+
+    shown = runner.invoke(app, ["dlq", "show", dead_id, "--broker", url])
+    assert shown.exit_code == 0, shown.output
+    shown_letter = json.loads(shown.output)
+    assert shown_letter["attributes"]["type"] == "test.cli.parcel"
+    assert json.loads(shown_letter["data"]) == {"n": 7}
+
+    replayed = runner.invoke(app, ["dlq", "replay", dead_id, "--broker", url])
+    assert replayed.exit_code == 0 and f"replayed {dead_id} to {topic}/cli" in replayed.output
+    assert asyncio.run(_redelivered(url, topic)) == (7, [])
