@@ -10,16 +10,16 @@ Redis, `BENCH_<run id>_<round>_<SIDE>` streams on NATS), all deleted after each 
   `@service.handler("orders")` taking the typed event, as a user writes it (concurrency 1,
   `subscribe`'s prefetch 16; the service acks after the handler returns). Without a key, the
   messages go to one stream: `<prefix>:orders:any` on Redis (a CloudEvent in structured
-  mode, field `ce`), subject `<prefix>.orders.any._` of a file-backed, interest-retention
+  mode, field `ce`), subject `<prefix>.orders.any._` of a file-backed, limits-retention
   JetStream stream on NATS (binary mode: `ce-` headers, the data as body, `Nats-Msg-Id`).
 - raw: the plain client doing the same work on the same layout. Redis (redis.asyncio): one
   `XADD <stream> * ce <body>` per message, awaited; one consumer reads `XREADGROUP ... COUNT
   16 BLOCK 100` on that stream, `json.loads` each body and `XACK`s it (awaited) before the
-  next. NATS (nats-py): a stream with the same configuration (file storage, interest
-  retention, 120 s duplicate window), one `js.publish(subject, body, stream=..., headers=
-  {"Nats-Msg-Id": ...})` per message, awaiting its ack; a durable pull consumer like
-  tidings' (explicit ack, deliver "new", ack_wait 30 s, max_ack_pending 1000) read with
-  `fetch(16)`, `json.loads` and `msg.ack()` per message. The raw body is a small JSON
+  next. NATS (nats-py): a stream with the same configuration (file storage, limits
+  retention with a 7-day max age, 120 s duplicate window), one `js.publish(subject, body,
+  stream=..., headers={"Nats-Msg-Id": ...})` per message, awaiting its ack; a durable pull
+  consumer like tidings' (explicit ack, deliver "new", ack_wait 30 s, max_ack_pending 1000)
+  read with `fetch(16)`, `json.loads` and `msg.ack()` per message. The raw body is a small JSON
   envelope (id, type, time and the data, encoded in the timed part) padded with spaces to
   the exact size tidings puts on the wire for the same event (Redis: the structured
   CloudEvent; NATS: the `ce-` headers plus the body), so both move the same bytes.
@@ -47,8 +47,9 @@ from a separate admin connection once the last message reached the handler; the 
 (messages - 1) / that time. Each consumer must see every message exactly once (checked).
 Best round per side.
 
-RabbitMQ: its adapter is being reworked; `RABBITMQ_TARGET` is the hook for adding its rows
-the same way (a `Target` subclass with raw aio-pika and faststream `RabbitBroker` sides).
+RabbitMQ has no rows yet; `RABBITMQ_TARGET` is the hook for adding them the same way (a
+`Target` subclass with raw aio-pika and faststream `RabbitBroker` sides on durable quorum
+queues, tidings' default without `expires`, deleted after each round).
 """
 
 from __future__ import annotations
@@ -390,8 +391,9 @@ def _nats_stream_config(name: str, subjects: list[str]) -> Any:
     return api.StreamConfig(  # what NATSBroker makes for its stream
         name=name,
         subjects=subjects,
-        retention=api.RetentionPolicy.INTEREST,
+        retention=api.RetentionPolicy.LIMITS,
         storage=api.StorageType.FILE,
+        max_age=7 * 86400.0,
         duplicate_window=120.0,
     )
 
