@@ -1,4 +1,4 @@
-"""Scenarios 12-15: the broker adapters against the raw client and faststream, one run.
+"""Scenarios 12-17: the broker adapters against the raw client and faststream, one run.
 
 Each broker runs three sides in the same process, each on a connection of its own and in
 streams of its own named after this run and round (`bench-<run id>-<round>-<side>...` keys on
@@ -47,9 +47,16 @@ from a separate admin connection once the last message reached the handler; the 
 (messages - 1) / that time. Each consumer must see every message exactly once (checked).
 Best round per side.
 
-RabbitMQ has no rows yet; `RABBITMQ_TARGET` is the hook for adding them the same way (a
-`Target` subclass with raw aio-pika and faststream `RabbitBroker` sides on durable quorum
-queues, tidings' default without `expires`, deleted after each round).
+RabbitMQ (16-17): tidings on a topic of its own per round (its default settings: a group is
+durable quorum queues, keyless messages go to the `...:any` one, publisher confirms,
+persistent messages, binary mode with `cloudEvents_` headers). Raw aio-pika: a durable direct
+exchange and one durable quorum queue bound with `any`, a confirming channel with
+`basic_qos(16)`, persistent messages of tidings' size (headers plus body), `json.loads` and an
+ack per message. faststream: `RabbitBroker` with a `Channel(prefetch_count=16,
+publisher_confirms=True)`, the same exchange and quorum queue, `persist=True`. A quorum queue
+does not report unacked messages, so the consume clock stops once the queue holds no ready
+message and every message reached the handler: each side's last ack is not waited for. No
+side's stored bytes are read (RabbitMQ cannot show a message without taking it).
 """
 
 from __future__ import annotations
@@ -81,6 +88,7 @@ Advance = Callable[[int], None]
 
 DEFAULT_REDIS = os.environ.get("TIDINGS_BENCH_REDIS", "redis://127.0.0.1:6379/0")
 DEFAULT_NATS = os.environ.get("TIDINGS_BENCH_NATS", "nats://127.0.0.1:4222")
+DEFAULT_RABBITMQ = os.environ.get("TIDINGS_BENCH_RABBITMQ", "amqp://guest:guest@127.0.0.1:5672/")
 TOPIC = "orders"
 GROUP = "bench"
 EVENT_TYPE = "bench.order.placed"
@@ -119,6 +127,7 @@ class Order:
     data: dict[str, Any]
     redis_bytes: int  # what tidings puts on the wire for it: the raw body is padded to this
     nats_bytes: int
+    rabbitmq_bytes: int
 
 
 def make_orders(count: int, seed: int) -> list[Order]:
@@ -138,6 +147,8 @@ def make_orders(count: int, seed: int) -> list[Order]:
         message = encode_message(TOPIC, event)
         headers, body = _wire(message, "ce-")
         nats_bytes = sum(len(k) + len(v) + 4 for k, v in headers.items()) + len(body)
+        amqp = message.binary_headers("cloudEvents_")  # the AMQP binding's application properties
+        rabbitmq_bytes = sum(len(k) + len(v) for k, v in amqp.items()) + len(message.data)
         model = OrderModel(id=event.event_id, time=datetime.now(UTC), **data)
         orders.append(
             Order(
@@ -147,6 +158,7 @@ def make_orders(count: int, seed: int) -> list[Order]:
                 data,
                 len(message.structured()),
                 nats_bytes,
+                rabbitmq_bytes,
             )
         )
     return orders
@@ -167,6 +179,7 @@ def faststream_missing() -> str | None:
     """Why the faststream sides cannot run, or None."""
     try:
         import faststream.nats
+        import faststream.rabbit
         import faststream.redis  # noqa: F401
     except ImportError as exc:
         return f'faststream is not installed ({exc}); pip install -e ".[dev]"'
@@ -191,7 +204,9 @@ def environment(targets: dict[str, Target | str]) -> dict[str, Any]:
             key: target.server if isinstance(target, Target) else None
             for key, target in targets.items()
         },
-        "clients": {name: _version(name) for name in ("redis", "nats-py", "faststream")},
+        "clients": {
+            name: _version(name) for name in ("redis", "nats-py", "aio-pika", "faststream")
+        },
     }
 
 
@@ -250,25 +265,26 @@ class Side(ABC):
 class TidingsSide(Side):
     name = "tidings"
 
-    def __init__(self, url: str, where: str, **options: Any) -> None:
+    def __init__(self, url: str, where: str, *, topic: str = TOPIC, **options: Any) -> None:
         self.where = where
+        self.topic = topic
         self.broker: BrokerBase = open_broker(url, **options)
         self.service: Service | None = None
         self.task: asyncio.Task[None] | None = None
 
     async def open(self) -> None:
         await self.broker.open()
-        await self.broker.declare(TOPIC, GROUP)
+        await self.broker.declare(self.topic, GROUP)
 
     async def publish(self, orders: list[Order]) -> None:
-        publish = self.broker.publish
+        publish, topic = self.broker.publish, self.topic
         for order in orders:
-            await publish(TOPIC, order.event)
+            await publish(topic, order.event)
 
     async def start(self, tally: Tally) -> None:
         service = Service(GROUP, broker=self.broker)
 
-        @service.handler(TOPIC)
+        @service.handler(self.topic)
         async def placed(event: OrderPlaced) -> None:
             tally.hit()
 
@@ -514,6 +530,115 @@ class FastStreamNATS(Side):
         await self.broker.stop()
 
 
+# -- RabbitMQ ----------------------------------------------------------------------------
+
+
+QUORUM = {"x-queue-type": "quorum"}  # tidings' group queues without `expires`
+
+
+class RawRabbitMQ(Side):
+    name = "raw"
+
+    def __init__(self, url: str, where: str) -> None:
+        self.url = url
+        self.where = where  # the queue; the exchange is named after it
+        self.connection: Any = None
+        self.channel: Any = None
+        self.exchange: Any = None
+        self.tag: str | None = None
+        self.queue: Any = None
+
+    async def open(self) -> None:
+        import aio_pika
+
+        self.connection = await aio_pika.connect(self.url)
+        self.channel = await self.connection.channel(publisher_confirms=True)
+        await self.channel.set_qos(prefetch_count=PREFETCH)
+        self.exchange = await self.channel.declare_exchange(
+            f"{self.where}.x", aio_pika.ExchangeType.DIRECT, durable=True
+        )
+        self.queue = await self.channel.declare_queue(self.where, durable=True, arguments=QUORUM)
+        await self.queue.bind(self.exchange, routing_key="any")
+
+    async def publish(self, orders: list[Order]) -> None:
+        import aio_pika
+
+        publish = self.exchange.publish
+        for order in orders:
+            message = aio_pika.Message(
+                raw_body(order, order.rabbitmq_bytes),
+                content_type="application/json",
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            )
+            await publish(message, routing_key="any")  # waits for the publisher confirm
+
+    async def start(self, tally: Tally) -> None:
+        async def on_message(message: Any) -> None:
+            json.loads(message.body)
+            tally.hit()
+            await message.ack()
+
+        self.tag = await self.queue.consume(on_message)
+
+    async def stop(self) -> None:
+        if self.tag is not None:
+            await self.queue.cancel(self.tag)
+
+    async def close(self) -> None:
+        if self.connection is not None:
+            await self.connection.close()
+
+
+class FastStreamRabbitMQ(Side):
+    name = "faststream"
+
+    def __init__(self, url: str, where: str) -> None:
+        from faststream.rabbit import (
+            Channel,
+            ExchangeType,
+            QueueType,
+            RabbitBroker,
+            RabbitExchange,
+            RabbitQueue,
+        )
+
+        self.where = where
+        channel = Channel(prefetch_count=PREFETCH, publisher_confirms=True)
+        self.broker = RabbitBroker(url, logger=None, default_channel=channel)
+        self.exchange = RabbitExchange(f"{where}.x", type=ExchangeType.DIRECT, durable=True)
+        self.queue = RabbitQueue(
+            where, queue_type=QueueType.QUORUM, durable=True, routing_key="any"
+        )
+        self.tally: Tally | None = None
+        subscriber = self.broker.subscriber(self.queue, self.exchange)
+
+        @subscriber
+        async def placed(order: OrderModel) -> None:
+            assert self.tally is not None
+            self.tally.hit()
+
+    async def open(self) -> None:
+        await self.broker.connect()
+        exchange = await self.broker.declare_exchange(self.exchange)
+        queue = await self.broker.declare_queue(self.queue)
+        await queue.bind(exchange, routing_key="any")
+
+    async def publish(self, orders: list[Order]) -> None:
+        publish, exchange = self.broker.publish, self.exchange
+        for order in orders:
+            await publish(order.model, routing_key="any", exchange=exchange, persist=True)
+
+    async def start(self, tally: Tally) -> None:
+        self.tally = tally
+        await self.broker.start()
+
+    async def stop(self) -> None:
+        await self.broker.stop()
+
+    async def close(self) -> None:
+        await self.broker.stop()
+
+
 # -- the brokers -------------------------------------------------------------------------
 
 
@@ -718,14 +843,85 @@ class NATSTarget(Target):
                     await self.js.delete_stream(info.config.name)
 
 
-TARGETS: dict[str, type[Target]] = {"redis": RedisTarget, "nats": NATSTarget}
+class RabbitMQTarget(Target):
+    key = "rabbitmq"
+    title = "RabbitMQ"
+    variable = "TIDINGS_BENCH_RABBITMQ"
+    option = "--rabbitmq"
 
-RABBITMQ_TARGET: type[Target] | None = None
-"""The hook for RabbitMQ's rows, not measured while its adapter is being reworked: write a
-`RabbitMQTarget(Target)` like `RedisTarget` (tidings side: `TidingsSide(url, <queue>, ...)`;
-raw side: aio-pika publishing with publisher confirms and consuming with the same prefetch
-and manual acks; faststream side: its `RabbitBroker`), set it here, add it to `TARGETS`, and
-add its four rows to `run.py`'s `BROKER_SCENARIOS` (`--rabbitmq URL` beside `--redis`)."""
+    connection: Any = None
+    channel: Any = None
+
+    @property
+    def address(self) -> str:
+        return _address(self.url, 5672)
+
+    def _tag(self, number: int) -> str:
+        return f"bench-{self.run_id}-{number}"
+
+    async def probe(self) -> None:
+        import aio_pika
+
+        async with asyncio.timeout(5):
+            connection = await aio_pika.connect(self.url, timeout=3)
+        try:
+            properties = connection.transport.connection.server_properties
+            version = properties.get("version")
+            self.server = {"rabbitmq_version": str(version) if version else None}
+        finally:
+            await connection.close()
+
+    async def admin_open(self) -> None:
+        import aio_pika
+
+        self.connection = await aio_pika.connect(self.url)
+        self.channel = await self.connection.channel()
+
+    async def admin_close(self) -> None:
+        await self.connection.close()
+
+    def sides(self, number: int, with_faststream: bool) -> list[Side]:
+        tag = self._tag(number)
+        topic = f"{tag}-{TOPIC}"  # the adapter names its exchange and queues after the topic
+        sides: list[Side] = [
+            TidingsSide(self.url, f"tidings:{topic}:{GROUP}:any", topic=topic),
+            RawRabbitMQ(self.url, f"{tag}-raw"),
+        ]
+        if with_faststream:
+            sides.append(FastStreamRabbitMQ(self.url, f"{tag}-faststream"))
+        return sides
+
+    async def drained(self, side: Side) -> bool:
+        # Ready messages only: a quorum queue does not report unacked ones, so the clock
+        # stops once everything was handed out, at most one ack short on each side.
+        queue = await self.channel.declare_queue(side.where, passive=True)
+        return int(queue.declaration_result.message_count) == 0
+
+    async def stored_bytes(self, side: Side) -> int:
+        return 0  # RabbitMQ has no way to look at a message without taking it
+
+    async def cleanup(self, number: int | None = None) -> None:
+        rounds = range(self._rounds) if number is None else [number]
+        tags = [self._tag(n) for n in rounds]
+        for tag in tags:
+            topic = f"{tag}-{TOPIC}"
+            names = [f"tidings:{topic}:{GROUP}:{n}" for n in [*range(8), "any"]]
+            names += [f"{tag}-raw", f"{tag}-faststream"]
+            for name in names:
+                with contextlib.suppress(Exception):
+                    await self.channel.queue_delete(name)
+            for name in (f"tidings:{topic}", f"{tag}-raw.x", f"{tag}-faststream.x"):
+                with contextlib.suppress(Exception):
+                    await self.channel.exchange_delete(name)
+
+    _rounds = 8  # the most rounds a run makes (cleanup(None) looks at that many)
+
+
+TARGETS: dict[str, type[Target]] = {
+    "redis": RedisTarget,
+    "nats": NATSTarget,
+    "rabbitmq": RabbitMQTarget,
+}
 
 
 def connect(key: str, url: str) -> Target | str:

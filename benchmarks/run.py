@@ -25,14 +25,14 @@ rate on the same server; 11. append-to-subscriber latency through LISTEN/NOTIFY 
 10 ms budget; p50 shown too). When the server is unreachable these rows are skipped, saying
 why, and the rest of the run goes on.
 
-Scenarios 12-15 use the broker adapters (brokers.py) on Redis Streams (`--redis URL`, default
-`$TIDINGS_BENCH_REDIS` or redis://127.0.0.1:6379/0) and NATS JetStream (`--nats URL`, default
-`$TIDINGS_BENCH_NATS` or nats://127.0.0.1:4222), in streams of their own per round that are
-deleted afterwards: 12 and 14 publish (one message at a time, each awaited), 13 and 15 consume
-and ack (a `Service` handler; prefetch 16), each measured in the same run against (a) the raw
-client doing the same work (target 0.75x) and (b) faststream on the same broker (target 1x).
-An unreachable server skips its rows, saying why; RabbitMQ's rows are not measured yet (its
-adapter is being reworked; see `brokers.RABBITMQ_TARGET`).
+Scenarios 12-17 use the broker adapters (brokers.py) on Redis Streams (`--redis URL`, default
+`$TIDINGS_BENCH_REDIS` or redis://127.0.0.1:6379/0), NATS JetStream (`--nats URL`, default
+`$TIDINGS_BENCH_NATS` or nats://127.0.0.1:4222) and RabbitMQ (`--rabbitmq URL`, default
+`$TIDINGS_BENCH_RABBITMQ` or amqp://guest:guest@127.0.0.1:5672/), in streams or queues of
+their own per round that are deleted afterwards: 12, 14 and 16 publish (one message at a time,
+each awaited), 13, 15 and 17 consume and ack (a `Service` handler; prefetch 16), each measured
+in the same run against (a) the raw client doing the same work (target 0.75x) and (b)
+faststream on the same broker (target 1x). An unreachable server skips its rows, saying why.
 
 Prints one table (tidings, the baseline, their ratio, the target, pass or missed) and writes the
 same numbers to benchmarks/results.json (a --quick run writes results-quick.json instead, so it
@@ -276,6 +276,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="the NATS server (JetStream on) for scenarios 14-15 (default $TIDINGS_BENCH_NATS "
         "or nats://127.0.0.1:4222); each round uses streams of its own and deletes them; "
         "'none' skips these scenarios",
+    )
+    parser.add_argument(
+        "--rabbitmq",
+        default=brokers.DEFAULT_RABBITMQ,
+        metavar="URL",
+        help="the RabbitMQ server for scenarios 16-17 (default $TIDINGS_BENCH_RABBITMQ or "
+        "amqp://guest:guest@127.0.0.1:5672/); each round uses queues and exchanges of its own "
+        "and deletes them; 'none' skips these scenarios",
     )
     parser.add_argument(
         "--json",
@@ -616,11 +624,10 @@ def postgres_rows(
     return rows, skipped
 
 
-# Scenarios 12-15, per broker: (publish, consume) x (raw client, faststream). RabbitMQ's rows
-# (16-17) come the same way once its adapter settles: see `brokers.RABBITMQ_TARGET`.
-BROKER_NUMBERS = {"redis": (12, 13), "nats": (14, 15)}
-BROKER_TITLES = {"redis": "Redis Streams", "nats": "NATS JetStream"}
-BROKER_RAW = {"redis": "raw redis.asyncio", "nats": "raw nats-py"}
+# Scenarios 12-17, per broker: (publish, consume) x (raw client, faststream).
+BROKER_NUMBERS = {"redis": (12, 13), "nats": (14, 15), "rabbitmq": (16, 17)}
+BROKER_TITLES = {"redis": "Redis Streams", "nats": "NATS JetStream", "rabbitmq": "RabbitMQ"}
+BROKER_RAW = {"redis": "raw redis.asyncio", "nats": "raw nats-py", "rabbitmq": "raw aio-pika"}
 RAW_TARGET, FASTSTREAM_TARGET = 0.75, 1.0
 
 
@@ -717,10 +724,10 @@ def table(rows: list[Row], skipped: list[Skipped], title: str) -> Table:
             "library on the same SQLite settings (7, 7b, 8); raw asyncpg calling the same "
             "append function (9); eventsourcing's single-writer rate on the same PostgreSQL "
             "server (10); 11 is the p99 latency from just before an append to the subscriber "
-            "of another store instance (p50 beside it), against a 10 ms budget. 12-15: "
-            "messages/s through the Redis and NATS adapters (publish one at a time, awaited; "
-            "consume with a Service, prefetch 16, acked) against the raw client doing the same "
-            "(a) and faststream (b), best round each."
+            "of another store instance (p50 beside it), against a 10 ms budget. 12-17: "
+            "messages/s through the Redis, NATS and RabbitMQ adapters (publish one at a time, "
+            "awaited; consume with a Service, prefetch 16, acked) against the raw client doing "
+            "the same (a) and faststream (b), best round each."
         ),
         caption_justify="left",
     )
@@ -810,7 +817,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.postgres.lower() == "none"
         else postgres_store.connect(args.postgres)
     )
-    targets = {key: brokers.connect(key, getattr(args, key)) for key in ("redis", "nats")}
+    targets = {key: brokers.connect(key, getattr(args, key)) for key in BROKER_NUMBERS}
     started = time.perf_counter()
     progress = Progress(
         TextColumn("{task.description}"),
@@ -845,7 +852,7 @@ def main(argv: list[str] | None = None) -> int:
         + (f", raw asyncpg {env['asyncpg']} on PostgreSQL {pg['server_version']}" if pg else "")
         + f" and eventsourcing {env['eventsourcing']} — Python {env['python']}, "
         f"{env['cpus']} CPUs, {'quick' if args.quick else 'full'} run; best of "
-        f"{sizes.rounds} (1-3, 7-10, 12-15), {sizes.read_rounds} (4) and "
+        f"{sizes.rounds} (1-3, 7-10, 12-17), {sizes.read_rounds} (4) and "
         f"{sizes.catch_up_rounds} (6) per side; 5: median of blocks"
     )
     console.print(table(rows, skipped, title))
@@ -874,8 +881,9 @@ def main(argv: list[str] | None = None) -> int:
         "durability": (
             "SQLite (1-8): journal_mode=WAL, synchronous=FULL on both sides of every scenario; "
             "PostgreSQL (9-11): the server's settings (fsync, synchronous_commit in "
-            "environment.postgresql), the same for both sides; Redis and NATS (12-15): the "
-            "servers' own settings, the same for every side (NATS: file storage)"
+            "environment.postgresql), the same for both sides; brokers (12-17): the "
+            "servers' own settings, the same for every side (NATS: file storage; RabbitMQ: "
+            "durable quorum queues, persistent messages, publisher confirms)"
         ),
         "method": (
             "Rates are per second (events, saves or loads); the best round per side is reported "
@@ -893,7 +901,7 @@ def main(argv: list[str] | None = None) -> int:
             "writers with blocks of eventsourcing's single writer; 11 is one run of spaced "
             "appends, its figure the p99 latency in ms (p50_ms, p90_ms, p99_ms, max_ms and "
             "mean_ms beside it) and its baseline the 10 ms budget, so ratio = p99 / 10 ms. "
-            "Scenarios 12-15 (brokers.py) run tidings, the raw client and faststream on the "
+            "Scenarios 12-17 (brokers.py) run tidings, the raw client and faststream on the "
             "same server, each on streams of its own per round: publishing alternates the "
             "three sides block by block (each message awaited); consuming times each side's "
             "group from the first message at the handler until the server reports all "
