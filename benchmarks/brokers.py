@@ -465,7 +465,7 @@ class RawNATS(_Loop):
             while self.running:
                 try:
                     messages = await sub.fetch(PREFETCH, timeout=0.1)
-                except nats.errors.TimeoutError:
+                except (nats.errors.TimeoutError, TimeoutError):  # both occur in fetch
                     continue
                 for msg in messages:
                     json.loads(msg.data)
