@@ -107,6 +107,8 @@ class Service:
     shutdown_timeout: float = 10.0
     _handlers: list[_Handler] = field(default_factory=list, repr=False)
     _stopping: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
+    _waiting: set[asyncio.Task[Any]] = field(default_factory=set, repr=False)  # for a message
+    _stopped_waiting: set[asyncio.Task[Any]] = field(default_factory=set, repr=False)
 
     def handler(
         self,
@@ -161,42 +163,50 @@ class Service:
                 task.cancel()
             await asyncio.gather(*members, return_exceptions=True)
             self._stopping.clear()  # the service can run again
+            self._stopped_waiting.clear()
 
     def stop(self) -> None:
         """Ask `run` to finish (or not to start): no new messages are taken, in-flight ones
         complete and are acknowledged."""
         self._stopping.set()
+        for task in self._waiting:  # members waiting for a message stop waiting now
+            self._stopped_waiting.add(task)
+            task.cancel()
+        self._waiting.clear()
 
     async def _member(self, topic: str, group: str) -> None:
         stopping = self._stopping
-        stopped = asyncio.ensure_future(stopping.wait())  # one watcher for the whole run
-        try:
-            async with self.broker.subscribe(topic, group=group) as deliveries:
-                iterator = aiter(deliveries)
-                while not stopping.is_set():
-                    taking = asyncio.ensure_future(anext(iterator))
-                    await asyncio.wait({taking, stopped}, return_when=asyncio.FIRST_COMPLETED)
-                    if not taking.done():
-                        taking.cancel()  # a message not yet taken stays with the broker
-                        await asyncio.gather(taking, return_exceptions=True)
-                        break
-                    try:
-                        delivery = taking.result()
-                    except StopAsyncIteration:
-                        break
-                    work = asyncio.ensure_future(self.handle(delivery))
-                    try:
-                        await asyncio.shield(work)
-                    except asyncio.CancelledError:
-                        # Stopping hard: give the handler its bound, then leave it unacked.
-                        try:
-                            async with asyncio.timeout(self.shutdown_timeout):
-                                await work
-                        except (TimeoutError, asyncio.CancelledError):
-                            pass
+        me = asyncio.current_task()
+        assert me is not None
+        async with self.broker.subscribe(topic, group=group) as deliveries:
+            iterator = aiter(deliveries)
+            while not stopping.is_set():
+                # Waiting for a message is the one place `stop()` interrupts (by cancelling
+                # this task there): a message not yet taken stays with the broker.
+                self._waiting.add(me)
+                try:
+                    delivery = await anext(iterator)
+                except StopAsyncIteration:
+                    break
+                except asyncio.CancelledError:
+                    if me not in self._stopped_waiting:
                         raise
-        finally:
-            stopped.cancel()
+                    self._stopped_waiting.discard(me)
+                    me.uncancel()
+                    break
+                finally:
+                    self._waiting.discard(me)
+                work = asyncio.ensure_future(self.handle(delivery))
+                try:
+                    await asyncio.shield(work)
+                except asyncio.CancelledError:
+                    # Stopping hard: give the handler its bound, then leave it unacked.
+                    try:
+                        async with asyncio.timeout(self.shutdown_timeout):
+                            await work
+                    except (TimeoutError, asyncio.CancelledError):
+                        pass
+                    raise
 
     async def handle(self, delivery: Delivery) -> None:
         """Process one delivery: decode, route, retry, dead-letter or skip; then settle it."""
