@@ -42,6 +42,7 @@ class Message:
     data: bytes
     key: str | None = None
     headers: Mapping[str, str] = field(default_factory=dict)  # broker headers, as received
+    data_is_json: bool = field(default=False, compare=False)  # `data` is JSON tidings wrote
 
     @property
     def id(self) -> str:
@@ -94,6 +95,10 @@ class Message:
 
     def structured(self) -> bytes:
         """The whole CloudEvent as one JSON document (for brokers without headers)."""
+        if self.data_is_json and self.data:  # splice the encoded data in: no second parse
+            head = json.dumps(dict(self.attributes), ensure_ascii=False, separators=(",", ":"))
+            comma = b"," if self.attributes else b""
+            return b"".join((head[:-1].encode(), comma, b'"data":', self.data, b"}"))
         document = dict(self.attributes)
         try:
             document["data"] = json.loads(self.data)
@@ -177,4 +182,4 @@ def encode(
         document.pop("position", None)
     if key is not None:
         document["partitionkey"] = key  # the CloudEvents partitioning extension
-    return Message(topic, document, data, key)
+    return Message(topic, document, data, key, data_is_json=True)
