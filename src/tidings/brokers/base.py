@@ -8,15 +8,16 @@ decoding, validation and the dead-letter records live here, so every broker beha
 
 from __future__ import annotations
 
+import base64
 import re
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import Any, Protocol, Self, runtime_checkable
+from typing import Any, Protocol, Self, TypeVar, runtime_checkable
 
 from tidings.brokers.envelope import Message, encode
 from tidings.core.codec import JSONCodec
@@ -27,6 +28,20 @@ from tidings.core.metadata import Metadata, MetadataLike
 from tidings.core.recorded import RecordedEvent
 
 __all__ = ["Broker", "BrokerBase", "DeadLetter", "Delivery", "Received"]
+
+
+class _Queued(Protocol):
+    """What `next_in_key_order` reads of an adapter's queued entry."""
+
+    @property
+    def message(self) -> Message: ...
+    @property
+    def not_before(self) -> float: ...  # when a nacked message may go again
+    @property
+    def holder(self) -> object: ...  # falsy while nobody has it
+
+
+E = TypeVar("E", bound=_Queued)
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 
@@ -60,6 +75,28 @@ class Received(ABC):
         await self.ack()
 
 
+def next_in_key_order(entries: Iterable[E], now: float) -> tuple[E | None, float | None]:
+    """The first entry that may go out now, and when to look again if none.
+
+    `entries` are in publish order, each with a `message`, a `not_before` time and a
+    `holder` (falsy when nobody has it). An entry waits while an earlier one of its key is
+    held or waiting for a retry, so one key goes out in order and never twice at once.
+    """
+    blocked: set[str] = set()
+    soonest: float | None = None
+    for entry in entries:
+        key = entry.message.key
+        if key is not None and key in blocked:
+            continue
+        if not entry.holder:
+            if entry.not_before <= now:
+                return entry, None
+            soonest = entry.not_before if soonest is None else min(soonest, entry.not_before)
+        if key is not None:
+            blocked.add(key)  # in flight or waiting: later ones of this key wait too
+    return None, soonest
+
+
 @dataclass(frozen=True, slots=True)
 class DeadLetter:
     """A message a group gave up on: why, after how many attempts, and the original."""
@@ -73,8 +110,9 @@ class DeadLetter:
     message: Message
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready form (the CLI prints it)."""
-        return {
+        """A JSON-ready form: what the CLI prints and what adapters store (`from_dict` reads
+        it back). Data that is not UTF-8 is kept as `data_base64`."""
+        record: dict[str, Any] = {
             "id": self.id,
             "topic": self.topic,
             "group": self.group,
@@ -83,8 +121,37 @@ class DeadLetter:
             "failed_at": self.failed_at.isoformat(),
             "key": self.message.key,
             "attributes": dict(self.message.attributes),
-            "data": self.message.data.decode("utf-8", "replace"),
+            "headers": dict(self.message.headers),
         }
+        try:
+            record["data"] = self.message.data.decode("utf-8")
+        except UnicodeDecodeError:
+            record["data_base64"] = base64.b64encode(self.message.data).decode("ascii")
+        return record
+
+    @classmethod
+    def from_dict(cls, record: Mapping[str, Any]) -> DeadLetter:
+        """The dead letter `to_dict` described."""
+        if "data_base64" in record:
+            data = base64.b64decode(record["data_base64"])
+        else:
+            data = str(record.get("data", "")).encode()
+        message = Message(
+            record["topic"],
+            dict(record.get("attributes") or {}),
+            data,
+            record.get("key"),
+            dict(record.get("headers") or {}),
+        )
+        return cls(
+            str(record["id"]),
+            record["topic"],
+            record["group"],
+            str(record["error"]),
+            int(record["attempts"]),
+            datetime.fromisoformat(record["failed_at"]),
+            message,
+        )
 
 
 class Delivery:

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from tidings.brokers.base import BrokerBase, DeadLetter, Received
+from tidings.brokers.base import BrokerBase, DeadLetter, Received, next_in_key_order
 from tidings.brokers.envelope import Message
 from tidings.core.codec import JSONCodec
 from tidings.core.errors import ConfigurationError
@@ -42,19 +42,7 @@ class _Group:
 
     def next_for(self, member: str, now: float) -> tuple[_Entry | None, float | None]:
         """The first message this member may take now, and when to look again if none."""
-        blocked: set[str] = set()
-        soonest: float | None = None
-        for entry in self.entries:
-            key = entry.message.key
-            if key is not None and key in blocked:
-                continue
-            if entry.holder is None and entry.not_before <= now:
-                return entry, None
-            if entry.holder is None:
-                soonest = entry.not_before if soonest is None else min(soonest, entry.not_before)
-            if key is not None:
-                blocked.add(key)  # in flight or waiting: later ones of this key wait too
-        return None, soonest
+        return next_in_key_order(self.entries, now)
 
 
 class _Received(Received):

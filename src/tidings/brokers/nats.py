@@ -50,7 +50,6 @@ Needs nats-server 2.9 or later with JetStream enabled.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import functools
 import hashlib
@@ -61,7 +60,6 @@ import time
 import zlib
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import datetime
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit
 
@@ -441,23 +439,7 @@ class NATSBroker(BrokerBase):
         await self._send(self._subject(dead.topic, lane, _token(dead.group)), body, headers)
 
     async def _store_dead_letter(self, dead: DeadLetter) -> None:
-        message = dead.message
-        record: dict[str, Any] = {
-            "id": dead.id,
-            "topic": dead.topic,
-            "group": dead.group,
-            "error": dead.error,
-            "attempts": dead.attempts,
-            "failed_at": dead.failed_at.isoformat(),
-            "key": message.key,
-            "attributes": dict(message.attributes),
-            "headers": dict(message.headers),
-        }
-        try:
-            record["data"] = message.data.decode("utf-8")
-        except UnicodeDecodeError:
-            record["data_base64"] = base64.b64encode(message.data).decode("ascii")
-        body = json.dumps(record, ensure_ascii=False, default=str).encode()
+        body = json.dumps(dead.to_dict(), ensure_ascii=False, default=str).encode()
         await self._send(self._dead_subject(dead.topic, dead.id), body, {"Nats-Msg-Id": dead.id})
 
     async def _dead_letters(self) -> list[DeadLetter]:
@@ -505,7 +487,7 @@ class NATSBroker(BrokerBase):
                 break
             seq = raw.seq + 1
             try:
-                found.append(_dead_letter(raw.data or b""))
+                found.append(DeadLetter.from_dict(json.loads(raw.data or b"{}")))
             except (ValueError, KeyError, TypeError) as exc:
                 log.warning("skipping unreadable dead letter #%s: %s", raw.seq, exc)
         return found
@@ -770,30 +752,6 @@ def _wire(message: Message, prefix: str) -> tuple[dict[str, str], bytes]:
     if message.key is not None:
         headers[_KEY_HEADER] = quote(message.key, safe="")
     return headers, body
-
-
-def _dead_letter(body: bytes) -> DeadLetter:
-    record = json.loads(body)
-    if "data_base64" in record:
-        data = base64.b64decode(record["data_base64"])
-    else:
-        data = str(record["data"]).encode()
-    message = Message(
-        record["topic"],
-        dict(record["attributes"]),
-        data,
-        record.get("key"),
-        dict(record.get("headers") or {}),
-    )
-    return DeadLetter(
-        record["id"],
-        record["topic"],
-        record["group"],
-        record["error"],
-        int(record["attempts"]),
-        datetime.fromisoformat(record["failed_at"]),
-        message,
-    )
 
 
 async def _quietly(action: Awaitable[None]) -> None:

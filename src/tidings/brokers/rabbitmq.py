@@ -56,7 +56,6 @@ consume again by themselves, and what was in flight comes again.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import json
 import logging
@@ -474,24 +473,8 @@ class RabbitMQBroker(BrokerBase):
         await self._send([("", queue, self._amqp(dead.message))])
 
     async def _store_dead_letter(self, dead: DeadLetter) -> None:
-        message = dead.message
-        record: dict[str, Any] = {
-            "id": dead.id,
-            "topic": dead.topic,
-            "group": dead.group,
-            "error": dead.error,
-            "attempts": dead.attempts,
-            "failed_at": dead.failed_at.isoformat(),
-            "key": message.key,
-            "attributes": dict(message.attributes),
-            "headers": dict(message.headers),
-        }
-        try:
-            record["data"] = message.data.decode("utf-8")
-        except UnicodeDecodeError:
-            record["data_base64"] = base64.b64encode(message.data).decode("ascii")
         amqp = aio_pika.Message(
-            json.dumps(record, ensure_ascii=False, default=str).encode(),
+            json.dumps(dead.to_dict(), ensure_ascii=False, default=str).encode(),
             headers={_RECORD_HEADER: "1"},
             content_type="application/json",
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
@@ -567,7 +550,7 @@ class RabbitMQBroker(BrokerBase):
 
     def _dead_letter(self, incoming: aio_pika.abc.AbstractIncomingMessage) -> DeadLetter:
         if (incoming.headers or {}).get(_RECORD_HEADER) is not None:
-            return _record(incoming.body)
+            return DeadLetter.from_dict(json.loads(incoming.body))
         # Dead-lettered by RabbitMQ itself: the message as it was, with the reason.
         headers = incoming.headers or {}
         queue = _text(headers.get("x-first-death-queue")) or ""
@@ -963,27 +946,3 @@ def _text_headers(headers: Mapping[str, Any], prefix: str) -> dict[str, str]:
         elif isinstance(value, bytes):
             out[name] = value.decode("utf-8", "replace")
     return out
-
-
-def _record(body: bytes) -> DeadLetter:
-    record = json.loads(body)
-    if "data_base64" in record:
-        data = base64.b64decode(record["data_base64"])
-    else:
-        data = str(record["data"]).encode()
-    message = Message(
-        record["topic"],
-        dict(record.get("attributes") or {}),
-        data,
-        record.get("key"),
-        dict(record.get("headers") or {}),
-    )
-    return DeadLetter(
-        str(record["id"]),
-        record["topic"],
-        record["group"],
-        str(record["error"]),
-        int(record["attempts"]),
-        datetime.fromisoformat(record["failed_at"]),
-        message,
-    )

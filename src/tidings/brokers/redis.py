@@ -49,7 +49,6 @@ import time
 import zlib
 from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -60,7 +59,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from tidings.brokers.base import BrokerBase, DeadLetter, Received
+from tidings.brokers.base import BrokerBase, DeadLetter, Received, next_in_key_order
 from tidings.brokers.envelope import Message
 from tidings.core.codec import JSONCodec
 from tidings.core.errors import BrokerError, ConfigurationError
@@ -135,19 +134,7 @@ class _Shard:
 
     def next(self, now: float) -> tuple[_Entry | None, float | None]:
         """The first entry that may go out now, and when to look again if none."""
-        blocked: set[str] = set()
-        soonest: float | None = None
-        for entry in self.entries:
-            key = entry.message.key
-            if key is not None and key in blocked:
-                continue
-            if not entry.holder and entry.not_before <= now:
-                return entry, None
-            if not entry.holder:
-                soonest = entry.not_before if soonest is None else min(soonest, entry.not_before)
-            if key is not None:
-                blocked.add(key)
-        return None, soonest
+        return next_in_key_order(self.entries, now)
 
     @property
     def busy(self) -> bool:
@@ -675,18 +662,8 @@ class RedisBroker(BrokerBase):
         await self._append([(self._stream(dead.topic, shard), fields)])
 
     async def _store_dead_letter(self, dead: DeadLetter) -> None:
-        document = {
-            "id": dead.id,
-            "topic": dead.topic,
-            "group": dead.group,
-            "error": dead.error,
-            "attempts": dead.attempts,
-            "failed_at": dead.failed_at.isoformat(),
-            "key": dead.message.key,
-            "message": dead.message.structured().decode(),
-        }
         try:
-            await self._client.hset(self._dlq, dead.id, json.dumps(document))
+            await self._client.hset(self._dlq, dead.id, json.dumps(dead.to_dict()))
         except RedisError as exc:
             raise RedisBrokerError(f"cannot store dead letter {dead.id}: {exc}") from exc
 
@@ -695,24 +672,7 @@ class RedisBroker(BrokerBase):
             stored = await self._client.hgetall(self._dlq)
         except RedisError as exc:
             raise RedisBrokerError(f"cannot read dead letters: {exc}") from exc
-        out = []
-        for raw in stored.values():
-            d = json.loads(raw)
-            fields = {b"ce": d["message"].encode()}
-            if d.get("key") is not None:
-                fields[b"k"] = d["key"].encode()
-            message = self._message(d["topic"], fields)
-            out.append(
-                DeadLetter(
-                    d["id"],
-                    d["topic"],
-                    d["group"],
-                    d["error"],
-                    int(d["attempts"]),
-                    datetime.fromisoformat(d["failed_at"]),
-                    message,
-                )
-            )
+        out = [DeadLetter.from_dict(json.loads(raw)) for raw in stored.values()]
         out.sort(key=lambda dead: (dead.failed_at, dead.id))
         return out
 
