@@ -368,3 +368,41 @@ async def test_stop_lets_the_in_flight_handler_finish(broker: BrokerBase, topic:
     async with broker.subscribe(topic, group="svc") as deliveries:
         [left] = await take(deliveries, 1)
         assert left.event.n == 2 and left.attempt == 1  # type: ignore[attr-defined]
+
+
+async def test_cancelling_run_gives_the_in_flight_handler_its_bound(
+    broker: BrokerBase, topic: str
+) -> None:
+    service = tidings.Service("svc", broker, shutdown_timeout=0.5)
+    started, finished, cut_short = asyncio.Event(), [], []
+
+    @service.handler(topic)
+    async def handle(event: Ordered) -> None:
+        started.set()
+        try:
+            await asyncio.sleep(0.1 if event.n == 1 else 30)
+        except asyncio.CancelledError:
+            cut_short.append(event.n)
+            raise
+        finished.append(event.n)
+
+    await broker.declare(topic, "svc")
+    await broker.publish(topic, Ordered(key="k", n=1))
+    runner = asyncio.create_task(service.run())
+    await asyncio.wait_for(started.wait(), 5)
+    runner.cancel()  # within the bound: the handler finishes and its message is acked
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(runner, 5)
+    assert finished == [1] and not cut_short
+
+    await broker.publish(topic, Ordered(key="k", n=2))
+    started.clear()
+    runner = asyncio.create_task(service.run())
+    await asyncio.wait_for(started.wait(), 5)
+    runner.cancel()  # beyond the bound: cancelled, and the message stays with the broker
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(runner, 5)
+    assert cut_short == [2]
+    async with broker.subscribe(topic, group="svc") as deliveries:
+        [left] = await take(deliveries, 1)
+        assert left.event.n == 2  # type: ignore[attr-defined]

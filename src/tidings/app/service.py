@@ -20,6 +20,7 @@ not a CloudEvent, does not validate, or has an unknown type is dead-lettered at 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import random
@@ -146,7 +147,9 @@ class Service:
         return sorted({(h.topic, h.group) for h in self._handlers})
 
     async def run(self) -> None:
-        """Consume until `stop()` (or cancellation); in-flight handlers finish first."""
+        """Consume until `stop()` or cancellation. Either way no new message is taken and
+        in-flight handlers get `shutdown_timeout` seconds to finish and settle; a handler
+        still running after that is cancelled and its message stays unacked."""
         if not self._handlers:
             raise ConfigurationError(f"service {self.name!r} has no handlers")
         for topic, group in self.subscriptions:
@@ -156,8 +159,21 @@ class Service:
             for topic, group in self.subscriptions
             for _ in range(self.concurrency)
         ]
+        me = asyncio.current_task()
         try:
-            await asyncio.gather(*members)
+            # `wait`, not `gather`: cancelling `run` must not cancel a member mid-handler.
+            done, _ = await asyncio.wait(members, return_when=asyncio.FIRST_EXCEPTION)
+            for task in done:
+                if not task.cancelled() and task.exception() is not None:
+                    raise task.exception()  # type: ignore[misc]
+        except asyncio.CancelledError:
+            self.stop()
+            if me is not None:
+                me.uncancel()  # so the bounded wait below runs; re-raised after it
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.shutdown_timeout):
+                    await asyncio.wait(members)
+            raise
         finally:
             for task in members:
                 task.cancel()
@@ -176,14 +192,16 @@ class Service:
 
     async def _member(self, topic: str, group: str) -> None:
         stopping = self._stopping
+        waiting = self._waiting
         me = asyncio.current_task()
         assert me is not None
         async with self.broker.subscribe(topic, group=group) as deliveries:
             iterator = aiter(deliveries)
             while not stopping.is_set():
                 # Waiting for a message is the one place `stop()` interrupts (by cancelling
-                # this task there): a message not yet taken stays with the broker.
-                self._waiting.add(me)
+                # this task there): a message not yet taken stays with the broker. A handler
+                # runs in this task, uninterrupted: `run` only cancels it after the bound.
+                waiting.add(me)
                 try:
                     delivery = await anext(iterator)
                 except StopAsyncIteration:
@@ -195,18 +213,8 @@ class Service:
                     me.uncancel()
                     break
                 finally:
-                    self._waiting.discard(me)
-                work = asyncio.ensure_future(self.handle(delivery))
-                try:
-                    await asyncio.shield(work)
-                except asyncio.CancelledError:
-                    # Stopping hard: give the handler its bound, then leave it unacked.
-                    try:
-                        async with asyncio.timeout(self.shutdown_timeout):
-                            await work
-                    except (TimeoutError, asyncio.CancelledError):
-                        pass
-                    raise
+                    waiting.discard(me)
+                await self.handle(delivery)
 
     async def handle(self, delivery: Delivery) -> None:
         """Process one delivery: decode, route, retry, dead-letter or skip; then settle it."""

@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote, unquote
 
-from tidings.core.cloudevents import from_cloudevent, to_cloudevent
+from tidings.core.cloudevents import cloudevent_attributes, from_cloudevent
 from tidings.core.codec import JSONCodec
 from tidings.core.errors import InvalidCloudEvent
 from tidings.core.events import Event
@@ -162,8 +162,8 @@ def encode(
     """The message for publishing `event` (or a stored `record` of it, keeping its stream,
     version and position) to `topic`."""
     codec = codec or JSONCodec()
+    encoded = codec.encode(event if record is None else record.event)
     if record is None:
-        encoded = codec.encode(event)
         record = RecordedEvent(
             encoded.id,
             key or topic,
@@ -175,11 +175,9 @@ def encode(
             event,
             metadata or Metadata(),
         )
-    document = to_cloudevent(record, source=source)
-    data = json.dumps(document.pop("data"), ensure_ascii=False, separators=(",", ":")).encode()
+    document = cloudevent_attributes(record, source=source)
     if record.version == 0:  # not from a store: no stream version or position to carry
-        document.pop("streamversion", None)
-        document.pop("position", None)
+        del document["streamversion"], document["position"]
     if key is not None:
         document["partitionkey"] = key  # the CloudEvents partitioning extension
-    return Message(topic, document, data, key, data_is_json=True)
+    return Message(topic, document, encoded.data.encode(), key, data_is_json=True)

@@ -22,7 +22,7 @@ from tidings.core.events import UnknownEvent
 from tidings.core.metadata import Metadata
 from tidings.core.recorded import RecordedEvent
 
-__all__ = ["from_cloudevent", "to_cloudevent"]
+__all__ = ["cloudevent_attributes", "from_cloudevent", "to_cloudevent"]
 
 SPEC_VERSION = "1.0"
 _CORE = {
@@ -52,7 +52,13 @@ _default_codec = JSONCodec()
 def to_cloudevent(record: RecordedEvent[Any], *, source: str = "tidings") -> dict[str, Any]:
     """The CloudEvents 1.0 structured-mode dict of `record` (`json.dumps` it to send)."""
     event = record.event
-    data = event.data if isinstance(event, UnknownEvent) else event.model_dump(mode="json")
+    ce = cloudevent_attributes(record, source=source)
+    ce["data"] = event.data if isinstance(event, UnknownEvent) else event.model_dump(mode="json")
+    return ce
+
+
+def cloudevent_attributes(record: RecordedEvent[Any], *, source: str = "tidings") -> dict[str, Any]:
+    """`to_cloudevent` without `data`: for senders that encode the data themselves."""
     ce: dict[str, Any] = {
         "specversion": SPEC_VERSION,
         "id": str(record.id),
@@ -64,21 +70,21 @@ def to_cloudevent(record: RecordedEvent[Any], *, source: str = "tidings") -> dic
         "schemaversion": record.schema_version,
         "streamversion": record.version,
         "position": record.position,
-        "data": data,
     }
     meta = record.metadata
     if meta.correlation_id is not None:
         ce["correlationid"] = meta.correlation_id
     if meta.causation_id is not None:
         ce["causationid"] = meta.causation_id
-    other: dict[str, str] = {}
-    for key, value in meta.headers.items():
-        if _NAME.match(key) and key not in _CORE and key not in _OURS:
-            ce[key] = value
-        else:
-            other[key] = value
-    if other:
-        ce["tidingsheaders"] = json.dumps(other, ensure_ascii=False, sort_keys=True)
+    if meta.headers:
+        other: dict[str, str] = {}
+        for key, value in meta.headers.items():
+            if _NAME.match(key) and key not in _CORE and key not in _OURS:
+                ce[key] = value
+            else:
+                other[key] = value
+        if other:
+            ce["tidingsheaders"] = json.dumps(other, ensure_ascii=False, sort_keys=True)
     return ce
 
 
@@ -121,8 +127,7 @@ def from_cloudevent(ce: Mapping[str, Any], *, codec: JSONCodec | None = None) ->
         version = int(ce.get("streamversion", 0))
     except (ValueError, TypeError, KeyError) as exc:
         raise InvalidCloudEvent(str(exc)) from exc
-    meta_text = codec.encode_metadata(meta)
-    return codec.decode(
+    return codec.build(
         position,
         event_id,
         stream_id,
@@ -131,5 +136,5 @@ def from_cloudevent(ce: Mapping[str, Any], *, codec: JSONCodec | None = None) ->
         schema_version,
         recorded_at,
         raw,
-        meta_text,
+        meta,
     )

@@ -84,6 +84,30 @@ class JSONCodec:
         row = (position, id, stream_id, version, type, schema_version, recorded_at, data, metadata)
         return next(self.iter_rows([row]))
 
+    def build(
+        self,
+        position: int,
+        id: UUID,
+        stream_id: str,
+        version: int,
+        type: str,
+        schema_version: int,
+        recorded_at: datetime,
+        data: str | bytes,
+        metadata: Metadata,
+    ) -> RecordedEvent[Any]:
+        """`decode` for callers that hold the metadata already parsed (a received message):
+        validates the data only."""
+        try:
+            event = self._validator(type, schema_version).validate_json(data)
+        except Exception as exc:
+            raise EventDecodeError(stream_id, version, position, _reason(exc)) from exc
+        _set_private(event, "__pydantic_private__", {"_id": id})  # see Event.event_id
+        return _new_record(
+            RecordedEvent,
+            (id, stream_id, version, position, type, schema_version, recorded_at, event, metadata),
+        )
+
     def iter_rows(
         self,
         rows: Iterable[Sequence[Any]],

@@ -58,15 +58,25 @@ def correlate(
         _current.reset(token)
 
 
-@contextmanager
-def caused_by(message_id: Any, correlation_id: str | None = None) -> Iterator[Correlation]:
+class caused_by:
     """Handle a message: what happens inside is caused by it and continues its correlation.
 
     A message without a correlation id starts one named after itself, so the chain it
-    begins can still be followed.
+    begins can still be followed. (A class, not a generator: every delivery enters one.)
     """
-    with correlate(correlation_id or str(message_id), str(message_id)) as value:
-        yield value
+
+    __slots__ = ("_token", "value")
+
+    def __init__(self, message_id: Any, correlation_id: str | None = None) -> None:
+        cause = str(message_id)
+        self.value = Correlation(correlation_id or cause, cause)
+
+    def __enter__(self) -> Correlation:
+        self._token = _current.set(self.value)
+        return self.value
+
+    def __exit__(self, *exc: object) -> None:
+        _current.reset(self._token)
 
 
 def with_correlation(metadata: Metadata) -> Metadata:
