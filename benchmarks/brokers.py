@@ -19,10 +19,12 @@ Redis, `BENCH_<run id>_<round>_<SIDE>` streams on NATS), all deleted after each 
   retention with a 7-day max age, 120 s duplicate window), one `js.publish(subject, body,
   stream=..., headers={"Nats-Msg-Id": ...})` per message, awaiting its ack; a durable pull
   consumer like tidings' (explicit ack, deliver "new", ack_wait 30 s, max_ack_pending 1000)
-  read with `fetch(16)`, `json.loads` and `msg.ack()` per message. The raw body is a small JSON
-  envelope (id, type, time and the data, encoded in the timed part) padded with spaces to
-  the exact size tidings puts on the wire for the same event (Redis: the structured
-  CloudEvent; NATS: the `ce-` headers plus the body), so both move the same bytes.
+  read with `fetch(16)`, `json.loads` and `msg.ack()` per message. On Redis the raw body is
+  a small JSON envelope (id, type, time and the data, encoded in the timed part) padded with
+  spaces to the exact size of tidings' structured CloudEvent, so both move the same bytes.
+  On NATS and RabbitMQ, which have headers, the raw side writes the CloudEvent in binary
+  mode as a plain client following the binding does: the same attributes tidings sends as
+  headers (`ce-...` / `cloudEvents_...`, built in the timed part) and the data as the body.
 - faststream: its `RedisBroker` publishing the same fields as a pydantic model
   (`broker.publish(model, stream=...)`) and consuming with `StreamSub(stream, group,
   consumer, max_records=16)`; its `NatsBroker` publishing with `stream=` (JetStream, waits
@@ -51,7 +53,7 @@ RabbitMQ (16-17): tidings on a topic of its own per round (its default settings:
 durable quorum queues, keyless messages go to the `...:any` one, publisher confirms,
 persistent messages, binary mode with `cloudEvents_` headers). Raw aio-pika: a durable direct
 exchange and one durable quorum queue bound with `any`, a confirming channel with
-`basic_qos(16)`, persistent messages of tidings' size (headers plus body), `json.loads` and an
+`basic_qos(16)`, persistent binary-mode CloudEvents (see raw above), `json.loads` and an
 ack per message. faststream: `RabbitBroker` with a `Channel(prefetch_count=16,
 publisher_confirms=True)`, the same exchange and quorum queue, `persist=True`. A quorum queue
 does not report unacked messages, so the consume clock stops once the queue holds no ready
@@ -125,14 +127,10 @@ class Order:
     model: OrderModel  # faststream
     id: str  # raw: the id and the fields
     data: dict[str, Any]
-    redis_bytes: int  # what tidings puts on the wire for it: the raw body is padded to this
-    nats_bytes: int
-    rabbitmq_bytes: int
+    redis_bytes: int  # what tidings puts on Redis for it: the raw body is padded to this
 
 
 def make_orders(count: int, seed: int) -> list[Order]:
-    from tidings.brokers.nats import _wire  # the adapter's own encoding, to size the raw body
-
     rng = random.Random(seed)
     currencies = ("EUR", "USD", "GBP", "CHF")
     orders = []
@@ -145,10 +143,6 @@ def make_orders(count: int, seed: int) -> list[Order]:
         }
         event = OrderPlaced(**data)
         message = encode_message(TOPIC, event)
-        headers, body = _wire(message, "ce-")
-        nats_bytes = sum(len(k) + len(v) + 4 for k, v in headers.items()) + len(body)
-        amqp = message.binary_headers("cloudEvents_")  # the AMQP binding's application properties
-        rabbitmq_bytes = sum(len(k) + len(v) for k, v in amqp.items()) + len(message.data)
         model = OrderModel(id=event.event_id, time=datetime.now(UTC), **data)
         orders.append(
             Order(
@@ -157,11 +151,26 @@ def make_orders(count: int, seed: int) -> list[Order]:
                 str(event.event_id),
                 data,
                 len(message.structured()),
-                nats_bytes,
-                rabbitmq_bytes,
             )
         )
     return orders
+
+
+def raw_binary(order: Order, prefix: str) -> tuple[dict[str, str], bytes]:
+    """The raw side's message on a broker with headers: the CloudEvent in binary mode, as a
+    plain client following the binding writes it (the same attributes tidings sends as
+    headers, the data as the body), built in the timed part."""
+    headers = {
+        f"{prefix}specversion": "1.0",
+        f"{prefix}id": order.id,
+        f"{prefix}source": "tidings",
+        f"{prefix}type": EVENT_TYPE,
+        f"{prefix}subject": TOPIC,
+        f"{prefix}time": datetime.now(UTC).isoformat().replace("+00:00", "Z"),
+        f"{prefix}schemaversion": "1",
+        "content-type": "application/json",
+    }
+    return headers, json.dumps(order.data, separators=(",", ":")).encode()
 
 
 def raw_body(order: Order, size: int) -> bytes:
@@ -449,13 +458,9 @@ class RawNATS(_Loop):
     async def publish(self, orders: list[Order]) -> None:
         publish, subject, stream = self.js.publish, self.subject, self.where
         for order in orders:
-            await publish(
-                subject,
-                raw_body(order, order.nats_bytes),
-                timeout=5.0,
-                stream=stream,
-                headers={"Nats-Msg-Id": f"{TOPIC}:{order.id}"},
-            )
+            headers, body = raw_binary(order, "ce-")
+            headers["Nats-Msg-Id"] = f"{TOPIC}:{order.id}"
+            await publish(subject, body, timeout=5.0, stream=stream, headers=headers)
 
     async def _consume(self, tally: Tally) -> None:
         import nats.errors
@@ -565,9 +570,11 @@ class RawRabbitMQ(Side):
 
         publish = self.exchange.publish
         for order in orders:
+            headers, body = raw_binary(order, "cloudEvents_")
             message = aio_pika.Message(
-                raw_body(order, order.rabbitmq_bytes),
-                content_type="application/json",
+                body,
+                headers=headers,
+                content_type=headers.pop("content-type"),
                 delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             )
             await publish(message, routing_key="any")  # waits for the publisher confirm

@@ -129,3 +129,24 @@ def test_even_a_same_named_class_cannot_take_a_registered_type() -> None:
     declare()
     with pytest.raises(DuplicateEventType):
         declare()  # same module, same qualified name: still a second class
+
+
+def test_uuid7_after_fork_does_not_repeat_the_parent() -> None:
+    import os
+
+    from tidings.core.ids import uuid7
+
+    uuid7()  # the parent has drawn its pool of random bytes
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: write its next ids and leave at once
+        os.write(write, b"".join(uuid7().bytes for _ in range(8)))
+        os._exit(0)
+    os.close(write)
+    mine = {uuid7().bytes for _ in range(8)}
+    os.waitpid(pid, 0)
+    data = os.read(read, 4096)
+    os.close(read)
+    theirs = {data[i : i + 16] for i in range(0, len(data), 16)}
+    assert len(theirs) == 8 and not mine & theirs
+    assert {u[8:] for u in mine}.isdisjoint(u[8:] for u in theirs)  # fresh random bits

@@ -16,13 +16,27 @@ __all__ = ["uuid7", "uuid_from_bytes"]
 _lock = threading.Lock()
 _last_ms = 0
 _counter = 0
+_POOL = 4096  # random bytes drawn per system call: 512 ids
+_pool = b""
+_taken = _POOL
+
+
+def _forget_pool() -> None:
+    global _taken
+    _taken = _POOL  # a forked child must not reuse its parent's random bytes
+
+
+os.register_at_fork(after_in_child=_forget_pool)
 
 
 def uuid7() -> UUID:
     """Return a new UUIDv7, strictly greater than any earlier one from this process."""
-    global _last_ms, _counter
-    rand_b = int.from_bytes(os.urandom(8), "big") & 0x3FFF_FFFF_FFFF_FFFF
+    global _last_ms, _counter, _pool, _taken
     with _lock:
+        if _taken >= _POOL:  # one os.urandom per 512 ids: a system call each is a tenth
+            _pool, _taken = os.urandom(_POOL), 0  # of the cost of publishing an event
+        rand_b = int.from_bytes(_pool[_taken : _taken + 8], "big") & 0x3FFF_FFFF_FFFF_FFFF
+        _taken += 8
         ms = time.time_ns() // 1_000_000
         if ms > _last_ms:
             _last_ms = ms
