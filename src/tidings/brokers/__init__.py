@@ -1,4 +1,5 @@
-"""Brokers, chosen by URL: `open_broker("memory://")`, `"redis://…"`, `"amqp://…"`, `"nats://…"`.
+"""Brokers, chosen by URL: `open_broker("memory://")`, `"redis://…"`, `"amqp://…"`, `"nats://…"`,
+`"sqs://…"` (SNS+SQS), `"eventbridge://…"` and `"kafka://…"`.
 
 Adapters are imported only when their scheme is used, so `import tidings` loads no client.
 """
@@ -31,6 +32,9 @@ BACKENDS: dict[str, tuple[str, str, str | None, str | None]] = {
     "redis": ("tidings.brokers.redis", "RedisBroker", "redis", "redis"),
     "amqp": ("tidings.brokers.rabbitmq", "RabbitMQBroker", "aio_pika", "rabbitmq"),
     "nats": ("tidings.brokers.nats", "NATSBroker", "nats", "nats"),
+    "sqs": ("tidings.brokers.sqs", "SQSBroker", "aiobotocore", "aws"),  # SNS topics + SQS queues
+    "eventbridge": ("tidings.brokers.sqs", "EventBridgeBroker", "aiobotocore", "aws"),
+    "kafka": ("tidings.brokers.kafka", "KafkaBroker", "aiokafka", "kafka"),
 }
 
 
