@@ -6,6 +6,8 @@ The public API lives here; import from `tidings`, not from its modules.
 from tidings.app.aggregate import Aggregate
 from tidings.app.commands import Command, CommandBus, CommandContext, handles
 from tidings.app.handlers import on
+from tidings.app.inbox import Inbox, PostgresInbox, SQLiteInbox, open_inbox
+from tidings.app.outbox import OutboxRelay, Route, routes
 from tidings.app.process import ProcessDriver, ProcessManager, reacts_to
 from tidings.app.projections import Projection, ReadModel, View
 from tidings.app.repository import Repository
@@ -86,6 +88,7 @@ __all__ = [
     "EventStore",
     "EventTooLarge",
     "ExpectedVersion",
+    "Inbox",
     "InvalidAppend",
     "InvalidCloudEvent",
     "InvalidCommand",
@@ -98,6 +101,8 @@ __all__ = [
     "NO_STREAM",
     "NoCommandHandler",
     "NotAnEvent",
+    "OutboxRelay",
+    "PostgresInbox",
     "ProcessDriver",
     "ProcessManager",
     "Projection",
@@ -109,6 +114,8 @@ __all__ = [
     "RecordedEvent",
     "Repository",
     "Retry",
+    "Route",
+    "SQLiteInbox",
     "STREAM_EXISTS",
     "Service",
     "Snapshot",
@@ -133,9 +140,11 @@ __all__ = [
     "handles",
     "on",
     "open_broker",
+    "open_inbox",
     "open_store",
     "projection_status",
     "reacts_to",
+    "routes",
     "to_cloudevent",
     "uuid7",
 ]

@@ -29,6 +29,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from tidings.app.inbox import Inbox
 from tidings.brokers.base import BrokerBase, Delivery
 from tidings.core.context import caused_by
 from tidings.core.errors import ConfigurationError, TidingsError
@@ -71,6 +72,8 @@ class Context:
     service: Service
     delivery: Delivery
     attempt: int
+    db: Any = None
+    """With an inbox: its connection, inside the transaction that records this event."""
 
     @property
     def broker(self) -> BrokerBase:
@@ -96,6 +99,7 @@ class _Handler:
     function: Callable[..., Awaitable[Any]]
     retry: Retry
     takes_context: bool
+    inbox: Inbox | None = None
 
 
 @dataclass
@@ -118,9 +122,12 @@ class Service:
         group: str | None = None,
         retry: Retry | None = None,
         event: type[Event] | None = None,
+        inbox: Inbox | None = None,
     ) -> Callable[[H], H]:
         """Register an async handler of `topic` for the event class its first parameter
-        names (or `event=`); `group` defaults to the service's name."""
+        names (or `event=`); `group` defaults to the service's name. With an `inbox`, the
+        handler runs in a transaction that records the event's id (its writes go through
+        `ctx.db`), and an event already processed by the group is acked without running it."""
 
         def register(function: H) -> H:
             if not inspect.iscoroutinefunction(typing.cast(Any, function)):
@@ -135,7 +142,9 @@ class Service:
                     )
             params = list(inspect.signature(function).parameters.values())
             self._handlers.append(
-                _Handler(topic, group_name, cls, function, retry or Retry(), len(params) >= 2)
+                _Handler(
+                    topic, group_name, cls, function, retry or Retry(), len(params) >= 2, inbox
+                )
             )
             return function
 
@@ -154,6 +163,9 @@ class Service:
             raise ConfigurationError(f"service {self.name!r} has no handlers")
         for topic, group in self.subscriptions:
             await self.broker.declare(topic, group)
+        inboxes = {id(h.inbox): h.inbox for h in self._handlers if h.inbox and not h.inbox.opened}
+        for inbox in inboxes.values():  # opened here, closed here; the caller's stay open
+            await inbox.open()
         members = [
             asyncio.create_task(self._member(topic, group), name=f"{self.name} {topic}/{group}")
             for topic, group in self.subscriptions
@@ -178,6 +190,8 @@ class Service:
             for task in members:
                 task.cancel()
             await asyncio.gather(*members, return_exceptions=True)
+            for inbox in inboxes.values():
+                await inbox.aclose()
             self._stopping.clear()  # the service can run again
             self._stopped_waiting.clear()
 
@@ -235,10 +249,13 @@ class Service:
             try:
                 with caused_by(record.id, record.correlation_id):
                     context = Context(self, delivery, attempt)
-                    if handler.takes_context:
-                        await handler.function(record.event, context)
+                    if handler.inbox is None:
+                        await self._call(handler, record.event, context)
                     else:
-                        await handler.function(record.event)
+                        async with handler.inbox.transaction(delivery.group, str(record.id)) as db:
+                            if db is not None:  # None: processed before, nothing to do
+                                context.db = db
+                                await self._call(handler, record.event, context)
             except Exception as exc:
                 if attempt >= handler.retry.attempts:
                     log.warning(
@@ -255,6 +272,13 @@ class Service:
                 continue
             await delivery.ack()
             return
+
+    @staticmethod
+    async def _call(handler: _Handler, event: Event, context: Context) -> None:
+        if handler.takes_context:
+            await handler.function(event, context)
+        else:
+            await handler.function(event)
 
     def _route(self, topic: str, group: str, event: Event) -> _Handler | None:
         catch_all = None

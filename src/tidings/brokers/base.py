@@ -354,6 +354,26 @@ class BrokerBase(ABC):
 
     # -- consuming -------------------------------------------------------------------------
 
+    async def publish_records(self, topic: str, records: Iterable[RecordedEvent[Any]]) -> None:
+        """Publish stored events as they are: each keeps its id (the message id, so a
+        re-publish is the same message), stream, version, position, time and metadata, and
+        is keyed by its stream id. The outbox relay publishes with it."""
+        check_name("topic", topic)
+        self._check_open()
+        messages = [
+            encode(
+                topic,
+                record.event,
+                key=record.stream_id,
+                record=record,
+                source=self.source,
+                codec=self.codec,
+            )
+            for record in records
+        ]
+        if messages:
+            await self._publish(topic, messages)
+
     @asynccontextmanager
     async def subscribe(
         self, topic: str, *, group: str, prefetch: int = 16

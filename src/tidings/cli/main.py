@@ -13,7 +13,7 @@ import typer
 from typer.core import TyperGroup
 
 from tidings import __version__
-from tidings.cli import brokers, demo, projections, render, store, worker
+from tidings.cli import brokers, demo, projections, relay, render, store, worker
 from tidings.core.errors import TidingsError
 
 __all__ = ["app", "main"]
@@ -73,6 +73,7 @@ app.add_typer(demo.app)
 app.add_typer(worker.app)
 app.add_typer(brokers.dlq, name="dlq")
 app.add_typer(brokers.run_app)
+app.add_typer(relay.app)
 
 
 def main() -> None:
