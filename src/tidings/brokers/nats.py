@@ -302,11 +302,51 @@ class NATSBroker(BrokerBase):
     # -- publishing ------------------------------------------------------------------------
 
     async def _publish(self, topic: str, messages: list[Message]) -> None:
+        sends = []
         for message in messages:
             headers, body = _wire(message, self.header_prefix)
             if message.id:
                 headers["Nats-Msg-Id"] = f"{topic}:{message.id}"
-            await self._send(self._subject(topic, self._lane(message.key), _ALL), body, headers)
+            sends.append((self._subject(topic, self._lane(message.key), _ALL), body, headers))
+        if len(sends) == 1:
+            await self._send(*sends[0])
+        else:
+            await self._send_many(sends)
+
+    async def _send_many(self, sends: list[tuple[str, bytes, dict[str, str]]]) -> None:
+        """Publish a batch without waiting for each ack (JetStream's async publish: the
+        server stores one connection's messages in order), then collect the acks. From the
+        first message not acked in time on, the rest go one by one through `_send`, with its
+        retries; what was stored meanwhile is dropped as a duplicate by its `Nats-Msg-Id`."""
+        _, js = self._connection()
+        futures: list[asyncio.Future[Any]] = []
+        try:
+            async with asyncio.timeout(self.publish_timeout):
+                for subject, body, headers in sends:
+                    futures.append(
+                        await js.publish_async(
+                            subject,
+                            body,
+                            stream=self.stream if subject.startswith(f"{self.prefix}.") else None,
+                            headers=dict(headers),
+                        )
+                    )
+                await asyncio.gather(*futures, return_exceptions=True)
+        except (TimeoutError, *_NATS_ERRORS) as exc:
+            log.warning("a batch to NATS was not acked in full (%s); resending", _describe(exc))
+        finally:
+            for future in futures:
+                future.cancel()  # one never answered: free its slot in nats-py's window
+        for index, future in enumerate(futures):
+            failure = None if future.cancelled() else future.exception()
+            if isinstance(failure, nats.js.errors.APIError):
+                raise BrokerError(f"NATS refused the message on {sends[index][0]}: {failure}")
+            if future.cancelled() or failure is not None:
+                for subject, body, headers in sends[index:]:
+                    await self._send(subject, body, headers)
+                return
+        for subject, body, headers in sends[len(futures) :]:  # never sent: a send failed
+            await self._send(subject, body, headers)
 
     async def _send(self, subject: str, body: bytes, headers: dict[str, str]) -> None:
         """Publish and wait for the stream's ack; retried (same message id) a few times."""
