@@ -183,3 +183,35 @@ def test_demo_runs_as_a_command(tmp_path: Path) -> None:
     assert "Current state: balance = 120" in done.stdout
     assert "balance as of version 2 = 100" in done.stdout
     assert list(tmp_path.iterdir()) == []  # the temporary store is gone
+
+
+def test_demo_shows_both_notification_styles(runner: CliRunner) -> None:
+    result = runner.invoke(app, ["demo"])
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    assert "its outbox relay published 3 of them to the 'orders' topic" in out
+    assert "Event notification: the email service got order.placed with only the order id" in out
+    assert "email to grace@example.com: order o-1002 (monitor), 219.00 EUR" in out
+    assert (
+        "keeps its own copy (3 orders, behind an inbox); revenue by customer from that copy: "
+        "ada 135.00 EUR, grace 219.00 EUR"
+    ) in out
+
+
+async def test_the_email_service_reads_only_the_id_and_analytics_the_whole_order(
+    tmp_path: Path,
+) -> None:
+    from tidings.demo.orders import NOTIFICATIONS, ORDERS, OrderPlacedNotice, run_orders
+
+    assert set(OrderPlacedNotice.model_fields) == {"order_id"}  # the notification contract
+    assert NOTIFICATIONS.find("order.placed", 1) is OrderPlacedNotice
+    async with (
+        tidings.open_store(f"sqlite:///{tmp_path / 'orders.db'}", codec=JSONCodec(ORDERS)) as store,
+        tidings.open_broker("memory://") as broker,
+    ):
+        run = await run_orders(store, broker, tmp_path)
+        dead = await broker.dead_letters()
+    assert run.relayed == 3 and run.copies == 3 and len(run.emails) == 3
+    assert run.lookups >= 3  # one call back per notification, more if the read model lagged
+    assert run.analytics == {"ada": 13500, "grace": 21900}
+    assert dead == []  # the lookups that found nothing yet were retried, not given up

@@ -31,9 +31,10 @@ from typing import Any, TypeVar
 
 from tidings.app.inbox import Inbox
 from tidings.brokers.base import BrokerBase, Delivery
+from tidings.core.codec import JSONCodec
 from tidings.core.context import caused_by
 from tidings.core.errors import ConfigurationError, TidingsError
-from tidings.core.events import Event, UnknownEvent
+from tidings.core.events import Event, TypeRegistry, UnknownEvent
 from tidings.core.metadata import MetadataLike
 
 __all__ = ["Context", "Retry", "Service"]
@@ -110,6 +111,9 @@ class Service:
     broker: BrokerBase
     concurrency: int = 1
     shutdown_timeout: float = 10.0
+    registry: TypeRegistry | None = None
+    """The service's own event classes, to decode what it receives (default: the broker's
+    codec). Services built apart declare the contract they read, as consumers do."""
     _handlers: list[_Handler] = field(default_factory=list, repr=False)
     _stopping: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
     _waiting: set[asyncio.Task[Any]] = field(default_factory=set, repr=False)  # for a message
@@ -209,7 +213,8 @@ class Service:
         waiting = self._waiting
         me = asyncio.current_task()
         assert me is not None
-        async with self.broker.subscribe(topic, group=group) as deliveries:
+        codec = None if self.registry is None else JSONCodec(self.registry)
+        async with self.broker.subscribe(topic, group=group, codec=codec) as deliveries:
             iterator = aiter(deliveries)
             while not stopping.is_set():
                 # Waiting for a message is the one place `stop()` interrupts (by cancelling

@@ -157,8 +157,15 @@ class DeadLetter:
 class Delivery:
     """One message delivered to one member of a group; ack it, nack it, or dead-letter it."""
 
-    def __init__(self, broker: BrokerBase, group: str, received: Received) -> None:
+    def __init__(
+        self,
+        broker: BrokerBase,
+        group: str,
+        received: Received,
+        codec: JSONCodec | None = None,
+    ) -> None:
         self.broker = broker
+        self.codec = codec or broker.codec
         self.group = group
         self.received = received
         self.message = received.message
@@ -183,7 +190,7 @@ class Delivery:
         """The decoded event with id, type, time and metadata; raises if it does not decode
         (`InvalidCloudEvent`, `UnknownEventType`, `EventDecodeError`)."""
         if self._record is None:
-            self._record = self.message.record(self.broker.codec)
+            self._record = self.message.record(self.codec)
         return self._record
 
     @property
@@ -376,18 +383,19 @@ class BrokerBase(ABC):
 
     @asynccontextmanager
     async def subscribe(
-        self, topic: str, *, group: str, prefetch: int = 16
+        self, topic: str, *, group: str, prefetch: int = 16, codec: JSONCodec | None = None
     ) -> AsyncIterator[AsyncIterator[Delivery]]:
         """Join `group` on `topic`: `async with broker.subscribe(t, group=g) as deliveries:`.
 
         Members of one group compete for messages; each group gets every message published
         after it was first declared (`declare` ahead of publishing to miss nothing).
-        Unacked messages of a member that goes away are delivered to another.
+        Unacked messages of a member that goes away are delivered to another. `codec`
+        decodes the deliveries with a consumer's own event classes (default: the broker's).
         """
         check_name("topic", topic)
         check_name("group", group)
         self._check_open()
-        member = _Member(self, topic, group, prefetch)
+        member = _Member(self, topic, group, prefetch, codec or self.codec)
         try:
             yield member.deliveries()
         finally:
@@ -478,6 +486,7 @@ class _Member:
     topic: str
     group: str
     prefetch: int
+    codec: JSONCodec
     name: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
 
     async def deliveries(self) -> AsyncIterator[Delivery]:
@@ -485,7 +494,7 @@ class _Member:
         async for received in self.broker._receive(
             self.topic, self.group, self.name, self.prefetch
         ):
-            yield Delivery(self.broker, self.group, received)
+            yield Delivery(self.broker, self.group, received, self.codec)
 
     async def close(self) -> None:
         if not self.broker._closed:

@@ -17,9 +17,11 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
+from tidings.brokers import open_broker
 from tidings.cli import render
 from tidings.core.codec import JSONCodec
 from tidings.demo.ledger import LEDGER, AccountBalances, LedgerRun, run_ledger
+from tidings.demo.orders import ORDERS, OrdersRun, run_orders
 from tidings.store import open_store
 
 __all__ = ["app", "demo"]
@@ -57,6 +59,8 @@ def demo(
         run, persistent = asyncio.run(_run(url))
         where = url
     _show(run, where)
+    with tempfile.TemporaryDirectory(prefix="tidings-demo-orders-") as folder:
+        _show_orders(asyncio.run(_run_orders(Path(folder))))
     console = Console(highlight=False)
     if store is not None and persistent:
         console.print(Text("The events and the read model stay in the store; to see them again:"))
@@ -64,6 +68,45 @@ def demo(
         console.print(Text(f"  tidings projections status --store {url}"), soft_wrap=True)
     elif store is not None:
         console.print(Text("This store lived in the demo's memory: its events are gone now."))
+
+
+async def _run_orders(folder: Path) -> OrdersRun:
+    url = "sqlite:///" + quote(str(folder / "orders.db"))
+    async with (
+        open_store(url, codec=JSONCodec(ORDERS)) as store,
+        open_broker("memory://") as broker,
+    ):
+        return await run_orders(store, broker, folder)
+
+
+def _show_orders(run: OrdersRun) -> None:
+    console = Console(highlight=False)
+    console.print()
+    console.print(
+        Text(
+            f"Orders: the order service stored {len(run.placed)} order.placed events; its "
+            f"outbox relay published {run.relayed} of them to the 'orders' topic (an event "
+            "reaches the broker if and only if it was stored)."
+        )
+    )
+    console.print(
+        Text(
+            "Event notification: the email service got order.placed with only the order id on "
+            f"'order-notifications' and asked the order service for the details "
+            f"({run.lookups} lookups; {run.lookups - len(run.emails)} retried while its read "
+            "model was behind: eventual consistency):"
+        )
+    )
+    for line in run.emails:
+        console.print(Text(f"  email {line}"))
+    revenue = ", ".join(f"{who} {cents / 100:.2f} EUR" for who, cents in run.analytics.items())
+    console.print(
+        Text(
+            "Event-carried state transfer: the analytics service got the whole order in "
+            f"order.placed and keeps its own copy ({run.copies} orders, behind an inbox); "
+            f"revenue by customer from that copy: {revenue}"
+        )
+    )
 
 
 async def _run(url: str) -> tuple[LedgerRun, bool]:
