@@ -40,11 +40,10 @@ class Moved(tidings.Event, type="test.relay.moved"):
 
 
 async def _start_relay(store_url: str, broker_url: str) -> asyncio.subprocess.Process:
-    code = "import sys; from tidings.cli.main import main; sys.argv[0] = 'tidings'; main()"
     process = await asyncio.create_subprocess_exec(
         sys.executable,
-        "-c",
-        code,
+        "-m",
+        "tidings.cli.main",
         "relay",
         "--store",
         store_url,

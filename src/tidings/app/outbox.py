@@ -126,13 +126,13 @@ class OutboxRelay:
         return 0 if state is None else state.position
 
     def stop(self) -> None:
-        """Ask `run` to return: the batch in flight is published and checkpointed first."""
+        """Ask `run` to return (or not to start). A batch not yet confirmed goes out again
+        next time, under the same ids."""
         self._stopping.set()
 
     async def run(self) -> None:
         """Relay until `stop()` or cancellation, while holding the lease."""
         store, ttl = self.store, self.lease
-        self._stopping.clear()
         try:
             while not self._stopping.is_set():
                 if not await self._acquire():
@@ -161,6 +161,7 @@ class OutboxRelay:
                     raise following.exception()  # type: ignore[misc]
         finally:
             self.leased = False
+            self._stopping.clear()  # it can run again
             if not store._closed:
                 await asyncio.shield(self._release())
 
