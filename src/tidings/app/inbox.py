@@ -23,17 +23,19 @@ from __future__ import annotations
 
 import asyncio
 import re
-import sqlite3
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
 
 from tidings.core.errors import ConfigurationError, StoreClosed
+
+if TYPE_CHECKING:
+    import sqlite3
 
 __all__ = ["Inbox", "PostgresInbox", "SQLiteInbox", "open_inbox"]
 
@@ -109,6 +111,8 @@ class SQLiteInbox(Inbox):
         self._lock = asyncio.Lock()
 
     async def _open(self) -> None:
+        import sqlite3  # here: `import tidings` loads no driver
+
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         conn.execute("pragma journal_mode=wal")
         conn.execute("pragma synchronous=normal")
