@@ -34,6 +34,12 @@ each awaited), 13, 15 and 17 consume and ack (a `Service` handler; prefetch 16),
 in the same run against (a) the raw client doing the same work (target 0.75x) and (b)
 faststream on the same broker (target 1x). An unreachable server skips its rows, saying why.
 
+Scenario 18 (relay.py) is the outbox relay on the same three servers: a SQLite store filled once
+with N events over 200 streams is published whole by `OutboxRelay.catch_up()` (batches of 500,
+a checkpoint commit after each confirmed batch), in events/s, against a raw loop doing the same
+with sqlite3 and the raw client (read 500 rows, build the adapter's messages, publish them with
+its batching and acks, commit a checkpoint row; target 0.7x): 18a Redis, 18b NATS, 18c RabbitMQ.
+
 Prints one table (tidings, the baseline, their ratio, the target, pass or missed) and writes the
 same numbers to benchmarks/results.json (a --quick run writes results-quick.json instead, so it
 never overwrites the numbers the README quotes). A missed target is reported, not an error: the
@@ -71,6 +77,7 @@ import brokers
 import peer_eventsourcing
 import postgres_store
 import projections
+import relay
 import sqlite_store
 import tidings
 from sqlite_store import Measured
@@ -102,6 +109,7 @@ class Sizes:
     pg_latency_warm: int
     broker_messages: int
     broker_warm: int
+    relay_events: int
 
 
 PG_WRITERS = 16
@@ -130,6 +138,7 @@ FULL = Sizes(
     pg_latency_warm=50,
     broker_messages=5000,
     broker_warm=50,
+    relay_events=20_000,
 )
 QUICK = Sizes(
     single_appends=1000,
@@ -153,6 +162,7 @@ QUICK = Sizes(
     pg_latency_warm=10,
     broker_messages=200,
     broker_warm=20,
+    relay_events=1000,
 )
 
 
@@ -265,7 +275,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--redis",
         default=brokers.DEFAULT_REDIS,
         metavar="URL",
-        help="the Redis server for scenarios 12-13 (default $TIDINGS_BENCH_REDIS or "
+        help="the Redis server for scenarios 12-13 and 18a (default $TIDINGS_BENCH_REDIS or "
         "redis://127.0.0.1:6379/0); each round uses keys of its own and deletes them; 'none' "
         "skips these scenarios",
     )
@@ -273,15 +283,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--nats",
         default=brokers.DEFAULT_NATS,
         metavar="URL",
-        help="the NATS server (JetStream on) for scenarios 14-15 (default $TIDINGS_BENCH_NATS "
-        "or nats://127.0.0.1:4222); each round uses streams of its own and deletes them; "
-        "'none' skips these scenarios",
+        help="the NATS server (JetStream on) for scenarios 14-15 and 18b (default "
+        "$TIDINGS_BENCH_NATS or nats://127.0.0.1:4222); each round uses streams of its own "
+        "and deletes them; 'none' skips these scenarios",
     )
     parser.add_argument(
         "--rabbitmq",
         default=brokers.DEFAULT_RABBITMQ,
         metavar="URL",
-        help="the RabbitMQ server for scenarios 16-17 (default $TIDINGS_BENCH_RABBITMQ or "
+        help="the RabbitMQ server for scenarios 16-17 and 18c (default $TIDINGS_BENCH_RABBITMQ or "
         "amqp://guest:guest@127.0.0.1:5672/); each round uses queues and exchanges of its own "
         "and deletes them; 'none' skips these scenarios",
     )
@@ -709,6 +719,64 @@ def broker_rows(
     return rows, skipped
 
 
+# Scenario 18, per broker: the outbox relay from the SQLite store against a raw loop.
+RELAY_LETTERS = {"redis": "a", "nats": "b", "rabbitmq": "c"}
+RELAY_TARGET = 0.7
+
+
+def relay_scenarios() -> dict[str, str]:
+    """The rows of scenario 18: row key -> scenario name."""
+    return {
+        f"relay_{key}": f"18{letter}. outbox relay -> {BROKER_TITLES[key]} vs raw"
+        for key, letter in RELAY_LETTERS.items()
+    }
+
+
+def relay_rows(
+    sizes: Sizes, directory: str, targets: dict[str, brokers.Target | str], phases: Phases
+) -> tuple[list[Row], list[Skipped]]:
+    """Scenario 18 per broker, or why it is skipped (a target is then the reason)."""
+    rows: list[Row] = []
+    skipped: list[Skipped] = []
+    names = relay_scenarios()
+    reachable = {key: t for key, t in targets.items() if isinstance(t, brokers.Target)}
+    for key, target in targets.items():
+        if isinstance(target, str):
+            skipped.append(Skipped(f"relay_{key}", names[f"relay_{key}"], target))
+    if not reachable:
+        return rows, skipped
+    r, n = sizes.rounds, sizes.relay_events
+    rounds = f"{r} round{'s' * (r > 1)}"
+    with phases.phase(f"18. populating {n:,} events for the outbox relay", n) as advance:
+        path, events = relay.populate(directory, n, advance)
+    for key, target in reachable.items():
+        title = BROKER_TITLES[key]
+        with phases.phase(
+            f"18{RELAY_LETTERS[key]}. outbox relay of {events:,} events -> {title} "
+            f"({rounds} x 2 sides)",
+            r * 2 * events,
+        ) as advance:
+            measured = relay.measure(target, path, events, r, advance)
+        rows.append(
+            Row(
+                f"relay_{key}",
+                names[f"relay_{key}"],
+                "events/s",
+                best(measured.tidings),
+                best(measured.raw),
+                f"raw loop: sqlite3 + {BROKER_RAW[key].removeprefix('raw ')}, same rows, "
+                "messages, batching, acks and checkpoints",
+                RELAY_TARGET,
+                f">= {RELAY_TARGET:g}x raw",
+                measured,
+            )
+        )
+    for suffix in ("", "-wal", "-shm"):
+        if os.path.exists(path + suffix):
+            os.remove(path + suffix)
+    return rows, skipped
+
+
 def _figure(value: float, unit: str) -> str:
     return f"{value:,.3f} {unit}" if value < 100 else f"{value:,.0f} {unit}"
 
@@ -727,7 +795,9 @@ def table(rows: list[Row], skipped: list[Skipped], title: str) -> Table:
             "of another store instance (p50 beside it), against a 10 ms budget. 12-17: "
             "messages/s through the Redis, NATS and RabbitMQ adapters (publish one at a time, "
             "awaited; consume with a Service, prefetch 16, acked) against the raw client doing "
-            "the same (a) and faststream (b), best round each."
+            "the same (a) and faststream (b), best round each. 18: events/s of the outbox relay "
+            "publishing a SQLite store to each broker (OutboxRelay.catch_up(), batches of 500, "
+            "a checkpoint per batch) against a raw sqlite3 + client loop doing the same."
         ),
         caption_justify="left",
     )
@@ -839,6 +909,9 @@ def main(argv: list[str] | None = None) -> int:
             broker_measured, broker_skipped = broker_rows(sizes, targets, phases)
             rows.extend(broker_measured)
             skipped.extend(broker_skipped)
+            relay_measured, relay_skipped = relay_rows(sizes, directory, targets, phases)
+            rows.extend(relay_measured)
+            skipped.extend(relay_skipped)
     finally:
         if isinstance(server, postgres_store.Server):
             server.drop_all()
@@ -852,7 +925,7 @@ def main(argv: list[str] | None = None) -> int:
         + (f", raw asyncpg {env['asyncpg']} on PostgreSQL {pg['server_version']}" if pg else "")
         + f" and eventsourcing {env['eventsourcing']} — Python {env['python']}, "
         f"{env['cpus']} CPUs, {'quick' if args.quick else 'full'} run; best of "
-        f"{sizes.rounds} (1-3, 7-10, 12-17), {sizes.read_rounds} (4) and "
+        f"{sizes.rounds} (1-3, 7-10, 12-18), {sizes.read_rounds} (4) and "
         f"{sizes.catch_up_rounds} (6) per side; 5: median of blocks"
     )
     console.print(table(rows, skipped, title))
@@ -881,9 +954,10 @@ def main(argv: list[str] | None = None) -> int:
         "durability": (
             "SQLite (1-8): journal_mode=WAL, synchronous=FULL on both sides of every scenario; "
             "PostgreSQL (9-11): the server's settings (fsync, synchronous_commit in "
-            "environment.postgresql), the same for both sides; brokers (12-17): the "
+            "environment.postgresql), the same for both sides; brokers (12-18): the "
             "servers' own settings, the same for every side (NATS: file storage; RabbitMQ: "
-            "durable quorum queues, persistent messages, publisher confirms)"
+            "durable quorum queues, persistent messages, publisher confirms); the store "
+            "scenario 18 relays from is SQLite with WAL and synchronous=FULL for both sides"
         ),
         "method": (
             "Rates are per second (events, saves or loads); the best round per side is reported "
@@ -905,7 +979,13 @@ def main(argv: list[str] | None = None) -> int:
             "same server, each on streams of its own per round: publishing alternates the "
             "three sides block by block (each message awaited); consuming times each side's "
             "group from the first message at the handler until the server reports all "
-            "acked; the (a) rows compare with the raw client, the (b) rows with faststream."
+            "acked; the (a) rows compare with the raw client, the (b) rows with faststream. "
+            "Scenario 18 (relay.py) fills one SQLite store once and, per broker and round, "
+            "times OutboxRelay.catch_up() publishing all of it (batches of 500, a checkpoint "
+            "commit per batch) and a raw loop doing the same with sqlite3 and the raw client "
+            "(the same messages, batching and acks, a checkpoint row per batch), the two "
+            "taking turns, each on names of its own; every side must leave exactly N "
+            "messages on the server."
         ),
         "scenarios": {row.key: row.to_json() for row in rows},
         "skipped": {

@@ -1,9 +1,9 @@
 """`make bench` keeps working: its smoke run completes and reports every scenario.
 
 The PostgreSQL scenarios (9-11) run against the server the store tests use
-(`$TIDINGS_TEST_POSTGRES`), the broker scenarios (12-17) against Redis, NATS and RabbitMQ; a
-server that is not running must have its rows reported as skipped, saying why, and the rest
-of the run must still complete.
+(`$TIDINGS_TEST_POSTGRES`), the broker and outbox relay scenarios (12-18) against Redis, NATS
+and RabbitMQ; a server that is not running must have its rows reported as skipped, saying
+why, and the rest of the run must still complete.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def test_quick_benchmark_run_reports_every_scenario(tmp_path: Path) -> None:
         assert set(results["skipped"]) >= postgres
         assert all("not reachable" in skip["reason"] for skip in results["skipped"].values())
     for backend, server in (("redis", REDIS), ("nats", NATS), ("rabbitmq", RABBITMQ)):
-        rows = {f"{backend}_{side}" for side in BROKER_ROWS}
+        rows = {f"{backend}_{side}" for side in BROKER_ROWS} | {f"relay_{backend}"}
         if _reachable(server) or REQUIRE_SERVICES:  # measured against both peers
             assert set(results["scenarios"]) >= rows, results["skipped"]
         else:

@@ -328,7 +328,7 @@ class NATSBroker(BrokerBase):
                             subject,
                             body,
                             stream=self.stream if subject.startswith(f"{self.prefix}.") else None,
-                            headers=dict(headers),
+                            headers=headers,
                         )
                     )
                 await asyncio.gather(*futures, return_exceptions=True)
@@ -793,9 +793,14 @@ def _describe(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
+@functools.cache
+def _header_name_safe(name: str) -> bool:
+    return bool(_HEADER_NAME.match(name))  # a handful of distinct names: checked once each
+
+
 def _header_safe(name: str, value: str) -> bool:
     return (
-        bool(_HEADER_NAME.match(name))
+        _header_name_safe(name)
         and value == value.strip()
         and "\r" not in value
         and "\n" not in value
@@ -808,8 +813,8 @@ def _wire(message: Message, prefix: str) -> tuple[dict[str, str], bytes]:
     body = message.data
     if not all(_header_safe(name, value) for name, value in headers.items()):
         headers, body = {"content-type": _STRUCTURED}, message.structured()
-    if message.key is not None:
-        headers[_KEY_HEADER] = quote(message.key, safe="")
+    if message.key is not None and "partitionkey" not in message.attributes:
+        headers[_KEY_HEADER] = quote(message.key, safe="")  # ce-partitionkey carries it else
     return headers, body
 
 

@@ -48,7 +48,9 @@ class JSONCodec:
     def encode(self, event: Event, index: int = 0) -> EncodedEvent:
         """Encode one event; `NotAnEvent` for anything that is not a storable `Event`."""
         if isinstance(event, UnknownEvent):
-            text = json.dumps(event.data, ensure_ascii=False, separators=(",", ":"))
+            text = event.raw
+            if text is None:
+                text = json.dumps(event.data, ensure_ascii=False, separators=(",", ":"))
             return EncodedEvent(event.event_id, event.type, event.version, text, len(text.encode()))
         if not isinstance(event, Event) or event.__event_type__ is None:
             raise NotAnEvent(event, index)
@@ -178,7 +180,8 @@ class _RawValidator:
         self.type, self.version = type, version
 
     def validate_json(self, data: str | bytes) -> UnknownEvent:
-        return UnknownEvent(type=self.type, version=self.version, data=json.loads(data))
+        text = data if isinstance(data, str) else data.decode()
+        return UnknownEvent(type=self.type, version=self.version, data=json.loads(text), raw=text)
 
 
 _new_record = tuple.__new__

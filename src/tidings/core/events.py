@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from typing import Any, ClassVar, Self
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from tidings.core.errors import DuplicateEventType, EventDefinitionError, UnknownEventType
 from tidings.core.ids import uuid7
@@ -160,6 +160,14 @@ class UnknownEvent(Event):
     type: str
     version: int
     data: dict[str, Any]
+    raw: str | None = Field(default=None, exclude=True, repr=False)
+    """The data's JSON text as it was read, passed on unchanged when the event is written
+    again (a relay copies events without re-encoding them); None when built by hand."""
+
+    def __eq__(self, other: object) -> bool:  # the same event whether read or built
+        if not isinstance(other, UnknownEvent):
+            return NotImplemented
+        return (self.type, self.version, self.data) == (other.type, other.version, other.data)
 
     def __hash__(self) -> int:
         return hash((self.type, self.version))
