@@ -69,17 +69,19 @@ def test_relay_once_publishes_what_is_stored_then_nothing_more(
 
 
 @pytest.mark.parametrize(
-    ("route", "expected"),
-    [("no-equals", "pattern=topic"), ("=parcels", "a pattern and a topic")],
+    ("options", "expected"),
+    [
+        (["--route", "no-equals"], "pattern=topic"),
+        (["--route", "=parcels"], "a pattern and a topic"),
+        ([], "give at least one --route"),
+    ],
 )
 def test_a_bad_route_is_one_clear_line(
-    runner: CliRunner, tmp_path: Path, route: str, expected: str
+    runner: CliRunner, tmp_path: Path, options: list[str], expected: str
 ) -> None:
     store = f"sqlite:///{tmp_path / 'events.db'}"
     asyncio.run(_store_with(store, 1))
-    result = runner.invoke(
-        app, ["relay", "--store", store, "--broker", "memory://", "--route", route]
-    )
+    result = runner.invoke(app, ["relay", "--store", store, "--broker", "memory://", *options])
     assert_one_line_error(result, expected)
 
 
@@ -88,7 +90,7 @@ def test_relay_runs_until_sigterm(tmp_path: Path) -> None:
     store = f"sqlite:///{tmp_path / 'events.db'}"
     asyncio.run(_store_with(store, 3))
     command = [sys.executable, "-m", "tidings.cli.main", "relay", "--store", store]
-    command += ["--broker", "memory://", "--route", "*=all"]
+    command += ["--broker", "memory://", "--topic", "all"]
     with subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env()
     ) as process:

@@ -108,3 +108,33 @@ def test_inbox_urls_are_checked() -> None:
         open_inbox("redis://127.0.0.1")
     with pytest.raises(tidings.ConfigurationError):
         open_inbox("sqlite:///x.db", table="bad; drop")
+
+
+async def test_an_inbox_url_is_opened_for_each_run_and_a_relay_runs_in_a_block(
+    tmp_path: Path,
+) -> None:
+    inbox_url = f"sqlite:///{tmp_path / 'inbox.db'}"
+    async with (
+        open_store(f"sqlite:///{tmp_path / 'events.db'}") as store,
+        open_broker("memory://") as broker,
+    ):
+        service = Service("ledger", broker)
+        seen: list[int] = []
+
+        @service.handler("credits", inbox=inbox_url)
+        async def credit(event: Credited, ctx: Context) -> None:
+            assert isinstance(ctx.db, sqlite3.Connection)
+            seen.append(event.amount)
+
+        await broker.declare("credits", "ledger")
+        for amounts in ([1, 2], [3]):
+            await store.append("acct-1", [Credited(account="a", amount=n) for n in amounts])
+            async with tidings.OutboxRelay(store, broker, "credits"):  # every event there
+                runner = asyncio.create_task(service.run())
+                for _ in range(200):
+                    if len(seen) == 3 or (amounts == [1, 2] and len(seen) == 2):
+                        break
+                    await asyncio.sleep(0.02)
+                service.stop()
+                await asyncio.wait_for(runner, 5)
+        assert seen == [1, 2, 3]  # the second run reopened the inbox; nothing ran twice

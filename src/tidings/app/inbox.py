@@ -50,19 +50,17 @@ class Inbox(ABC):
             raise ConfigurationError(f"inbox table {table!r} is not a plain SQL name")
         self.table = table
         self.opened = False
-        self._closed = False
 
     async def open(self) -> Self:
-        if self._closed:
-            raise StoreClosed(f"{type(self).__name__} was closed; open a new one")
+        """Connect and create the inbox table if missing (again after `aclose`)."""
         if not self.opened:
             await self._open()
             self.opened = True
         return self
 
     async def aclose(self) -> None:
-        if self.opened and not self._closed:
-            self._closed = True
+        if self.opened:
+            self.opened = False
             await self._close()
 
     async def __aenter__(self) -> Self:
@@ -93,7 +91,7 @@ class Inbox(ABC):
     async def _close(self) -> None: ...
 
     def _check_open(self) -> None:
-        if not self.opened or self._closed:
+        if not self.opened:
             raise StoreClosed(f"{type(self).__name__} is not open")
 
 

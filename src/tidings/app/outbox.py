@@ -84,7 +84,8 @@ class OutboxRelay:
     Args:
         store: the event store whose global log is the outbox.
         broker: where the events go (opened by the caller).
-        route: which topic each event goes to: a `Route`, or rules for `routes()`.
+        route: which topic each event goes to: a topic name (every event goes there), a
+            `Route`, or rules for `routes()`.
         name: the relay's checkpoint and lease name; relays of one name share the work.
         lease: seconds the lease lasts (renewed every third of it).
         owner: this relay's name in the lease table (default: host, pid, a random part).
@@ -95,7 +96,7 @@ class OutboxRelay:
         self,
         store: EventStore,
         broker: BrokerBase,
-        route: Route | Mapping[str, str] | Iterable[str],
+        route: str | Route | Mapping[str, str] | Iterable[str],
         *,
         name: str = "default",
         lease: float = 5.0,
@@ -110,6 +111,8 @@ class OutboxRelay:
             raise ConfigurationError(f"an outbox relay needs a tidings store, not {store!r}")
         self.store = store
         self.broker = broker
+        if isinstance(route, str):
+            route = {"*": route}
         self.route: Route = route if callable(route) else routes(route)
         self.name = name
         self.checkpoint = f"outbox:{name}"
@@ -119,6 +122,18 @@ class OutboxRelay:
         self.published = 0  # events this relay published (re-publishes after a crash count)
         self.leased = False
         self._stopping = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> OutboxRelay:
+        """Relay in the background until the block ends (`async with relay:`)."""
+        self._task = asyncio.create_task(self.run(), name=f"tidings outbox {self.name}")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.stop()
+        task, self._task = self._task, None
+        if task is not None:
+            await task
 
     async def position(self) -> int:
         """The checkpoint: every event up to this position has been published."""

@@ -29,7 +29,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from tidings.app.inbox import Inbox
+from tidings.app.inbox import Inbox, open_inbox
 from tidings.brokers.base import BrokerBase, Delivery
 from tidings.core.codec import JSONCodec
 from tidings.core.context import caused_by
@@ -126,12 +126,15 @@ class Service:
         group: str | None = None,
         retry: Retry | None = None,
         event: type[Event] | None = None,
-        inbox: Inbox | None = None,
+        inbox: Inbox | str | None = None,
     ) -> Callable[[H], H]:
         """Register an async handler of `topic` for the event class its first parameter
         names (or `event=`); `group` defaults to the service's name. With an `inbox`, the
         handler runs in a transaction that records the event's id (its writes go through
-        `ctx.db`), and an event already processed by the group is acked without running it."""
+        `ctx.db`), and an event already processed by the group is acked without running it;
+        an inbox URL (`sqlite:///…`, `postgresql://…`) opens one for the service's runs."""
+        if isinstance(inbox, str):
+            inbox = open_inbox(inbox)
 
         def register(function: H) -> H:
             if not inspect.iscoroutinefunction(typing.cast(Any, function)):

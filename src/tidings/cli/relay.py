@@ -18,6 +18,7 @@ from tidings.brokers import open_broker
 from tidings.cli.brokers import BrokerOption
 from tidings.cli.store import DEFAULT_STORE, StoreOption
 from tidings.core.codec import JSONCodec
+from tidings.core.errors import ConfigurationError
 from tidings.core.events import TypeRegistry
 from tidings.store import open_store
 
@@ -30,15 +31,19 @@ app = typer.Typer()
 def relay(
     broker: BrokerOption,
     route: Annotated[
-        list[str],
+        list[str] | None,
         typer.Option(
             "--route",
             metavar="PATTERN=TOPIC",
             help="Where events go, first match wins: an event type pattern "
             "(order.placed, order.*, *) or a stream category (category:account) = a topic. "
-            "Repeat for more rules; events matching none are not published.",
+            "Repeat for more rules; events matching none go to --topic, or nowhere.",
         ),
-    ],
+    ] = None,
+    topic: Annotated[
+        str | None,
+        typer.Option(metavar="TOPIC", help="Where events matching no --route go."),
+    ] = None,
     store: StoreOption = DEFAULT_STORE,
     name: Annotated[
         str,
@@ -60,7 +65,10 @@ def relay(
     after the broker confirmed, so a relay killed at any moment loses nothing (the last
     batch may go out twice, under the same ids).
     """
-    rule = routes(route)
+    rules = [*(route or []), *([f"*={topic}"] if topic else [])]
+    if not rules:
+        raise ConfigurationError("give at least one --route PATTERN=TOPIC, or --topic TOPIC")
+    rule = routes(rules)
     asyncio.run(_relay(store, broker, rule, name, lease, batch_size, once))
 
 
