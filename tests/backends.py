@@ -5,14 +5,23 @@ PostgreSQL runs against the server at `$TIDINGS_TEST_POSTGRES` (default
 drops afterwards; the brokers against Redis (`$TIDINGS_TEST_REDIS`) and NATS JetStream
 (`$TIDINGS_TEST_NATS`) on loopback. When a server is absent its cases skip, saying why,
 except under `TIDINGS_REQUIRE_SERVICES=1` (CI), where they fail.
+
+The AWS brokers (`sqs`, `eventbridge`) run against moto: the one at `$TIDINGS_TEST_MOTO`
+when set, else a `moto_server` this process starts on a free loopback port the first time a
+test needs it and stops when it exits. Names carry a prefix unique to the test session.
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import os
 import socket
+import subprocess
+import sys
+import tempfile
 import threading
+import time
 import uuid
 from functools import cache
 from pathlib import Path
@@ -22,19 +31,30 @@ from urllib.parse import parse_qsl, urlsplit
 import pytest
 
 STORE_BACKENDS = ("memory", "sqlite", "postgres")
+KAFKA = os.environ.get("TIDINGS_TEST_KAFKA", "")  # host:port of a Kafka; unset: no Kafka cases
 BROKER_BACKENDS = tuple(
-    os.environ.get("TIDINGS_TEST_BROKERS", "memory,redis,nats,rabbitmq").split(",")
+    os.environ.get(
+        "TIDINGS_TEST_BROKERS",
+        "memory,redis,nats,rabbitmq,sqs,eventbridge" + (",kafka" if KAFKA else ""),
+    ).split(",")
 )
 """Brokers the conformance suite runs on (`TIDINGS_TEST_BROKERS=redis,nats` picks fewer)."""
 POSTGRES = os.environ.get("TIDINGS_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
 REDIS = os.environ.get("TIDINGS_TEST_REDIS", "redis://127.0.0.1:6379/0")
 NATS = os.environ.get("TIDINGS_TEST_NATS", "nats://127.0.0.1:4222")
 RABBITMQ = os.environ.get("TIDINGS_TEST_RABBITMQ", "amqp://guest:guest@127.0.0.1:5672/")
+MOTO = os.environ.get("TIDINGS_TEST_MOTO", "")  # empty: start a moto_server of our own
+AWS_PREFIX = f"t{uuid.uuid4().hex[:8]}"  # this session's SNS, SQS, EventBridge and S3 names
+AWS_OPTIONS = (  # dummy credentials for moto; short timeouts so redelivery tests are quick
+    "region=us-east-1&access_key_id=testing&secret_access_key=testing"
+    f"&prefix={AWS_PREFIX}&visibility_timeout=5&wait_time=0&poll_interval=0.05&connect_timeout=2"
+)
 SERVERS = {  # backend: (server URL, what to call it, the variable that moves it)
     "postgres": (POSTGRES, "PostgreSQL", "TIDINGS_TEST_POSTGRES"),
     "redis": (REDIS, "Redis", "TIDINGS_TEST_REDIS"),
     "nats": (NATS, "NATS JetStream", "TIDINGS_TEST_NATS"),
     "rabbitmq": (RABBITMQ, "RabbitMQ", "TIDINGS_TEST_RABBITMQ"),
+    "kafka": (f"kafka://{KAFKA or '127.0.0.1:9092'}", "Kafka", "TIDINGS_TEST_KAFKA"),
 }
 REQUIRE_SERVICES = os.environ.get("TIDINGS_REQUIRE_SERVICES") == "1"
 
@@ -51,23 +71,131 @@ def store_url(backend: str, folder: Path) -> str:
 
 def broker_url(backend: str) -> str:
     """The URL of a broker of `backend` (topics and groups in tests are unique per test)."""
+    if backend in ("sqs", "eventbridge"):  # moto starts on first use only
+        return f"{backend}://?endpoint_url={moto_endpoint()}&{AWS_OPTIONS}"
     return {
         "memory": "memory://",
         "redis": REDIS,
         "nats": f"{NATS}?group_expiry=60&max_age=3600",  # unique test groups: let them go
         "rabbitmq": f"{RABBITMQ}?expires=60",
+        # Kafka's smallest session by default: a dead member's partitions move after 6 s
+        "kafka": f"kafka://{KAFKA or '127.0.0.1:9092'}?session_timeout=6&heartbeat_interval=0.5",
     }[backend]
 
 
 def require(backend: str) -> None:
     """Skip (or, in CI, fail) a test whose backend's server is not running."""
+    if backend in ("sqs", "eventbridge"):
+        problem = _moto()[1]
+        if problem:
+            if REQUIRE_SERVICES:
+                pytest.fail(problem + "; TIDINGS_REQUIRE_SERVICES=1 makes this a failure")
+            pytest.skip(problem)
+        return
     if backend not in SERVERS or _reachable(SERVERS[backend][0]):
         return
     url, name, variable = SERVERS[backend]
-    message = f"{name} is not running at {_address(url)} (set {variable})"
+    host, port = _address(url)
+    message = f"{name} is not running at {host}:{port} (set {variable})"
     if REQUIRE_SERVICES:
         pytest.fail(message + "; TIDINGS_REQUIRE_SERVICES=1 makes this a failure")
     pytest.skip(message)
+
+
+def moto_endpoint() -> str:
+    """The endpoint URL of the moto server the AWS broker tests use (started if need be)."""
+    endpoint, problem = _moto()
+    if problem:
+        pytest.skip(problem)
+    return endpoint
+
+
+@cache
+def _moto() -> tuple[str, str]:
+    """(endpoint, "") of a moto server answering on loopback, or ("", why there is none)."""
+    if MOTO:
+        if _reachable(MOTO):
+            return MOTO, ""
+        host, port = _address(MOTO)
+        return "", f"moto is not running at {host}:{port} (TIDINGS_TEST_MOTO)"
+    server = start_moto()
+    if isinstance(server, str):
+        return "", server
+    atexit.register(stop_moto, server)
+    return f"http://127.0.0.1:{server.args[-1]}", ""
+
+
+# `moto_server`, with its SQS queues made atomic as SQS's are. moto 5 takes a FIFO queue's
+# in-flight message groups once per ReceiveMessage, without a lock, so two receives at the
+# same moment (or a long poll whose snapshot went stale) can hand one group's next message
+# to a second consumer while the first still holds the one before: real SQS never does. A
+# lock around moto's queue operations restores that (the tests poll with wait_time=0, so no
+# call holds it long).
+_MOTO_LOGS: dict[int, Any] = {}  # pid -> the file its output goes to
+_MOTO_SERVER = """
+import sys, threading
+from moto.server import main
+from moto.sqs.models import SQSBackend
+
+lock = threading.RLock()
+
+def atomic(operation):
+    def locked(*args, **kwargs):
+        with lock:
+            return operation(*args, **kwargs)
+    return locked
+
+for name in ("send_message", "receive_message", "delete_message", "change_message_visibility"):
+    setattr(SQSBackend, name, atomic(getattr(SQSBackend, name)))
+main(sys.argv[1:])
+"""
+
+
+def start_moto(timeout: float = 20.0) -> subprocess.Popen[bytes] | str:
+    """A moto server on a free loopback port, answering; or why it could not start."""
+    try:
+        import moto.server  # noqa: F401
+    except ImportError:
+        return 'moto is not installed (pip install "moto[server]")'
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    # Its output goes to a file, read only if it fails: a pipe nobody reads fills and blocks it.
+    log = tempfile.TemporaryFile()  # noqa: SIM115 (open for as long as the server runs)
+    process = subprocess.Popen(
+        [sys.executable, "-c", _MOTO_SERVER, "-H", "127.0.0.1", "-p", str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    _MOTO_LOGS[process.pid] = log
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            log.seek(0)
+            output = log.read().decode(errors="replace")
+            stop_moto(process)
+            return f"the moto server exited with {process.returncode}: {output[-500:]}"
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return process
+        except OSError:
+            time.sleep(0.1)
+    stop_moto(process)
+    return f"the moto server did not answer on 127.0.0.1:{port} within {timeout:.0f}s"
+
+
+def stop_moto(process: subprocess.Popen[bytes]) -> None:
+    """Stop a moto server `start_moto` started."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    log = _MOTO_LOGS.pop(process.pid, None)
+    if log is not None:
+        log.close()
 
 
 def discard(url: str) -> None:
@@ -105,7 +233,15 @@ def _in_thread(coroutine: Any) -> None:
         raise failure[0]
 
 
-_DEFAULT_PORTS = {"postgresql": 5432, "postgres": 5432, "redis": 6379, "nats": 4222, "amqp": 5672}
+_DEFAULT_PORTS = {
+    "postgresql": 5432,
+    "postgres": 5432,
+    "redis": 6379,
+    "nats": 4222,
+    "amqp": 5672,
+    "kafka": 9092,
+    "http": 80,
+}
 
 
 def _address(url: str) -> tuple[str, int]:

@@ -50,6 +50,7 @@ GROUP = "faults"
 FAST_REDELIVERY = {
     "redis": {"lease": "1"},
     "nats": {"ack_wait": "1", "pull_expires": "1"},
+    "kafka": {"session_timeout": "6"},
 }
 REDELIVERY_BOUND = 15.0  # seconds for every unacked message to come back after the kill
 LINE_TIMEOUT = 20.0  # seconds for the child to start and take its messages
@@ -196,6 +197,12 @@ NO_PRIVATE_SERVER = {
     "memory": "the memory broker has no server to restart",
     "rabbitmq": "a private RabbitMQ node is too heavy to start in a test (seconds of Erlang "
     "boot, a cookie and a node name); its restart is not covered here",
+    "sqs": "moto keeps its queues in memory: a restarted moto has lost every message, which "
+    "is not what an AWS outage does; tests/brokers/test_sqs.py checks the bounded publish",
+    "eventbridge": "moto keeps its buses and queues in memory: a restarted moto has lost every "
+    "message; tests/brokers/test_sqs.py checks the bounded publish",
+    "kafka": "no Kafka can be installed here to start a private one; a Kafka given by "
+    "TIDINGS_TEST_KAFKA is not restarted by the tests",
 }
 START_TIMEOUT = 15.0  # seconds for a private server to say it is ready
 STOP_TIMEOUT = 10.0  # seconds for it to exit after SIGTERM
