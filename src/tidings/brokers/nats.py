@@ -203,8 +203,8 @@ class NATSBroker(BrokerBase):
 
     async def _open(self) -> None:
         try:
-            self._nc = await asyncio.wait_for(
-                nats.connect(
+            async with asyncio.timeout(self.connect_timeout * 2):
+                self._nc = await nats.connect(
                     self.servers,
                     name="tidings",
                     connect_timeout=max(1, round(self.connect_timeout)),
@@ -214,9 +214,7 @@ class NATSBroker(BrokerBase):
                     error_cb=self._on_error,
                     disconnected_cb=self._on_disconnected,
                     reconnected_cb=self._on_reconnected,
-                ),
-                self.connect_timeout * 2,
-            )
+                )
         except _NATS_ERRORS as exc:
             raise BrokerError(
                 f"cannot connect to NATS at {self.address}: {_describe(exc)}"
