@@ -53,7 +53,8 @@ RabbitMQ (16-17): tidings on a topic of its own per round (its default settings:
 durable quorum queues, keyless messages go to the `...:any` one, publisher confirms,
 persistent messages, binary mode with `cloudEvents_` headers). Raw aio-pika: a durable direct
 exchange and one durable quorum queue bound with `any`, a confirming channel with
-`basic_qos(16)`, persistent binary-mode CloudEvents (see raw above), `json.loads` and an
+`basic_qos(16)`, persistent binary-mode CloudEvents (see raw above), read one at a time
+with `queue.iterator()` (as every side handles one message at a time), `json.loads` and an
 ack per message. faststream: `RabbitBroker` with a `Channel(prefetch_count=16,
 publisher_confirms=True)`, the same exchange and quorum queue, `persist=True`. A quorum queue
 does not report unacked messages, so the consume clock stops once the queue holds no ready
@@ -550,7 +551,7 @@ class RawRabbitMQ(Side):
         self.connection: Any = None
         self.channel: Any = None
         self.exchange: Any = None
-        self.tag: str | None = None
+        self.task: asyncio.Task[None] | None = None
         self.queue: Any = None
 
     async def open(self) -> None:
@@ -580,16 +581,22 @@ class RawRabbitMQ(Side):
             await publish(message, routing_key="any")  # waits for the publisher confirm
 
     async def start(self, tally: Tally) -> None:
-        async def on_message(message: Any) -> None:
-            json.loads(message.body)
-            tally.hit()
-            await message.ack()
+        # One message at a time, as tidings' Service at concurrency 1 and the other raw
+        # sides handle them: aio-pika's loop form (its callback form would run up to 16
+        # handlers at once, overlapping each ack with the next message).
+        async def consume() -> None:
+            async with self.queue.iterator() as messages:
+                async for message in messages:
+                    json.loads(message.body)
+                    tally.hit()
+                    await message.ack()
 
-        self.tag = await self.queue.consume(on_message)
+        self.task = asyncio.create_task(consume())
 
     async def stop(self) -> None:
-        if self.tag is not None:
-            await self.queue.cancel(self.tag)
+        if self.task is not None:
+            self.task.cancel()
+            await asyncio.gather(self.task, return_exceptions=True)
 
     async def close(self) -> None:
         if self.connection is not None:

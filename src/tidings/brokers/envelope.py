@@ -76,12 +76,13 @@ class Message:
         key: str | None = None,
     ) -> Message:
         """A message received in binary mode. Headers without the prefix are kept aside."""
-        lower = prefix.lower()
+        lower, size = prefix.lower(), len(prefix)
+        escaped = lower == "ce-"
         attributes: dict[str, Any] = {}
         for name, value in headers.items():
-            if name.lower().startswith(lower):
-                attr = name[len(prefix) :].lower()
-                if lower == "ce-" and isinstance(value, str):
+            if name.startswith(prefix) or name[:size].lower() == lower:
+                attr = name[size:].lower()
+                if escaped and isinstance(value, str) and "%" in value:
                     value = unquote(value)
                 attributes[attr] = int(value) if attr in _INTS and str(value).isdigit() else value
         content_type = headers.get("content-type") or headers.get("Content-Type")

@@ -930,14 +930,17 @@ def _text_headers(headers: Mapping[str, Any], prefix: str) -> dict[str, str]:
     """AMQP headers as text. `cloudEvents:` names become `cloudEvents_`; a `time` that is
     an AMQP timestamp (or milliseconds, as the CloudEvents SDK sends it) becomes RFC 3339."""
     out: dict[str, str] = {}
+    time_name = f"{prefix.lower()}time"
     for name, value in headers.items():
+        if type(value) is str and name[11:12] != ":":  # nearly every header: as it is
+            out[name] = value
+            continue
         if name.lower().startswith("cloudevents:"):
             name = prefix + name[len("cloudevents:") :]
-        is_time = name.lower() == f"{prefix.lower()}time"
         if isinstance(value, datetime):
             aware = value if value.tzinfo else value.replace(tzinfo=UTC)
             out[name] = aware.isoformat()
-        elif is_time and isinstance(value, int) and not isinstance(value, bool):
+        elif name.lower() == time_name and isinstance(value, int) and not isinstance(value, bool):
             out[name] = datetime.fromtimestamp(value / 1000, UTC).isoformat()
         elif isinstance(value, bool):
             out[name] = "true" if value else "false"

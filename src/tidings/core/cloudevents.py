@@ -45,6 +45,7 @@ _OURS = {
     "causationid",
     "tidingsheaders",
 }
+_KNOWN = _CORE | _OURS
 _NAME = re.compile(r"^[a-z0-9]{1,20}$")
 _default_codec = JSONCodec()
 
@@ -112,12 +113,10 @@ def from_cloudevent(ce: Mapping[str, Any], *, codec: JSONCodec | None = None) ->
         except ValueError:
             raise ValueError(f"id {ce['id']!r} is not a UUID") from None
         time = ce.get("time")
-        recorded_at = (
-            datetime.fromisoformat(time.replace("Z", "+00:00")) if time else datetime.now(UTC)
-        )
+        recorded_at = datetime.fromisoformat(time) if time else datetime.now(UTC)  # "Z" too
         if recorded_at.tzinfo is None:
             recorded_at = recorded_at.replace(tzinfo=UTC)
-        headers = {k: str(v) for k, v in ce.items() if k not in _CORE and k not in _OURS}
+        headers = {k: str(v) for k, v in ce.items() if k not in _KNOWN}
         if "tidingsheaders" in ce:
             headers.update(json.loads(ce["tidingsheaders"]))
         meta = Metadata(ce.get("correlationid"), ce.get("causationid"), headers)
