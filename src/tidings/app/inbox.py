@@ -28,11 +28,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 from urllib.parse import parse_qsl, unquote, urlsplit, urlunsplit
 
 from tidings.core.errors import ConfigurationError, StoreClosed
+from tidings.core.lifecycle import AsyncResource
 
 if TYPE_CHECKING:
     import sqlite3
@@ -42,7 +42,7 @@ __all__ = ["Inbox", "PostgresInbox", "SQLiteInbox", "open_inbox"]
 _TABLE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 
 
-class Inbox(ABC):
+class Inbox(AsyncResource, ABC):
     """Processed event ids, committed with a handler's writes (see the module docstring)."""
 
     def __init__(self, table: str = "tidings_inbox") -> None:
@@ -62,17 +62,6 @@ class Inbox(ABC):
         if self.opened:
             self.opened = False
             await self._close()
-
-    async def __aenter__(self) -> Self:
-        return await self.open()
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     @abstractmethod
     def transaction(self, consumer: str, event_id: str) -> Any:

@@ -24,6 +24,7 @@ from tidings.core.codec import JSONCodec
 from tidings.core.context import with_correlation
 from tidings.core.errors import ConfigurationError, NotAnEvent, StoreClosed, TidingsError
 from tidings.core.events import Event
+from tidings.core.lifecycle import AsyncResource
 from tidings.core.metadata import Metadata, MetadataLike
 from tidings.core.recorded import RecordedEvent
 
@@ -274,7 +275,7 @@ class Broker(Protocol):
     async def replay(self, dead_letter_id: str) -> DeadLetter: ...
 
 
-class BrokerBase(ABC):
+class BrokerBase(AsyncResource, ABC):
     """Shared behaviour of the broker adapters; see `Broker`."""
 
     #: The CloudEvents header prefix of this broker's binding (binary mode).
@@ -302,17 +303,6 @@ class BrokerBase(ABC):
         self._closed = True
         if self._opened:
             await self._close()
-
-    async def __aenter__(self) -> Self:
-        return await self.open()
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     def _check_open(self) -> None:
         if not self._opened or self._closed:

@@ -33,6 +33,7 @@ from tidings.core.errors import (
     TidingsError,
 )
 from tidings.core.events import Event
+from tidings.core.lifecycle import AsyncResource
 from tidings.core.metadata import Metadata, MetadataLike
 from tidings.core.recorded import RecordedEvent
 
@@ -429,7 +430,7 @@ Row = Sequence[Any]
 schema_version, recorded_at, data, metadata)`; `StoreBase` decodes it."""
 
 
-class StoreBase(ABC):
+class StoreBase(AsyncResource, ABC):
     """Shared behaviour of the store backends; see `EventStore` for the contract."""
 
     #: Whether other processes may append to the same store (then subscribers also poll).
@@ -470,17 +471,6 @@ class StoreBase(ABC):
         self._signal.notify()
         if self._opened:
             await self._close()
-
-    async def __aenter__(self) -> Self:
-        return await self.open()
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     def _check_open(self) -> None:
         if not self._opened or self._closed:
