@@ -15,13 +15,16 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from typing import Any, ClassVar, Self
+from typing import TYPE_CHECKING, Any, ClassVar, Self
 from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from tidings.core.errors import DuplicateEventType, EventDefinitionError, UnknownEventType
 from tidings.core.ids import uuid7
+
+if TYPE_CHECKING:
+    from tidings.core.upcasting import Upcaster
 
 __all__ = ["Event", "TypeRegistry", "UnknownEvent", "default_registry"]
 
@@ -33,6 +36,8 @@ class TypeRegistry:
 
     def __init__(self) -> None:
         self._classes: dict[tuple[str, int], type[Event]] = {}
+        self._upcasters: dict[tuple[str, int], Upcaster] = {}
+        self._chains: dict[tuple[str, int], tuple[list[Upcaster], type[Event]] | None] = {}
 
     def register(self, cls: type[Event]) -> None:
         """Add `cls`; another class already holding its (type, version) is an error.
@@ -47,6 +52,84 @@ class TypeRegistry:
         if existing is not None and existing is not cls:
             raise DuplicateEventType(key[0], key[1], existing, cls)
         self._classes[key] = cls
+        self._chains.clear()
+
+    # -- upcasters ---------------------------------------------------------------------------
+
+    def add_upcaster(self, step: Upcaster) -> None:
+        """Add one upcasting step (see `tidings.upcaster`); one per (type, version)."""
+        key = (step.type, step.from_version)
+        existing = self._upcasters.get(key)
+        if existing is not None and existing.function is not step.function:
+            raise EventDefinitionError(
+                f"{step.type} v{step.from_version} already has the upcaster "
+                f"{existing.function.__qualname__}; {step.function.__qualname__} is a second one"
+            )
+        self._upcasters[key] = step
+        self._chains.clear()
+
+    def upcaster(self, type: str, from_version: int) -> Upcaster | None:
+        """The step from (type, from_version), if one is registered."""
+        return self._upcasters.get((type, from_version))
+
+    def upcasters(self) -> list[Upcaster]:
+        """Every registered step, by type and version."""
+        return [self._upcasters[key] for key in sorted(self._upcasters)]
+
+    def chain(self, name: str, version: int) -> tuple[list[Upcaster], type[Event]] | None:
+        """The steps from stored (name, version) to a registered class, and that class; None
+        when there is no class at the end (an unknown type). A class registered for the
+        stored version is used as it is (no steps) unless an upcaster starts there."""
+        key = (name, version)
+        if key in self._chains:
+            return self._chains[key]
+        steps: list[Upcaster] = []
+        seen = {key}
+        found: tuple[list[Upcaster], type[Event]] | None = None
+        while True:
+            cls = self._classes.get(key)
+            if cls is not None and not (key == (name, version) and key in self._upcasters):
+                found = (steps, cls)
+                break
+            step = self._upcasters.get(key)
+            if step is None:
+                break
+            steps.append(step)
+            key = (step.to_type, step.to_version)
+            if key in seen:
+                raise EventDefinitionError(f"upcasters of {name} v{version} go round in a loop")
+            seen.add(key)
+        self._chains[(name, version)] = found
+        return found
+
+    def check(self) -> None:
+        """Refuse a gap: an upcaster whose chain reaches no registered class, or a type with
+        upcasters missing the step from one of its versions below its newest class.
+        `UpcasterGap` names the first missing step. Stores and brokers run it on opening."""
+        from tidings.core.upcasting import UpcasterGap
+
+        for (type_, version), step in sorted(self._upcasters.items()):
+            if self.chain(type_, version) is None:
+                end = step
+                while (nxt := self._upcasters.get((end.to_type, end.to_version))) is not None:
+                    end = nxt
+                raise UpcasterGap(
+                    f"{type_} v{version} cannot be read: its upcasters lead to "
+                    f"{end.to_type} v{end.to_version}, which has no class and no upcaster"
+                )
+        for type_ in sorted({t for t, _ in self._upcasters}):
+            newest = max((v for t, v in self._classes if t == type_), default=None)
+            if newest is None:
+                continue  # an old name, renamed: its chains were checked above
+            known = [v for t, v in self._upcasters if t == type_]
+            known += [s.to_version for s in self._upcasters.values() if s.to_type == type_]
+            known += [v for t, v in self._classes if t == type_]
+            for version in range(min(known), newest):
+                if (type_, version) not in self._upcasters:
+                    raise UpcasterGap(
+                        f"{type_}: no upcaster from v{version} to v{version + 1} "
+                        f"(versions {sorted(set(known))} are known, v{newest} is the newest)"
+                    )
 
     def get(self, type: str, version: int) -> type[Event]:
         """The class for (type, version); `UnknownEventType` when none is registered."""
