@@ -48,6 +48,7 @@ from tidings.core.events import Event, TypeRegistry, UnknownEvent, default_regis
 from tidings.core.ids import uuid7
 from tidings.core.metadata import Metadata
 from tidings.core.recorded import RecordedEvent
+from tidings.core.upcasting import Upcaster, UpcasterGap, upcaster
 from tidings.store import (
     ANY,
     NO_STREAM,
@@ -129,6 +130,8 @@ __all__ = [
     "UnhandledEvent",
     "UnknownEvent",
     "UnknownEventType",
+    "Upcaster",
+    "UpcasterGap",
     "View",
     "WrongExpectedVersion",
     "caused_by",
@@ -146,5 +149,6 @@ __all__ = [
     "reacts_to",
     "routes",
     "to_cloudevent",
+    "upcaster",
     "uuid7",
 ]

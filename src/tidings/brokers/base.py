@@ -293,6 +293,7 @@ class BrokerBase(AsyncResource, ABC):
         if self._closed:
             raise StoreClosed(f"{type(self).__name__} was closed; open a new one")
         if not self._opened:
+            self.codec.registry.check()  # a gap in an upcaster chain fails here, at start-up
             await self._open()
             self._opened = True
         return self

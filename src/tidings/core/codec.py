@@ -14,10 +14,13 @@ from datetime import datetime
 from typing import Any
 from uuid import UUID
 
+from pydantic_core import from_json
+
 from tidings.core.errors import EventDecodeError, NotAnEvent, UnknownEventType
 from tidings.core.events import Event, TypeRegistry, UnknownEvent, default_registry
 from tidings.core.metadata import EMPTY, Metadata
 from tidings.core.recorded import RecordedEvent
+from tidings.core.upcasting import Upcaster
 
 __all__ = ["EncodedEvent", "JSONCodec"]
 
@@ -66,9 +69,15 @@ class JSONCodec:
             return None
         return json.dumps(metadata.to_dict(), ensure_ascii=False, separators=(",", ":"))
 
-    def decode_event(self, type: str, schema_version: int, data: str | bytes) -> Event:
-        """Decode one event's data into its registered class (or `UnknownEvent`)."""
-        return self._validator(type, schema_version).validate_json(data)  # type: ignore[no-any-return]
+    def decode_event(
+        self, type: str, schema_version: int, data: str | bytes, metadata: Metadata = EMPTY
+    ) -> Event:
+        """Decode one event's data into its registered class (or `UnknownEvent`), upcast
+        from an older version when upcasters say how."""
+        validator = self._validator(type, schema_version)
+        if validator.__class__ is _Upcasting:
+            return validator.upcast(data, metadata)
+        return validator.validate_json(data)  # type: ignore[no-any-return]
 
     def decode(
         self,
@@ -101,7 +110,12 @@ class JSONCodec:
         """`decode` for callers that hold the metadata already parsed (a received message):
         validates the data only."""
         try:
-            event = self._validator(type, schema_version).validate_json(data)
+            validator = self._validator(type, schema_version)
+            if validator.__class__ is _Upcasting:
+                event = validator.upcast(data, metadata)
+                type, schema_version = validator.type, validator.version
+            else:
+                event = validator.validate_json(data)
         except Exception as exc:
             raise EventDecodeError(stream_id, version, position, _reason(exc)) from exc
         _set_private(event, "__pydantic_private__", {"_id": id})  # see Event.event_id
@@ -137,10 +151,14 @@ class JSONCodec:
                 validator = validators.get(key)
                 if validator is None:
                     validator = validators[key] = self._validator(type_, schema_version)
-                event = validator.validate_json(data)
                 if meta != last_meta:
                     metadata = EMPTY if meta is None else Metadata.from_dict(json.loads(meta))
                     last_meta = meta
+                if validator.__class__ is _Upcasting:  # an old version: read as the newest
+                    event = validator.upcast(data, metadata)
+                    type_, schema_version = validator.type, validator.version
+                else:
+                    event = validator.validate_json(data)
             except Exception as exc:
                 raise EventDecodeError(stream_id, version, position, _reason(exc)) from exc
             if at != last_at:
@@ -164,13 +182,33 @@ class JSONCodec:
             )
 
     def _validator(self, type: str, schema_version: int) -> Any:
-        """What turns this type's JSON into an event: its class's pydantic validator."""
-        cls = self.registry.find(type, schema_version)
-        if cls is not None:
-            return cls.__pydantic_validator__
+        """What turns this type's JSON into an event: its class's pydantic validator, or an
+        `_Upcasting` one for an old version that upcasters lead to a class."""
+        chain = self.registry.chain(type, schema_version)
+        if chain is not None:
+            steps, cls = chain
+            return _Upcasting(steps, cls) if steps else cls.__pydantic_validator__
         if not self.keep_unknown:
             raise UnknownEventType(type, schema_version)
         return _RawValidator(type, schema_version)
+
+
+class _Upcasting:
+    """Decodes an old version: parse, run the upcasters, validate as the newest class."""
+
+    __slots__ = ("steps", "type", "validate", "version")
+
+    def __init__(self, steps: list[Upcaster], cls: type[Event]) -> None:
+        self.steps = steps
+        self.validate = cls.__pydantic_validator__.validate_python
+        self.type: str = cls.__event_type__  # type: ignore[assignment]
+        self.version = cls.__event_version__
+
+    def upcast(self, data: str | bytes, metadata: Metadata) -> Event:
+        value = from_json(data)
+        for step in self.steps:
+            value = step(value, metadata)
+        return self.validate(value, strict=False)  # type: ignore[no-any-return]
 
 
 class _RawValidator:

@@ -102,6 +102,18 @@ class TypeRegistry:
         self._chains[(name, version)] = found
         return found
 
+    def with_sources(self, names: frozenset[str] | None) -> frozenset[str] | None:
+        """`names` plus the older type names whose upcasters lead to one of them, so a
+        filter by type also finds events stored under a name since renamed."""
+        if not names or not self._upcasters:
+            return names
+        more = set(names)
+        for type_, version in self._upcasters:
+            chain = self.chain(type_, version)
+            if chain is not None and chain[1].__event_type__ in names:
+                more.add(type_)
+        return frozenset(more)
+
     def check(self) -> None:
         """Refuse a gap: an upcaster whose chain reaches no registered class, or a type with
         upcasters missing the step from one of its versions below its newest class.

@@ -460,6 +460,7 @@ class StoreBase(AsyncResource, ABC):
         if self._closed:
             raise StoreClosed(f"{type(self).__name__} was closed; open a new one")
         if not self._opened:
+            self.codec.registry.check()  # a gap in an upcaster chain fails here, at start-up
             await self._open()
             self._opened = True
         return self
@@ -563,7 +564,7 @@ class StoreBase(AsyncResource, ABC):
         limit: int | None = None,
         types: Iterable[type[Event] | str] | None = None,
     ) -> AsyncIterator[RecordedEvent[Any]]:
-        names = type_names(types)
+        names = self.codec.registry.with_sources(type_names(types))
         self._check_open()
         remaining = limit
 
@@ -627,7 +628,7 @@ class StoreBase(AsyncResource, ABC):
     ) -> AsyncIterator[tuple[list[RecordedEvent[Any]], int]]:
         """`subscribe` a batch at a time: `(records, scanned_to)`, for consumers that commit
         per batch. With a `types` filter a batch may be empty while `scanned_to` moves on."""
-        names = type_names(types)
+        names = self.codec.registry.with_sources(type_names(types))
         size = limit or self.batch_size
         first_wait, longest_wait = self.poll_interval
         wait = first_wait
