@@ -40,6 +40,10 @@ a checkpoint commit after each confirmed batch), in events/s, against a raw loop
 with sqlite3 and the raw client (read 500 rows, build the adapter's messages, publish them with
 its batching and acks, commit a checkpoint row; target 0.7x): 18a Redis, 18b NATS, 18c RabbitMQ.
 
+Scenario 19 (upcasting.py) reads the same number of events as scenario 4 twice with today's
+code: a file written as v1 (two upcasters per event to v3) against a file written as v3, in
+events/s (target 0.7x).
+
 Prints one table (tidings, the baseline, their ratio, the target, pass or missed) and writes the
 same numbers to benchmarks/results.json (a --quick run writes results-quick.json instead, so it
 never overwrites the numbers the README quotes). A missed target is reported, not an error: the
@@ -80,6 +84,7 @@ import projections
 import relay
 import sqlite_store
 import tidings
+import upcasting
 from sqlite_store import Measured
 from workload import check_same_encoding
 
@@ -421,10 +426,37 @@ def run(sizes: Sizes, directory: str, phases: Phases) -> list[Row]:
         )
     )
 
+    rows.append(upcasting_row(sizes, directory, phases))
     rows.append(aggregate_row(sizes, directory, phases))
     rows.append(catch_up_row(sizes, directory, phases))
     rows.extend(peer_rows(sizes, directory, phases))
     return rows
+
+
+def upcasting_row(sizes: Sizes, directory: str, phases: Phases) -> Row:
+    """Scenario 19: read_all of v1 events upcast to v3, against read_all of v3 events."""
+    n = sizes.read_events
+    with phases.phase(f"19. populating {n:,} v1 and {n:,} v3 events", 2 * n) as advance:
+        v1, v3 = upcasting.populate(directory, n, advance)
+    rr = sizes.read_rounds
+    with phases.phase(
+        f"19. read_all of {n:,} v1 (upcast) and v3 events ({rr} round{'s' * (rr > 1)})",
+        rr * 2 * n,
+    ) as advance:
+        reads = upcasting.measure(v1, v3, n, rr, advance)
+    for path in (v1, v3):
+        sqlite_store._drop(path)
+    return Row(
+        "read_all_upcast",
+        f"19. read_all {n:,} v1 events upcast to v3",
+        "events/s",
+        best(reads.tidings),
+        best(reads.raw),
+        "tidings reading v3 events",
+        0.7,
+        ">= 0.7x v3 read",
+        reads,
+    )
 
 
 def aggregate_row(sizes: Sizes, directory: str, phases: Phases) -> Row:

@@ -72,6 +72,7 @@ def test_quick_benchmark_run_reports_every_scenario(tmp_path: Path) -> None:
         "batch_appends_100",
         "concurrent_single_appends",
         "read_all_decoded",
+        "read_all_upcast",
         "aggregate_load_snapshots",
         "projection_catch_up",
         "save_vs_eventsourcing",
