@@ -217,3 +217,27 @@ def test_any_v1_data_round_trips_through_the_codec_and_the_upcasters(
     assert event == Deposited(amount_cents=amount * 100, currency=currency or "EUR")
     again = new.encode(event)  # and the newest version round-trips as itself
     assert new.decode_event(again.type, again.schema_version, again.data) == event
+
+
+async def test_unknown_types_raise_by_default_and_arrive_raw_when_asked(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'events.db'}"
+    stranger = TypeRegistry()
+
+    class Stranger(tidings.Event, type="test.up.stranger", registry=stranger):
+        name: str
+
+    async with open_store(url, codec=JSONCodec(stranger)) as store:
+        await store.append("wallet-9", [Stranger(name="x")])
+    async with open_store(url, codec=JSONCodec(NEW)) as store:
+        with pytest.raises(tidings.EventDecodeError, match=r"test\.up\.stranger"):
+            [r async for r in store.read_all()]
+        with pytest.raises(tidings.EventDecodeError):
+            await Repository(store, Wallet).get("9")  # aggregates: an error, always
+        [raw] = [r.event async for r in store.read_all(keep_unknown=True)]
+        assert isinstance(raw, tidings.UnknownEvent)
+        assert (raw.type, raw.version, raw.data) == ("test.up.stranger", 1, {"name": "x"})
+        [again] = [r.event async for r in store.read_stream("wallet-9", keep_unknown=True)]
+        assert again == raw
+        async for record in store.subscribe(keep_unknown=True):
+            assert record.event == raw
+            break

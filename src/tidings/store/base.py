@@ -204,11 +204,14 @@ class EventStore(Protocol):
         *,
         backwards: bool = False,
         limit: int | None = None,
+        keep_unknown: bool = False,
     ) -> AsyncIterator[RecordedEvent[Any]]:
         """Events of one stream, starting at `from_version` (inclusive).
 
         Forwards from version 1 by default; with `backwards=True`, from the last version down.
-        An unknown stream reads as empty. Streams in batches: memory stays constant.
+        An unknown stream reads as empty. Streams in batches: memory stays constant. An event
+        whose type has no class raises `EventDecodeError`, unless `keep_unknown=True` (or the
+        store's codec keeps them): then it arrives as an `UnknownEvent` with its data dict.
         """
         ...
 
@@ -218,16 +221,22 @@ class EventStore(Protocol):
         *,
         limit: int | None = None,
         types: Iterable[type[Event] | str] | None = None,
+        keep_unknown: bool = False,
     ) -> AsyncIterator[RecordedEvent[Any]]:
         """The global log after position `after` (exclusive), in position order.
 
-        `types` keeps only those event types (classes or type names). Reading again from the
-        last position seen never skips an event committed since, nor repeats one.
+        `types` keeps only those event types (classes or type names; older names that
+        upcasters rename to them too). Reading again from the last position seen never skips
+        an event committed since, nor repeats one. `keep_unknown` as for `read_stream`.
         """
         ...
 
     def subscribe(
-        self, after: int = 0, *, types: Iterable[type[Event] | str] | None = None
+        self,
+        after: int = 0,
+        *,
+        types: Iterable[type[Event] | str] | None = None,
+        keep_unknown: bool = False,
     ) -> AsyncIterator[RecordedEvent[Any]]:
         """Like `read_all`, but once caught up it waits for new events instead of ending.
 
@@ -535,6 +544,7 @@ class StoreBase(AsyncResource, ABC):
         *,
         backwards: bool = False,
         limit: int | None = None,
+        keep_unknown: bool = False,
     ) -> AsyncIterator[RecordedEvent[Any]]:
         stream_id = validate_stream_id(stream_id)
         self._check_open()
@@ -549,7 +559,7 @@ class StoreBase(AsyncResource, ABC):
             if backwards and cursor < 1:
                 return
             batch = await self._read_stream_batch(stream_id, cursor, backwards, size)
-            for record in self._decode(batch):
+            for record in self._decode(batch, keep_unknown):
                 yield record
             if len(batch) < size:
                 return
@@ -563,6 +573,7 @@ class StoreBase(AsyncResource, ABC):
         *,
         limit: int | None = None,
         types: Iterable[type[Event] | str] | None = None,
+        keep_unknown: bool = False,
     ) -> AsyncIterator[RecordedEvent[Any]]:
         names = self.codec.registry.with_sources(type_names(types))
         self._check_open()
@@ -582,7 +593,7 @@ class StoreBase(AsyncResource, ABC):
                 if more:
                     pending = fetch(scanned_to)  # read ahead while the caller consumes
                 after = scanned_to
-                for record in self._decode(batch):
+                for record in self._decode(batch, keep_unknown):
                     yield record
                 if not more:
                     return
@@ -593,9 +604,13 @@ class StoreBase(AsyncResource, ABC):
                 pending.exception()  # a read ahead nobody will consume: retrieve, don't log
 
     async def subscribe(
-        self, after: int = 0, *, types: Iterable[type[Event] | str] | None = None
+        self,
+        after: int = 0,
+        *,
+        types: Iterable[type[Event] | str] | None = None,
+        keep_unknown: bool = False,
     ) -> AsyncIterator[RecordedEvent[Any]]:
-        async for batch, _ in self.subscribe_batches(after, types=types):
+        async for batch, _ in self.subscribe_batches(after, types=types, keep_unknown=keep_unknown):
             for record in batch:
                 yield record
 
@@ -625,6 +640,7 @@ class StoreBase(AsyncResource, ABC):
         *,
         types: Iterable[type[Event] | str] | None = None,
         limit: int | None = None,
+        keep_unknown: bool = False,
     ) -> AsyncIterator[tuple[list[RecordedEvent[Any]], int]]:
         """`subscribe` a batch at a time: `(records, scanned_to)`, for consumers that commit
         per batch. With a `types` filter a batch may be empty while `scanned_to` moves on."""
@@ -637,7 +653,7 @@ class StoreBase(AsyncResource, ABC):
             seen = self._signal.seq
             batch, scanned_to = await self._read_all_batch(after, size, names)
             if scanned_to > after:
-                yield list(self._decode(batch)), scanned_to
+                yield list(self._decode(batch, keep_unknown)), scanned_to
                 after = scanned_to
                 wait = first_wait
                 continue
@@ -754,8 +770,13 @@ class StoreBase(AsyncResource, ABC):
         self._check_open()
         await self._release_lease(name, owner)
 
-    def _decode(self, rows: list[Row]) -> Iterator[RecordedEvent[Any]]:
-        return self.codec.iter_rows(rows, id_of=self._id_of, time_of=self._time_of)
+    def _decode(self, rows: list[Row], keep_unknown: bool = False) -> Iterator[RecordedEvent[Any]]:
+        codec = self.codec
+        if keep_unknown and not codec.keep_unknown:  # this read asked for raw UnknownEvents
+            codec = self._keeping = getattr(self, "_keeping", None) or JSONCodec(
+                codec.registry, keep_unknown=True
+            )
+        return codec.iter_rows(rows, id_of=self._id_of, time_of=self._time_of)
 
     # -- backend primitives ----------------------------------------------------------------
 
