@@ -13,6 +13,7 @@ from tidings.app.projections import Projection, ReadModel, View
 from tidings.app.repository import Repository
 from tidings.app.runner import ProjectionRunner, ProjectionStatus, projection_status
 from tidings.app.service import Context, Retry, Service
+from tidings.asyncapi import Contract, ServiceContract
 from tidings.brokers import Broker, DeadLetter, Delivery, open_broker
 from tidings.core.cloudevents import from_cloudevent, to_cloudevent
 from tidings.core.codec import JSONCodec
@@ -47,6 +48,7 @@ from tidings.core.errors import (
 from tidings.core.events import Event, TypeRegistry, UnknownEvent, default_registry
 from tidings.core.ids import uuid7
 from tidings.core.metadata import Metadata
+from tidings.core.personal import REDACTED, Personal
 from tidings.core.recorded import RecordedEvent
 from tidings.core.upcasting import Upcaster, UpcasterGap, upcaster
 from tidings.store import (
@@ -78,6 +80,7 @@ __all__ = [
     "CommandContext",
     "ConfigurationError",
     "Context",
+    "Contract",
     "Correlation",
     "DeadLetter",
     "Delivery",
@@ -103,6 +106,7 @@ __all__ = [
     "NoCommandHandler",
     "NotAnEvent",
     "OutboxRelay",
+    "Personal",
     "PostgresInbox",
     "ProcessDriver",
     "ProcessManager",
@@ -111,6 +115,7 @@ __all__ = [
     "ProjectionRunner",
     "ProjectionState",
     "ProjectionStatus",
+    "REDACTED",
     "ReadModel",
     "RecordedEvent",
     "Repository",
@@ -119,6 +124,7 @@ __all__ = [
     "SQLiteInbox",
     "STREAM_EXISTS",
     "Service",
+    "ServiceContract",
     "Snapshot",
     "StoreClosed",
     "StoreError",

@@ -8,7 +8,7 @@ a JSON object, or nothing when empty.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -19,6 +19,7 @@ from pydantic_core import from_json
 from tidings.core.errors import EventDecodeError, NotAnEvent, UnknownEventType
 from tidings.core.events import Event, TypeRegistry, UnknownEvent, default_registry
 from tidings.core.metadata import EMPTY, Metadata
+from tidings.core.personal import PREFIX, REDACTED, decrypt_fields, encrypt
 from tidings.core.recorded import RecordedEvent
 from tidings.core.upcasting import Upcaster
 
@@ -48,8 +49,13 @@ class JSONCodec:
         self.registry = registry if registry is not None else default_registry
         self.keep_unknown = keep_unknown
 
-    def encode(self, event: Event, index: int = 0) -> EncodedEvent:
-        """Encode one event; `NotAnEvent` for anything that is not a storable `Event`."""
+    def encode(
+        self, event: Event, index: int = 0, keys: Mapping[str, bytes] | None = None
+    ) -> EncodedEvent:
+        """Encode one event; `NotAnEvent` for anything that is not a storable `Event`.
+
+        Personal fields are encrypted with their subject's key from `keys` (the store
+        passes them), or redacted without `keys` (what a broker publishes)."""
         if isinstance(event, UnknownEvent):
             text = event.raw
             if text is None:
@@ -57,6 +63,12 @@ class JSONCodec:
             return EncodedEvent(event.event_id, event.type, event.version, text, len(text.encode()))
         if not isinstance(event, Event) or event.__event_type__ is None:
             raise NotAnEvent(event, index)
+        if event.__personal__:
+            text = json.dumps(_sealed(event, keys), ensure_ascii=False, separators=(",", ":"))
+            size = len(text.encode())
+            return EncodedEvent(
+                event.event_id, event.__event_type__, event.__event_version__, text, size
+            )
         raw = event.__pydantic_serializer__.to_json(event)
         return EncodedEvent(
             event.event_id, event.__event_type__, event.__event_version__, raw.decode(), len(raw)
@@ -106,12 +118,19 @@ class JSONCodec:
         recorded_at: datetime,
         data: str | bytes,
         metadata: Metadata,
+        keys: Mapping[str, bytes] | None = None,
     ) -> RecordedEvent[Any]:
         """`decode` for callers that hold the metadata already parsed (a received message):
-        validates the data only."""
+        validates the data only. Personal values open with `keys`, else read `REDACTED`."""
+        event: Event
         try:
             validator = self._validator(type, schema_version)
-            if validator.__class__ is _Upcasting:
+            if validator.__class__ is _RawValidator:
+                event = validator.validate_json(data)
+            elif _sealed_in(data):
+                value = decrypt_fields(from_json(data), keys or {})
+                event, type, schema_version = _validate(validator, value, metadata)
+            elif validator.__class__ is _Upcasting:
                 event = validator.upcast(data, metadata)
                 type, schema_version = validator.type, validator.version
             else:
@@ -130,6 +149,7 @@ class JSONCodec:
         *,
         id_of: Callable[[Any], UUID] | None = None,
         time_of: Callable[[Any], datetime] | None = None,
+        keys: Mapping[str, bytes] | None = None,
     ) -> Iterator[RecordedEvent[Any]]:
         """Decode stored rows `(position, id, stream_id, version, type, schema_version,
         recorded_at, data, metadata)` one at a time: the hot path of every read.
@@ -137,7 +157,8 @@ class JSONCodec:
         Lazily, so a reader that drops each record before taking the next keeps only one
         decoded record alive, and the garbage collector never has to promote a whole batch.
         `id_of` and `time_of` convert a backend's stored id and time (bytes, integers) when
-        they are not already a `UUID` and an aware `datetime`.
+        they are not already a `UUID` and an aware `datetime`. `keys` open personal values
+        (see `tidings.core.personal`); without a subject's key they read `REDACTED`.
         """
         validators: dict[tuple[str, int], Any] = {}
         # Events appended together share their time and metadata: decode each once per run.
@@ -145,6 +166,7 @@ class JSONCodec:
         last_time: Any = None
         last_meta: str | None = None
         metadata = EMPTY
+        event: Event
         for position, raw_id, stream_id, version, type_, schema_version, at, data, meta in rows:
             try:
                 key = (type_, schema_version)
@@ -154,7 +176,12 @@ class JSONCodec:
                 if meta != last_meta:
                     metadata = EMPTY if meta is None else Metadata.from_dict(json.loads(meta))
                     last_meta = meta
-                if validator.__class__ is _Upcasting:  # an old version: read as the newest
+                if validator.__class__ is _RawValidator:
+                    event = validator.validate_json(data)  # as stored, personal values sealed
+                elif _sealed_in(data):  # personal values: open them (or redact), then validate
+                    value = decrypt_fields(from_json(data), keys or {})
+                    event, type_, schema_version = _validate(validator, value, metadata)
+                elif validator.__class__ is _Upcasting:  # an old version: read as the newest
                     event = validator.upcast(data, metadata)
                     type_, schema_version = validator.type, validator.version
                 else:
@@ -205,10 +232,41 @@ class _Upcasting:
         self.version = cls.__event_version__
 
     def upcast(self, data: str | bytes, metadata: Metadata) -> Event:
-        value = from_json(data)
+        return self.upcast_value(from_json(data), metadata)
+
+    def upcast_value(self, value: Any, metadata: Metadata) -> Event:
         for step in self.steps:
             value = step(value, metadata)
         return self.validate(value, strict=False)  # type: ignore[no-any-return]
+
+
+def _validate(validator: Any, value: Any, metadata: Metadata) -> tuple[Event, str, int]:
+    """Validate parsed data (already opened) with a class validator or an upcasting one;
+    returns the event and the type and version it arrives as."""
+    if validator.__class__ is _Upcasting:
+        return validator.upcast_value(value, metadata), validator.type, validator.version
+    event = validator.validate_python(value, strict=False)
+    return event, event.__event_type__, event.__event_version__
+
+
+def _sealed(event: Event, keys: Mapping[str, bytes] | None) -> dict[str, Any]:
+    """The event's data with each personal value encrypted (or redacted without keys)."""
+    data: dict[str, Any] = event.__pydantic_serializer__.to_python(event, mode="json")
+    for field, subject_field in event.__personal__.items():
+        value = data.get(field)
+        if value is None:
+            continue
+        subject = str(data[subject_field])
+        data[field] = REDACTED if keys is None else encrypt(keys[subject], subject, field, value)
+    return data
+
+
+def _sealed_in(data: str | bytes) -> bool:
+    """Whether stored data holds a sealed personal value (one substring search)."""
+    return (_PREFIX_BYTES in data) if isinstance(data, bytes) else (PREFIX in data)
+
+
+_PREFIX_BYTES = PREFIX.encode()
 
 
 class _RawValidator:

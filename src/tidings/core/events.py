@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any, ClassVar, Self
+from typing import TYPE_CHECKING, Any, ClassVar, Optional, Self
 from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from tidings.core.errors import DuplicateEventType, EventDefinitionError, UnknownEventType
 from tidings.core.ids import uuid7
+from tidings.core.personal import Personal
 
 if TYPE_CHECKING:
     from tidings.core.upcasting import Upcaster
@@ -169,6 +170,29 @@ class TypeRegistry:
 default_registry = TypeRegistry()
 
 
+def _personal_fields(cls: type[Event]) -> dict[str, str]:
+    """The class's `Personal` fields, checked: each a `str` (or `str | None`) whose subject
+    is another, non-personal field of the class."""
+    found: dict[str, str] = {}
+    for name, info in cls.model_fields.items():
+        marks = [m for m in info.metadata if isinstance(m, Personal)]
+        if not marks:
+            continue
+        if info.annotation not in (str, str | None, Optional[str]):  # noqa: UP045
+            raise EventDefinitionError(
+                f"{cls.__qualname__}.{name}: a Personal field must be a str, "
+                f"not {info.annotation!r}"
+            )
+        found[name] = marks[0].subject
+    for name, subject in found.items():
+        if subject not in cls.model_fields or subject in found:
+            raise EventDefinitionError(
+                f"{cls.__qualname__}.{name}: Personal(subject={subject!r}) must name another, "
+                "non-personal field of the event"
+            )
+    return found
+
+
 class Event(BaseModel):
     """Base class of every event: a frozen pydantic model naming its type and version.
 
@@ -183,6 +207,8 @@ class Event(BaseModel):
     __event_type__: ClassVar[str | None] = None
     __event_version__: ClassVar[int] = 0
     __event_registry__: ClassVar[TypeRegistry | None] = None
+    __personal__: ClassVar[dict[str, str]] = {}
+    """Personal fields and the field naming each one's data subject (see `Personal`)."""
 
     def __init_subclass__(
         cls,
@@ -215,6 +241,7 @@ class Event(BaseModel):
     def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
         # Runs once pydantic has built the fields, so the registry only ever sees whole classes.
         super().__pydantic_init_subclass__(**kwargs)
+        cls.__personal__ = _personal_fields(cls)
         if cls.__event_registry__ is not None:
             cls.__event_registry__.register(cls)
 

@@ -35,6 +35,7 @@ from tidings.core.errors import (
 from tidings.core.events import Event
 from tidings.core.lifecycle import AsyncResource
 from tidings.core.metadata import Metadata, MetadataLike
+from tidings.core.personal import PREFIX, subjects_in
 from tidings.core.recorded import RecordedEvent
 
 __all__ = [
@@ -386,6 +387,9 @@ def swap_rebuild(
     return ProjectionState(name, generation, current.building_position, now)
 
 
+_NO_KEYS: dict[str, bytes] = {}  # an append without personal values: nothing to seal
+
+
 class AppendSignal:
     """Wakes waiting subscribers when this process appends; safe to notify from any thread."""
 
@@ -511,19 +515,24 @@ class StoreBase(AsyncResource, ABC):
         if not events:
             raise InvalidEvents(f"append to {stream_id!r} got no events")
         meta = self.codec.encode_metadata(with_correlation(Metadata.coerce(metadata)))
-        encoded = self._encode(stream_id, events, len(meta.encode()) if meta else 0)
+        keys = await self._keys_to_seal(events)
+        encoded = self._encode(stream_id, events, len(meta.encode()) if meta else 0, keys)
         self._check_open()
         result = await self._append(stream_id, expected, encoded, meta)
         self._signal.notify()
         return result
 
     def _encode(
-        self, stream_id: str, events: Sequence[Event], metadata_size: int
+        self,
+        stream_id: str,
+        events: Sequence[Event],
+        metadata_size: int,
+        keys: Mapping[str, bytes] | None = None,
     ) -> list[EncodedEvent]:
         encoded = []
         seen = set()
         for index, event in enumerate(events):
-            item = self.codec.encode(event, index)
+            item = self.codec.encode(event, index, keys if keys is not None else _NO_KEYS)
             size = item.size + metadata_size  # each event is stored with its own copy
             if size > self.max_event_size:
                 raise EventTooLarge(stream_id, index, item.type, size, self.max_event_size)
@@ -559,7 +568,8 @@ class StoreBase(AsyncResource, ABC):
             if backwards and cursor < 1:
                 return
             batch = await self._read_stream_batch(stream_id, cursor, backwards, size)
-            for record in self._decode(batch, keep_unknown):
+            keys = await self._keys_to_open(batch)
+            for record in self._decode(batch, keep_unknown, keys):
                 yield record
             if len(batch) < size:
                 return
@@ -593,7 +603,8 @@ class StoreBase(AsyncResource, ABC):
                 if more:
                     pending = fetch(scanned_to)  # read ahead while the caller consumes
                 after = scanned_to
-                for record in self._decode(batch, keep_unknown):
+                keys = await self._keys_to_open(batch)
+                for record in self._decode(batch, keep_unknown, keys):
                     yield record
                 if not more:
                     return
@@ -653,7 +664,8 @@ class StoreBase(AsyncResource, ABC):
             seen = self._signal.seq
             batch, scanned_to = await self._read_all_batch(after, size, names)
             if scanned_to > after:
-                yield list(self._decode(batch, keep_unknown)), scanned_to
+                keys = await self._keys_to_open(batch)
+                yield list(self._decode(batch, keep_unknown, keys)), scanned_to
                 after = scanned_to
                 wait = first_wait
                 continue
@@ -770,13 +782,56 @@ class StoreBase(AsyncResource, ABC):
         self._check_open()
         await self._release_lease(name, owner)
 
-    def _decode(self, rows: list[Row], keep_unknown: bool = False) -> Iterator[RecordedEvent[Any]]:
+    def _decode(
+        self,
+        rows: list[Row],
+        keep_unknown: bool = False,
+        keys: Mapping[str, bytes] | None = None,
+    ) -> Iterator[RecordedEvent[Any]]:
         codec = self.codec
         if keep_unknown and not codec.keep_unknown:  # this read asked for raw UnknownEvents
             codec = self._keeping = getattr(self, "_keeping", None) or JSONCodec(
                 codec.registry, keep_unknown=True
             )
-        return codec.iter_rows(rows, id_of=self._id_of, time_of=self._time_of)
+        return codec.iter_rows(rows, id_of=self._id_of, time_of=self._time_of, keys=keys)
+
+    # -- personal data ----------------------------------------------------------------------
+
+    async def forget(self, subject: str) -> None:
+        """Forget a data subject: delete the key its personal fields were encrypted with, so
+        they read `REDACTED` everywhere from now on (the events stay, in place). Snapshots are
+        dropped too (they are caches and may hold the data in clear); rebuild read models
+        that copied it. A new event about the subject later gets a new key."""
+        if not isinstance(subject, str) or not subject:
+            raise ValueError(f"a data subject is a non-empty string, not {subject!r}")
+        self._check_open()
+        await self._forget(subject)
+
+    async def _keys_to_seal(self, events: Sequence[Event]) -> dict[str, bytes] | None:
+        """The keys of the subjects of these events' personal fields (made when new)."""
+        subjects = {
+            str(getattr(event, subject))
+            for event in events
+            if isinstance(event, Event)
+            for field, subject in event.__personal__.items()
+            if getattr(event, field) is not None
+        }
+        if not subjects:
+            return None
+        self._check_open()
+        return await self._subject_keys(subjects, create=True)
+
+    async def _keys_to_open(self, rows: list[Row]) -> dict[str, bytes] | None:
+        """The keys for the sealed personal values in these rows (a forgotten one is absent)."""
+        subjects: set[str] = set()
+        for row in rows:
+            data = row[7]
+            text = data if isinstance(data, str) else bytes(data).decode()
+            if PREFIX in text:
+                subjects |= subjects_in(text)
+        if not subjects:
+            return None
+        return await self._subject_keys(subjects, create=False)
 
     # -- backend primitives ----------------------------------------------------------------
 
@@ -882,6 +937,14 @@ class StoreBase(AsyncResource, ABC):
     @abstractmethod
     def _document_reader(self, name: str, generation: int) -> Callable[[str], str | None]:
         """A synchronous, cheap lookup of committed documents of one generation."""
+
+    @abstractmethod
+    async def _subject_keys(self, subjects: set[str], create: bool) -> dict[str, bytes]:
+        """The keys of these data subjects; with `create`, new ones for those without."""
+
+    @abstractmethod
+    async def _forget(self, subject: str) -> None:
+        """Delete the subject's key and every snapshot, leaving no copy on disk."""
 
     @abstractmethod
     async def _acquire_lease(self, name: str, owner: str, ttl: float) -> bool:

@@ -16,6 +16,7 @@ from uuid import UUID
 
 from tidings.core.codec import EncodedEvent, JSONCodec
 from tidings.core.errors import ConfigurationError, WrongExpectedVersion
+from tidings.core.personal import new_key
 from tidings.store.base import (
     DEFAULT_MAX_EVENT_SIZE,
     AppendResult,
@@ -72,6 +73,7 @@ class MemoryEventStore(StoreBase):
         self._snapshots: dict[str, list[Snapshot]] = {}  # stream id -> snapshots by version
         self._projections: dict[str, ProjectionState] = {}
         self._documents: dict[tuple[str, int], dict[str, str]] = {}  # (name, generation) -> docs
+        self._keys: dict[str, bytes] = {}  # data subject -> its key
         self._leases: dict[str, tuple[str, float]] = {}  # name -> (owner, expires, monotonic)
 
     @classmethod
@@ -266,6 +268,18 @@ class MemoryEventStore(StoreBase):
         return read
 
     # -- leases ----------------------------------------------------------------------------
+
+    # -- personal data ---------------------------------------------------------------------
+
+    async def _subject_keys(self, subjects: set[str], create: bool) -> dict[str, bytes]:
+        if create:
+            for subject in subjects:
+                self._keys.setdefault(subject, new_key())
+        return {s: self._keys[s] for s in subjects if s in self._keys}
+
+    async def _forget(self, subject: str) -> None:
+        self._keys.pop(subject, None)
+        self._snapshots.clear()
 
     async def _acquire_lease(self, name: str, owner: str, ttl: float) -> bool:
         now = time.monotonic()

@@ -39,6 +39,7 @@ from tidings.core.errors import (
     StoreNotFound,
     WrongExpectedVersion,
 )
+from tidings.core.personal import new_key
 from tidings.store.base import (
     ANY,
     DEFAULT_MAX_EVENT_SIZE,
@@ -189,6 +190,15 @@ def _migrations(schema: str) -> list[tuple[int, list[str]]]:
                     name       text        PRIMARY KEY,
                     owner      text        NOT NULL,
                     expires_at timestamptz NOT NULL
+                )""",
+            ],
+        ),
+        (
+            4,
+            [
+                f"""CREATE TABLE {s}.tidings_subject_keys (
+                    subject text PRIMARY KEY,
+                    key     text NOT NULL  -- hex; this store's connections read bytea as text
                 )""",
             ],
         ),
@@ -813,6 +823,32 @@ class PostgresEventStore(StoreBase):
         return _DocumentCache(self, name, generation)
 
     # -- leases ----------------------------------------------------------------------------
+
+    # -- personal data ---------------------------------------------------------------------
+
+    async def _subject_keys(self, subjects: set[str], create: bool) -> dict[str, bytes]:
+        wanted = sorted(subjects)
+        async with self._connection() as conn:
+            if create:
+                await conn.execute(
+                    f"INSERT INTO {self._s}.tidings_subject_keys (subject, key) "
+                    "SELECT * FROM unnest($1::text[], $2::text[]) ON CONFLICT DO NOTHING",
+                    wanted,
+                    [new_key().hex() for _ in wanted],
+                )
+            rows = await conn.fetch(
+                f"SELECT subject, key FROM {self._s}.tidings_subject_keys "
+                "WHERE subject = ANY($1::text[])",
+                wanted,
+            )
+        return {row[0]: bytes.fromhex(row[1]) for row in rows}
+
+    async def _forget(self, subject: str) -> None:
+        async with self._connection() as conn, conn.transaction():
+            await conn.execute(
+                f"DELETE FROM {self._s}.tidings_subject_keys WHERE subject = $1", subject
+            )
+            await conn.execute(f"DELETE FROM {self._s}.tidings_snapshots")
 
     async def _acquire_lease(self, name: str, owner: str, ttl: float) -> bool:
         async with self._connection() as conn:

@@ -37,6 +37,7 @@ from tidings.core.errors import (
     WrongExpectedVersion,
 )
 from tidings.core.ids import uuid_from_bytes
+from tidings.core.personal import new_key
 from tidings.store.base import (
     DEFAULT_MAX_EVENT_SIZE,
     AppendResult,
@@ -119,6 +120,15 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
                 name       TEXT    PRIMARY KEY,
                 owner      TEXT    NOT NULL,
                 expires_at INTEGER NOT NULL  -- microseconds since the Unix epoch
+            ) WITHOUT ROWID""",
+        ],
+    ),
+    (
+        4,
+        [
+            """CREATE TABLE tidings_subject_keys (
+                subject TEXT PRIMARY KEY,
+                key     BLOB NOT NULL  -- AES-256-GCM key of the subject's personal fields
             ) WITHOUT ROWID""",
         ],
     ),
@@ -308,7 +318,9 @@ class SQLiteEventStore(StoreBase):
             conn = sqlite3.connect(uri, isolation_level=None, check_same_thread=False, uri=True)
         conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout)}")
         conn.execute(f"PRAGMA synchronous = {self.synchronous}")
-        if not writer:
+        if writer:
+            conn.execute("PRAGMA secure_delete = ON")  # a forgotten key leaves no bytes behind
+        else:
             conn.execute("PRAGMA query_only = 1")
         return conn
 
@@ -783,6 +795,53 @@ class SQLiteEventStore(StoreBase):
         return read
 
     # -- leases ----------------------------------------------------------------------------
+
+    # -- personal data ---------------------------------------------------------------------
+
+    async def _subject_keys(self, subjects: set[str], create: bool) -> dict[str, bytes]:
+        wanted = sorted(subjects)
+
+        def select(conn: sqlite3.Connection) -> dict[str, bytes]:
+            found: dict[str, bytes] = {}
+            for start in range(0, len(wanted), 500):
+                chunk = wanted[start : start + 500]
+                marks = ", ".join("?" * len(chunk))
+                found.update(
+                    conn.execute(
+                        f"SELECT subject, key FROM tidings_subject_keys WHERE subject IN ({marks})",
+                        chunk,
+                    ).fetchall()
+                )
+            return found
+
+        if not create:
+            return self._inline(select)
+
+        def make(conn: sqlite3.Connection, now: int) -> dict[str, bytes]:
+            conn.executemany(
+                "INSERT OR IGNORE INTO tidings_subject_keys (subject, key) VALUES (?, ?)",
+                [(subject, new_key()) for subject in wanted],
+            )
+            return select(conn)
+
+        return await self._write(make)
+
+    async def _forget(self, subject: str) -> None:
+        def work(conn: sqlite3.Connection, now: int) -> None:
+            conn.execute("DELETE FROM tidings_subject_keys WHERE subject = ?", (subject,))
+            conn.execute("DELETE FROM tidings_snapshots")
+
+        await self._write(work)
+        # The WAL still holds the pages as they were: fold it into the file and empty it.
+        await asyncio.get_running_loop().run_in_executor(None, self._truncate_wal)
+
+    def _truncate_wal(self) -> None:
+        conn = sqlite3.connect(self.path, isolation_level=None)
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout)}")
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        finally:
+            conn.close()
 
     async def _acquire_lease(self, name: str, owner: str, ttl: float) -> bool:
         def work(conn: sqlite3.Connection, now: int) -> bool:
