@@ -582,3 +582,24 @@ async def test_waiting_subscriber_is_told_when_the_store_closes(store_url: str) 
     with pytest.raises(StoreClosed):
         await asyncio.wait_for(task, timeout=5)
     assert seen == [1]
+
+
+async def test_read_correlation_returns_one_requests_events_in_order(
+    store: tidings.EventStore,
+) -> None:
+    with tidings.correlate("req-a"):
+        await store.append("acct-1", [Opened(owner="a")])
+    with tidings.correlate("req-b"):
+        await store.append("acct-2", [Opened(owner="b")])
+    await store.append("acct-3", [Opened(owner="c")])  # no correlation at all
+    with tidings.correlate("req-a"):
+        await store.append("acct-1", [Deposited(amount=5), Withdrew(amount=1)])
+    found = await store.read_correlation("req-a")  # type: ignore[attr-defined]
+    assert [(r.stream_id, r.version) for r in found] == [
+        ("acct-1", 1),
+        ("acct-1", 2),
+        ("acct-1", 3),
+    ]
+    assert [r.position for r in found] == sorted(r.position for r in found)
+    assert len(await store.read_correlation("req-a", limit=2)) == 2  # type: ignore[attr-defined]
+    assert await store.read_correlation("req-zzz") == []  # type: ignore[attr-defined]

@@ -215,7 +215,10 @@ class CommandBus:
         if not isinstance(command, Command):
             raise TypeError(f"dispatch takes a Command instance, not {type(command).__qualname__}")
         route = self._route(type(command))
-        with correlate(correlation_id, causation_id=str(command.command_id)) as context:
+        origin = f"command {type(command).__name__}"
+        with correlate(
+            correlation_id, causation_id=str(command.command_id), origin=origin
+        ) as context:
             if route.takes_context:
                 outcome = route.function(
                     command, CommandContext(self, command, context.correlation_id)

@@ -161,7 +161,7 @@ class ProcessDriver(Projection):
                 manager = cls(process_id)
             if record.position <= manager.processed_position:
                 return  # reacted and saved before (a crash came before the checkpoint)
-            with caused_by(record.id, record.correlation_id):
+            with caused_by(record.id, record.correlation_id, f"process {self.name}"):
                 outcome = (
                     handler.function(manager, event, record)
                     if handler.takes_record

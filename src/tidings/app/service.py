@@ -114,6 +114,11 @@ class Service:
     registry: TypeRegistry | None = None
     """The service's own event classes, to decode what it receives (default: the broker's
     codec). Services built apart declare the contract they read, as consumers do."""
+
+    @property
+    def _origin(self) -> str:
+        return f"service {self.name}"
+
     _handlers: list[_Handler] = field(default_factory=list, repr=False)
     _stopping: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
     _waiting: set[asyncio.Task[Any]] = field(default_factory=set, repr=False)  # for a message
@@ -255,7 +260,7 @@ class Service:
         attempt = delivery.attempt
         while True:
             try:
-                with caused_by(record.id, record.correlation_id):
+                with caused_by(record.id, record.correlation_id, self._origin):
                     context = Context(self, delivery, attempt)
                     if handler.inbox is None:
                         await self._call(handler, record.event, context)

@@ -27,6 +27,9 @@ class Correlation:
 
     correlation_id: str
     causation_id: str | None = None
+    origin: str | None = None
+    """Who acts here ("command PlaceOrder", "service email"): stamped on new events as the
+    `origin` header, so a trace can say which step wrote what."""
 
 
 _current: ContextVar[Correlation | None] = ContextVar("tidings_correlation", default=None)
@@ -39,7 +42,10 @@ def current_correlation() -> Correlation | None:
 
 @contextmanager
 def correlate(
-    correlation_id: str | UUID | None = None, causation_id: str | UUID | None = None
+    correlation_id: str | UUID | None = None,
+    causation_id: str | UUID | None = None,
+    *,
+    origin: str | None = None,
 ) -> Iterator[Correlation]:
     """Run a block inside a correlation: events appended in it carry these ids.
 
@@ -50,7 +56,11 @@ def correlate(
         correlation_id = outer.correlation_id if outer else str(uuid7())
     if causation_id is None and outer is not None:
         causation_id = outer.causation_id
-    value = Correlation(str(correlation_id), None if causation_id is None else str(causation_id))
+    if origin is None and outer is not None:
+        origin = outer.origin
+    value = Correlation(
+        str(correlation_id), None if causation_id is None else str(causation_id), origin
+    )
     token = _current.set(value)
     try:
         yield value
@@ -67,9 +77,11 @@ class caused_by:
 
     __slots__ = ("_token", "value")
 
-    def __init__(self, message_id: Any, correlation_id: str | None = None) -> None:
+    def __init__(
+        self, message_id: Any, correlation_id: str | None = None, origin: str | None = None
+    ) -> None:
         cause = str(message_id)
-        self.value = Correlation(correlation_id or cause, cause)
+        self.value = Correlation(correlation_id or cause, cause, origin)
 
     def __enter__(self) -> Correlation:
         self._token = _current.set(self.value)
@@ -84,10 +96,11 @@ def with_correlation(metadata: Metadata) -> Metadata:
     current = _current.get()
     if current is None:
         return metadata
-    if metadata.correlation_id is not None and metadata.causation_id is not None:
+    stamp = current.origin is not None and "origin" not in metadata.headers
+    if metadata.correlation_id is not None and metadata.causation_id is not None and not stamp:
         return metadata
     return Metadata(
         metadata.correlation_id or current.correlation_id,
         metadata.causation_id or current.causation_id,
-        metadata.headers,
+        {**metadata.headers, "origin": current.origin} if stamp else metadata.headers,  # type: ignore[dict-item]
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import enum
+import json
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
@@ -794,6 +795,38 @@ class StoreBase(AsyncResource, ABC):
                 codec.registry, keep_unknown=True
             )
         return codec.iter_rows(rows, id_of=self._id_of, time_of=self._time_of, keys=keys)
+
+    # -- tracing ----------------------------------------------------------------------------
+
+    async def read_correlation(
+        self, correlation_id: str, *, limit: int = 10_000
+    ) -> list[RecordedEvent[Any]]:
+        """Every event of one correlation (a request and all it caused), in position order,
+        at most `limit`; types without a class arrive as `UnknownEvent`. Indexed on SQLite
+        and PostgreSQL; a scan of the log on the memory store."""
+        self._check_open()
+        rows = await self._correlation_rows(correlation_id, limit)
+        keys = await self._keys_to_open(rows)
+        return list(self._decode(rows, True, keys))
+
+    async def _correlation_rows(self, correlation_id: str, limit: int) -> list[Row]:
+        """The rows of one correlation; this default scans the log (backends index it)."""
+        found: list[Row] = []
+        after = 0
+        while len(found) < limit:
+            batch, scanned = await self._read_all_batch(after, self.batch_size, None)
+            for row in batch:
+                meta = row[8]
+                if (
+                    meta
+                    and correlation_id in meta
+                    and json.loads(meta).get("correlation_id") == correlation_id
+                ):
+                    found.append(row)
+            if scanned <= after:
+                break
+            after = scanned
+        return found[:limit]
 
     # -- personal data ----------------------------------------------------------------------
 

@@ -202,6 +202,14 @@ def _migrations(schema: str) -> list[tuple[int, list[str]]]:
                 )""",
             ],
         ),
+        (
+            5,
+            [  # `tidings trace`: one correlation's events without a scan of the log
+                f"""CREATE INDEX tidings_events_correlation ON {s}.tidings_events
+                    (((metadata::jsonb) ->> 'correlation_id'), position)
+                    WHERE metadata IS NOT NULL""",
+            ],
+        ),
     ]
 
 
@@ -572,6 +580,16 @@ class PostgresEventStore(StoreBase):
             if types is not None:
                 accepted = [row for row in accepted if row[4] in types]
         return accepted, scanned
+
+    async def _correlation_rows(self, correlation_id: str, limit: int) -> list[Row]:
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                f"SELECT {_COLUMNS} FROM {self._s}.tidings_events WHERE metadata IS NOT NULL "
+                "AND (metadata::jsonb) ->> 'correlation_id' = $1 ORDER BY position LIMIT $2",
+                correlation_id,
+                limit,
+            )
+        return list(rows)
 
     async def _up_to_first_hole(
         self, conn: Any, rows: list[Any], after: int

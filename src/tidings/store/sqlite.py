@@ -132,6 +132,14 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
             ) WITHOUT ROWID""",
         ],
     ),
+    (
+        5,
+        [  # `tidings trace`: one correlation's events without a scan of the log
+            """CREATE INDEX tidings_events_correlation
+                ON tidings_events (json_extract(metadata, '$.correlation_id'), position)
+                WHERE metadata IS NOT NULL""",
+        ],
+    ),
 ]
 
 _COLUMNS = "position, id, stream_id, version, type, schema_version, recorded_at, data, metadata"
@@ -795,6 +803,18 @@ class SQLiteEventStore(StoreBase):
         return read
 
     # -- leases ----------------------------------------------------------------------------
+
+    # -- tracing ---------------------------------------------------------------------------
+
+    async def _correlation_rows(self, correlation_id: str, limit: int) -> list[Row]:
+        def work(conn: sqlite3.Connection) -> list[Row]:
+            return conn.execute(
+                f"SELECT {_COLUMNS} FROM tidings_events WHERE metadata IS NOT NULL "
+                "AND json_extract(metadata, '$.correlation_id') = ? ORDER BY position LIMIT ?",
+                (correlation_id, limit),
+            ).fetchall()
+
+        return await self._run(work)
 
     # -- personal data ---------------------------------------------------------------------
 
