@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import raw_sqlite
-from tidings import open_store
+from tidings import JSONCodec, open_store
 from workload import Item, make_items
 
 Advance = Callable[[int], None]
@@ -280,8 +280,10 @@ async def _populate(path: str, events: int, append_size: int, advance: Advance) 
             advance(size)
 
 
-async def _tidings_read(path: str, warm: int, advance: Advance, step: int) -> tuple[float, int]:
-    async with open_store(_url(path) + "?create=false") as store:
+async def _tidings_read(
+    path: str, warm: int, advance: Advance, step: int, codec: JSONCodec | None = None
+) -> tuple[float, int]:
+    async with open_store(_url(path) + "?create=false", codec=codec) as store:
         async for record in store.read_all(limit=warm):
             record.event  # noqa: B018 - touch it, as a reader would
         count = 0

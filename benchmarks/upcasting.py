@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
 from collections.abc import Callable
 from typing import Any
 
-from sqlite_store import Measured, _fresh, _start_clock, _url
+from sqlite_store import Measured, _fresh, _tidings_read, _url
 from tidings import Event, JSONCodec, Metadata, TypeRegistry, open_store, upcaster
 
 Advance = Callable[[int], None]
@@ -75,23 +74,11 @@ def _event(n: int, old: bool) -> Event:
     return Deposited(account=account, amount_cents=n * 100, currency="EUR")
 
 
-async def _read(path: str, warm: int, advance: Advance, step: int) -> tuple[float, int]:
+async def _first_event(path: str) -> Event:
     async with open_store(_url(path) + "?create=false", codec=JSONCodec(TODAY)) as store:
-        async for record in store.read_all(limit=warm):
-            record.event  # noqa: B018 - touch it, as a reader would
-        count = 0
-        mark = step
-        start = _start_clock()
-        async for record in store.read_all():
-            event = record.event
-            count += 1
-            if count == mark:
-                if not isinstance(event, Deposited):
-                    raise SystemExit(f"read {type(event).__name__}, not Deposited v3")
-                advance(step)
-                mark += step
-        elapsed = time.perf_counter() - start
-    return count / elapsed, count
+        async for record in store.read_all(limit=1):
+            return record.event
+    raise SystemExit(f"{path} holds no events")
 
 
 def measure(v1: str, v3: str, events: int, rounds: int, advance: Advance) -> Measured:
@@ -106,10 +93,13 @@ def measure(v1: str, v3: str, events: int, rounds: int, advance: Advance) -> Mea
             "file_bytes": {"v1": os.path.getsize(v1), "v3": os.path.getsize(v3)},
         }
     )
+    for path in (v1, v3):  # both read as today's v3 class
+        if not isinstance(asyncio.run(_first_event(path)), Deposited):
+            raise SystemExit(f"{path} does not read as Deposited v3")
     for round_ in range(rounds):
         sides: list[tuple[str, str]] = [("tidings", v1), ("raw", v3)]
         for side, path in sides if round_ % 2 == 0 else list(reversed(sides)):
-            rate, count = asyncio.run(_read(path, warm, advance, step))
+            rate, count = asyncio.run(_tidings_read(path, warm, advance, step, JSONCodec(TODAY)))
             if count != events:
                 raise SystemExit(f"{side} read {count} events, expected {events}")
             getattr(measured, side).append(rate)

@@ -125,14 +125,10 @@ class JSONCodec:
         event: Event
         try:
             validator = self._validator(type, schema_version)
-            if validator.__class__ is _RawValidator:
-                event = validator.validate_json(data)
-            elif _sealed_in(data):
-                value = decrypt_fields(from_json(data), keys or {})
-                event, type, schema_version = _validate(validator, value, metadata)
-            elif validator.__class__ is _Upcasting:
-                event = validator.upcast(data, metadata)
-                type, schema_version = validator.type, validator.version
+            if validator.__class__ is _Upcasting or _sealed_in(data):
+                event, type, schema_version = _decode_slowly(
+                    validator, data, metadata, keys, type, schema_version
+                )
             else:
                 event = validator.validate_json(data)
         except Exception as exc:
@@ -176,15 +172,11 @@ class JSONCodec:
                 if meta != last_meta:
                     metadata = EMPTY if meta is None else Metadata.from_dict(json.loads(meta))
                     last_meta = meta
-                if validator.__class__ is _RawValidator:
-                    event = validator.validate_json(data)  # as stored, personal values sealed
-                elif _sealed_in(data):  # personal values: open them (or redact), then validate
-                    value = decrypt_fields(from_json(data), keys or {})
-                    event, type_, schema_version = _validate(validator, value, metadata)
-                elif validator.__class__ is _Upcasting:  # an old version: read as the newest
-                    event = validator.upcast(data, metadata)
-                    type_, schema_version = validator.type, validator.version
-                else:
+                if validator.__class__ is _Upcasting or _sealed_in(data):
+                    event, type_, schema_version = _decode_slowly(
+                        validator, data, metadata, keys, type_, schema_version
+                    )
+                else:  # the common case: the stored JSON straight into its class
                     event = validator.validate_json(data)
             except Exception as exc:
                 raise EventDecodeError(stream_id, version, position, _reason(exc)) from exc
@@ -238,6 +230,23 @@ class _Upcasting:
         for step in self.steps:
             value = step(value, metadata)
         return self.validate(value, strict=False)  # type: ignore[no-any-return]
+
+
+def _decode_slowly(
+    validator: Any,
+    data: str | bytes,
+    metadata: Metadata,
+    keys: Mapping[str, bytes] | None,
+    type: str,
+    version: int,
+) -> tuple[Event, str, int]:
+    """Decode data that holds sealed personal values or is an old version: the event, and
+    the type and version it arrives as. Raw (unknown) events stay as stored, still sealed."""
+    if validator.__class__ is _RawValidator:
+        return validator.validate_json(data), type, version
+    if _sealed_in(data):  # open the personal values (or redact them), then validate
+        return _validate(validator, decrypt_fields(from_json(data), keys or {}), metadata)
+    return validator.upcast(data, metadata), validator.type, validator.version
 
 
 def _validate(validator: Any, value: Any, metadata: Metadata) -> tuple[Event, str, int]:
