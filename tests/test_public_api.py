@@ -12,7 +12,19 @@ def test_all_is_sorted_and_complete() -> None:
     assert list(tidings.__all__) == sorted(tidings.__all__)
     for name in tidings.__all__:
         assert hasattr(tidings, name), name
-    modules = {"core", "store", "cli", "demo", "app", "testing", "brokers", "schema", "asyncapi"}
+    modules = {
+        "core",
+        "store",
+        "cli",
+        "demo",
+        "app",
+        "testing",
+        "brokers",
+        "schema",
+        "asyncapi",
+        "console",
+        "telemetry",
+    }
     public = {n for n in dir(tidings) if not n.startswith("_")} - modules
     assert public == set(tidings.__all__)
 

@@ -13,7 +13,18 @@ import typer
 from typer.core import TyperGroup
 
 from tidings import __version__
-from tidings.cli import brokers, demo, projections, relay, render, schema, store, trace, worker
+from tidings.cli import (
+    brokers,
+    console,
+    demo,
+    projections,
+    relay,
+    render,
+    schema,
+    store,
+    trace,
+    worker,
+)
 from tidings.core.errors import TidingsError
 
 __all__ = ["app", "main"]
@@ -76,6 +87,7 @@ app.add_typer(brokers.run_app)
 app.add_typer(relay.app)
 app.add_typer(trace.app)
 app.add_typer(schema.app, name="schema")
+app.add_typer(console.app)
 
 
 def main() -> None:
