@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench lint reliability clean
+.PHONY: demo test bench lint reliability clean screenshots
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,9 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py
+
+screenshots: $(STAMP)
+	TIDINGS_SCREENSHOTS=1 $(BIN)/python -m pytest tests/console/test_browser.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

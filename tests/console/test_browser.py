@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -29,7 +30,14 @@ from tests.console.conftest import (
 )
 
 CHROMIUM = "/usr/bin/chromium"
-SHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
+DOCS_SHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
+# `make screenshots` (TIDINGS_SCREENSHOTS=1) refreshes the README's pictures; a plain test run
+# takes them too, into a temporary folder, so it never changes the checkout.
+SHOTS = (
+    DOCS_SHOTS
+    if os.environ.get("TIDINGS_SCREENSHOTS") == "1"
+    else Path(tempfile.gettempdir()) / "tidings-console-screenshots"
+)
 WAIT = 10_000  # ms: the longest any step waits
 
 

@@ -2,7 +2,7 @@
 
 Every page reads at most one page of rows through an index: streams by stream id (the
 `after` cursor), a stream's events by version, the global log by position. Nothing here
-counts or scans the whole store, except the trace page, whose scan is capped and says so.
+counts or scans the whole store: the trace page reads one correlation through its index.
 Events are only ever decoded through the store's read methods, so personal fields arrive
 decrypted, or redacted once forgotten, exactly as every other reader sees them.
 """
@@ -42,7 +42,7 @@ __all__ = [
 PAGE = 50
 """Rows per page."""
 TRACE_SCAN = 100_000
-"""Events of the log the trace page reads at most per request (the newest, by default)."""
+"""Events of one correlation the trace page shows at most."""
 STATE_LIMIT = 10_000
 """Events the generic time-travel view folds at most."""
 
@@ -276,24 +276,15 @@ class TracePage:
 
 
 async def trace_page(store: EventStore, correlation_id: str, before: int | None) -> TracePage:
-    """The events of one correlation id among `TRACE_SCAN` events of the log (the newest by
-    default), as a causation tree in time order.
-
-    There is no index by correlation id, so this is a capped scan: the page says which
-    positions it read and links to the next older range.
-    """
+    """The events of one correlation id (at most `TRACE_SCAN`, found by the store's
+    correlation index), as a causation tree in time order. `before` is kept for old links."""
     head = await store.last_position()
-    end = head if before is None else max(0, min(before - 1, head))
-    start = max(0, end - TRACE_SCAN)
     found = (
-        [
-            r
-            async for r in store.read_all(start, limit=end - start)
-            if r.correlation_id == correlation_id
-        ]
-        if end > start
+        await store.read_correlation(correlation_id, limit=TRACE_SCAN)
+        if isinstance(store, StoreBase)
         else []
     )
+    start, end = 0, head
     by_id = {str(r.id): r for r in found}
     depth: dict[str, int] = {}
 
@@ -335,6 +326,4 @@ async def trace_page(store: EventStore, correlation_id: str, before: int | None)
                 r, depth_of(r), offset(r), parent is not None, offset(parent) if parent else None
             )
         )
-    return TracePage(
-        correlation_id, nodes, start, end, start + 1 if start > 0 else None, span, first
-    )
+    return TracePage(correlation_id, nodes, start, end, None, span, first)
