@@ -147,3 +147,14 @@ def test_personal_fields_are_checked_when_the_class_is_declared() -> None:
 
         class Orphan(tidings.Event, type="test.pii.orphan", registry=registry):
             email: Annotated[str, Personal(subject="customer")]
+
+
+async def test_text_that_looks_sealed_is_left_alone() -> None:
+    lookalike = "tidings:pii:v1:YzE=:AAAA"  # in an ordinary field, and in a personal one
+    async with open_store("memory://", codec=JSONCodec(PEOPLE)) as store:
+        await store.append(
+            "customer-c1", [Registered(customer_id="c1", email=lookalike, plan=lookalike)]
+        )
+        [record] = [r async for r in store.read_all()]
+    assert record.event.plan == lookalike  # not personal: data, whatever it looks like
+    assert record.event.email == lookalike  # personal: sealed on write, opened on read

@@ -246,3 +246,11 @@ def demo_stream(_: str, server: Server) -> str:
 @pytest.mark.parametrize("path", ["/s/0/log?before=x", "/s/0/stream/long-1?from=-"])
 def test_bad_numbers_are_400(console: Server, path: str) -> None:
     assert request(console.url + path)[0] == 400
+
+
+def test_metrics_are_prometheus_text_with_projection_lag(console: Server) -> None:
+    status, body, headers = console.get("/metrics")
+    assert status == 200, body
+    assert headers["content-type"].startswith("text/plain; version=0.0.4")
+    assert "# TYPE tidings_projection_lag_events gauge" in body
+    assert "tidings_projection_lag_events{" in body  # the demo store's projections

@@ -29,6 +29,7 @@ from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from tidings import telemetry
 from tidings.app.aggregate import Aggregate
 from tidings.app.repository import Repository
 from tidings.core.context import correlate
@@ -216,9 +217,12 @@ class CommandBus:
             raise TypeError(f"dispatch takes a Command instance, not {type(command).__qualname__}")
         route = self._route(type(command))
         origin = f"command {type(command).__name__}"
-        with correlate(
-            correlation_id, causation_id=str(command.command_id), origin=origin
-        ) as context:
+        with (
+            correlate(
+                correlation_id, causation_id=str(command.command_id), origin=origin
+            ) as context,
+            telemetry.command_span(command, context.correlation_id),
+        ):
             if route.takes_context:
                 outcome = route.function(
                     command, CommandContext(self, command, context.correlation_id)

@@ -25,6 +25,7 @@ from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, Self
 
+from tidings import telemetry
 from tidings.app.projections import Projection, ReadModel, View
 from tidings.core.errors import ConfigurationError, ProjectionError, StoreClosed, TidingsError
 from tidings.core.ids import uuid7
@@ -130,9 +131,12 @@ class _Worker:
     ) -> None:
         store = self.runner.store
         view = View(store.document_reader(self.name, generation))
-        if records:
-            await self.projection.apply(records, view)
-        await store.commit_projection(self.name, generation, position, scanned_to, view.encoded())
+        with telemetry.projection_span(self.name, records, scanned_to):
+            if records:
+                await self.projection.apply(records, view)
+            await store.commit_projection(
+                self.name, generation, position, scanned_to, view.encoded()
+            )
 
     async def forever(self) -> None:
         """Follow the log until cancelled; with a lease, only while this runner holds it."""

@@ -29,6 +29,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from tidings import telemetry
 from tidings.app.inbox import Inbox, open_inbox
 from tidings.brokers.base import BrokerBase, Delivery
 from tidings.core.codec import JSONCodec
@@ -245,6 +246,10 @@ class Service:
 
     async def handle(self, delivery: Delivery) -> None:
         """Process one delivery: decode, route, retry, dead-letter or skip; then settle it."""
+        with telemetry.consume_span(delivery):
+            await self._handle(delivery)
+
+    async def _handle(self, delivery: Delivery) -> None:
         try:
             record = delivery.record
         except TidingsError as exc:

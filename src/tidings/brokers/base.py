@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any, Protocol, Self, TypeVar, runtime_checkable
 
+from tidings import telemetry
 from tidings.brokers.envelope import Message, encode
 from tidings.core.codec import JSONCodec
 from tidings.core.context import with_correlation
@@ -229,6 +230,7 @@ class Delivery:
         )
         await self.broker._add_dead_letter(dead)
         await self.received.terminate()
+        telemetry.dead_lettered(self, error)
         return dead
 
     def _settle(self) -> None:
@@ -343,7 +345,9 @@ class BrokerBase(AsyncResource, ABC):
             )
         self._check_open()
         if messages:
-            await self._publish(topic, messages)
+            with telemetry.publish_span(self, topic) as span:
+                telemetry.published(self, topic, messages, span, new=True)
+                await self._publish(topic, messages)
 
     async def publish_message(self, message: Message) -> None:
         """Publish an already encoded message (a relay, or a dead letter being replayed)."""
@@ -370,7 +374,9 @@ class BrokerBase(AsyncResource, ABC):
             for record in records
         ]
         if messages:
-            await self._publish(topic, messages)
+            with telemetry.publish_records_span(self, topic, records) as span:
+                telemetry.published(self, topic, messages, span, new=False)
+                await self._publish(topic, messages)
 
     @asynccontextmanager
     async def subscribe(

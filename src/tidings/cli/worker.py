@@ -8,17 +8,19 @@ lease over once it expires and goes on from the committed checkpoint.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 from typing import Annotated
 
 import typer
 
+from tidings import telemetry
 from tidings.app.projections import Projection
-from tidings.app.runner import ProjectionRunner
+from tidings.app.runner import ProjectionRunner, projection_status
 from tidings.cli.projections import load_projections, registry_for
 from tidings.cli.store import DEFAULT_STORE, StoreOption
 from tidings.core.codec import JSONCodec
-from tidings.core.errors import ConfigurationError
+from tidings.core.errors import ConfigurationError, TidingsError
 from tidings.store import open_store
 
 __all__ = ["app", "worker"]
@@ -49,6 +51,16 @@ def worker(
         str | None, typer.Option(help="This worker's name in the lease table.")
     ] = None,
     batch_size: Annotated[int, typer.Option(help="Events per transaction.")] = 500,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            help="Serve Prometheus metrics at http://HOST:PORT/metrics (0: any free port; "
+            "the line `metrics on URL` tells which)."
+        ),
+    ] = None,
+    metrics_host: Annotated[
+        str, typer.Option(help="The address --metrics-port listens on.")
+    ] = "127.0.0.1",
 ) -> None:
     """Run the projections of --app on --store until SIGINT or SIGTERM.
 
@@ -58,11 +70,17 @@ def worker(
     projections = list(load_projections(app_path).values())
     if not projections:
         raise ConfigurationError(f"--app {app_path} holds no projections")
-    asyncio.run(_work(store, projections, lease, owner, batch_size))
+    asyncio.run(_work(store, projections, lease, owner, batch_size, metrics_port, metrics_host))
 
 
 async def _work(
-    url: str, projections: list[Projection], lease: float, owner: str | None, batch_size: int
+    url: str,
+    projections: list[Projection],
+    lease: float,
+    owner: str | None,
+    batch_size: int,
+    metrics_port: int | None = None,
+    metrics_host: str = "127.0.0.1",
 ) -> None:
     codec = JSONCodec(registry_for(*projections), keep_unknown=True)
     stop = asyncio.Event()
@@ -75,9 +93,23 @@ async def _work(
         )
         names = ", ".join(p.name for p in projections)
         print(f"worker {runner.owner}: {names} (lease {lease:g}s)", flush=True)
+
+        async def lag() -> None:  # the projections' lag, for /metrics and OpenTelemetry
+            telemetry.observe_projections(await projection_status(opened))
+
+        server = None
+        if metrics_port is not None:
+            server = await telemetry.serve_metrics(metrics_host, metrics_port, lag)
+            port = server.sockets[0].getsockname()[1]
+            print(f"metrics on http://{metrics_host}:{port}/metrics", flush=True)
+        ticks = 0
         async with runner:
             held: dict[str, bool] = {}
             while not stop.is_set():
+                ticks += 1
+                if ticks % 25 == 0 and telemetry.meter() is not None:
+                    with contextlib.suppress(TidingsError, OSError):
+                        await lag()
                 for name, now in runner.leases().items():
                     if held.get(name) != now:
                         print(f"{'holds' if now else 'waiting'} {name}", flush=True)
@@ -87,4 +119,6 @@ async def _work(
                         await stop.wait()
                 except TimeoutError:
                     pass
+        if server is not None:
+            server.close()
     print(f"worker {runner.owner}: stopped", flush=True)

@@ -33,7 +33,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from tidings import __version__
+from tidings import __version__, telemetry
 from tidings.app.runner import ProjectionRunner, ProjectionStatus, projection_status
 from tidings.brokers.base import BrokerBase, DeadLetter, DeadLetterNotFound
 from tidings.console import queries
@@ -423,6 +423,17 @@ async def replay(request: Request) -> Response:
     return RedirectResponse(f"/dead-letters?replayed={quote(letter.id)}", status_code=303)
 
 
+async def metrics(request: Request) -> Response:
+    """Prometheus text: tidings' counters in this process and every store's projection lag."""
+    console: Console = request.app.state.console
+    for entry in console.stores:
+        try:
+            telemetry.observe_projections(await projection_status(entry.store))
+        except TidingsError as exc:  # a store that went away: the rest still report
+            log.warning("metrics: %s: %s", entry.label, exc)
+    return Response(telemetry.prometheus_text(), media_type=telemetry.CONTENT_TYPE)
+
+
 async def groups(request: Request) -> Response:
     console: Console = request.app.state.console
     known: dict[tuple[str, str], dict[str, Any]] = {}
@@ -536,6 +547,7 @@ def create_app(
                 opened.append(broker)
             if sample_every is not None:
                 sampler = asyncio.create_task(console.sampler())
+            telemetry.enable_metrics()
             yield
         finally:
             tasks = [*console.tasks, *([sampler] if sampler is not None else [])]
@@ -560,6 +572,7 @@ def create_app(
         Route("/dead-letters/{id}", dead_letter),
         Route("/dead-letters/{id}/replay", replay, methods=["POST"]),
         Route("/groups", groups),
+        Route("/metrics", metrics),
         Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
     ]
     hosts = [*LOCAL_HOSTS, *allowed_hosts]

@@ -127,7 +127,7 @@ class JSONCodec:
             validator = self._validator(type, schema_version)
             if validator.__class__ is _Upcasting or _sealed_in(data):
                 event, type, schema_version = _decode_slowly(
-                    validator, data, metadata, keys, type, schema_version
+                    validator, data, metadata, keys, type, schema_version, self._personal
                 )
             else:
                 event = validator.validate_json(data)
@@ -174,7 +174,7 @@ class JSONCodec:
                     last_meta = meta
                 if validator.__class__ is _Upcasting or _sealed_in(data):
                     event, type_, schema_version = _decode_slowly(
-                        validator, data, metadata, keys, type_, schema_version
+                        validator, data, metadata, keys, type_, schema_version, self._personal
                     )
                 else:  # the common case: the stored JSON straight into its class
                     event = validator.validate_json(data)
@@ -199,6 +199,12 @@ class JSONCodec:
                     metadata,
                 ),
             )
+
+    def _personal(self, type: str, schema_version: int) -> Mapping[str, str]:
+        """The personal fields (and their subject fields) of the class `type` v`version`
+        is read as; empty for most."""
+        chain = self.registry.chain(type, schema_version)
+        return chain[1].__personal__ if chain is not None else {}
 
     def _validator(self, type: str, schema_version: int) -> Any:
         """What turns this type's JSON into an event: its class's pydantic validator, or an
@@ -239,14 +245,20 @@ def _decode_slowly(
     keys: Mapping[str, bytes] | None,
     type: str,
     version: int,
+    personal: Callable[[str, int], Mapping[str, str]],
 ) -> tuple[Event, str, int]:
-    """Decode data that holds sealed personal values or is an old version: the event, and
-    the type and version it arrives as. Raw (unknown) events stay as stored, still sealed."""
+    """Decode data that may hold sealed personal values or is an old version: the event,
+    and the type and version it arrives as. Raw (unknown) events stay as stored, sealed.
+    Only the personal fields of the class it arrives as are opened (by their names)."""
     if validator.__class__ is _RawValidator:
         return validator.validate_json(data), type, version
-    if _sealed_in(data):  # open the personal values (or redact them), then validate
-        return _validate(validator, decrypt_fields(from_json(data), keys or {}), metadata)
-    return validator.upcast(data, metadata), validator.type, validator.version
+    fields = personal(type, version)
+    if fields and _sealed_in(data):  # open the personal values (or redact them)
+        return _validate(validator, decrypt_fields(from_json(data), keys or {}, fields), metadata)
+    if validator.__class__ is _Upcasting:
+        return validator.upcast(data, metadata), validator.type, validator.version
+    event = validator.validate_json(data)  # the marker was ordinary text in ordinary data
+    return event, event.__event_type__, event.__event_version__
 
 
 def _validate(validator: Any, value: Any, metadata: Metadata) -> tuple[Event, str, int]:

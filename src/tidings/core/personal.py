@@ -95,12 +95,18 @@ def subjects_in(text: str) -> set[str]:
     return {base64.urlsafe_b64decode(s).decode() for s in _ENVELOPE.findall(text)}
 
 
-def decrypt_fields(data: dict[str, Any], keys: Mapping[str, bytes]) -> dict[str, Any]:
-    """`data` with each encrypted top-level value opened, or `REDACTED` where the subject's
-    key is gone."""
-    for field, value in data.items():
-        if isinstance(value, str) and value.startswith(PREFIX):
-            subject_b64, _, token = value[len(PREFIX) :].partition(":")
-            subject = base64.urlsafe_b64decode(subject_b64).decode()
-            data[field] = _open(keys.get(subject), subject, field, token)
+def decrypt_fields(
+    data: dict[str, Any], keys: Mapping[str, bytes], fields: Mapping[str, str]
+) -> dict[str, Any]:
+    """`data` with each sealed personal value opened, or `REDACTED` where the subject's key
+    is gone. Only `fields` (personal field -> subject field) are looked at, and only a value
+    sealed for the subject the event names: any other text is data, left as it is."""
+    for field, subject_field in fields.items():
+        value = data.get(field)
+        if not isinstance(value, str) or not value.startswith(PREFIX):
+            continue
+        subject = str(data.get(subject_field))
+        head = f"{PREFIX}{_b64(subject.encode())}:"
+        if value.startswith(head):
+            data[field] = _open(keys.get(subject), subject, field, value[len(head) :])
     return data

@@ -21,6 +21,7 @@ from typing import Any, NamedTuple, Protocol, Self, runtime_checkable
 from urllib.parse import parse_qsl, urlsplit
 from uuid import UUID
 
+from tidings import telemetry
 from tidings.core.codec import EncodedEvent, JSONCodec
 from tidings.core.context import with_correlation
 from tidings.core.errors import (
@@ -515,11 +516,15 @@ class StoreBase(AsyncResource, ABC):
             events = list(events)  # a generator or set of events is fine, consumed once
         if not events:
             raise InvalidEvents(f"append to {stream_id!r} got no events")
-        meta = self.codec.encode_metadata(with_correlation(Metadata.coerce(metadata)))
-        keys = await self._keys_to_seal(events)
-        encoded = self._encode(stream_id, events, len(meta.encode()) if meta else 0, keys)
-        self._check_open()
-        result = await self._append(stream_id, expected, encoded, meta)
+        with telemetry.append_span(self, stream_id, len(events)) as span:
+            meta = self.codec.encode_metadata(
+                telemetry.traced(with_correlation(Metadata.coerce(metadata)), span)
+            )
+            keys = await self._keys_to_seal(events)
+            encoded = self._encode(stream_id, events, len(meta.encode()) if meta else 0, keys)
+            self._check_open()
+            result = await self._append(stream_id, expected, encoded, meta)
+            telemetry.appended(self, len(encoded), span, result)
         self._signal.notify()
         return result
 
