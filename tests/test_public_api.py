@@ -24,6 +24,7 @@ def test_all_is_sorted_and_complete() -> None:
         "asyncapi",
         "console",
         "telemetry",
+        "integrations",
     }
     public = {n for n in dir(tidings) if not n.startswith("_")} - modules
     assert public == set(tidings.__all__)

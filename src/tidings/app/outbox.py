@@ -159,7 +159,11 @@ class OutboxRelay:
                 stopping = asyncio.create_task(self._stopping.wait())
                 try:
                     while not following.done():
-                        await asyncio.wait({following, stopping}, timeout=ttl / 3)
+                        await asyncio.wait(
+                            {following, stopping},
+                            timeout=ttl / 3,
+                            return_when=asyncio.FIRST_COMPLETED,  # stop() wakes it at once
+                        )
                         if following.done():
                             break
                         if self._stopping.is_set() or not await self._acquire():

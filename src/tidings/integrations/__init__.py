@@ -1,0 +1,1 @@
+"""Integrations of tidings with other frameworks, each behind its own extra."""
