@@ -26,7 +26,7 @@ from tidings.cli.loading import import_module
 from tidings.cli.store import DEFAULT_STORE, JSONOption, StoreOption, open_for_reading
 from tidings.core.codec import JSONCodec
 from tidings.core.errors import ConfigurationError
-from tidings.core.events import Event, TypeRegistry, default_registry
+from tidings.core.events import Event, TypeRegistry
 from tidings.store import open_store
 
 __all__ = [
@@ -252,18 +252,7 @@ def registry_for(*projections: Projection) -> TypeRegistry:
         manager = getattr(projection, "manager", None)  # a ProcessDriver: its manager's types
         if manager is not None:
             classes |= manager.__reactions__.event_classes() | manager.__handlers__.event_classes()
-    registries = list(
-        {id(r): r for r in (cls.__event_registry__ or default_registry for cls in classes)}.values()
-    )
-    if not registries:
-        return default_registry
-    if len(registries) == 1:
-        return registries[0]
-    merged = TypeRegistry()
-    for registry in registries:
-        for cls in registry:
-            merged.register(cls)  # a type name claimed twice raises DuplicateEventType
-    return merged
+    return TypeRegistry.of(classes)  # a type name claimed twice raises DuplicateEventType
 
 
 def _is_projection_class(value: object) -> TypeGuard[type[Projection]]:

@@ -16,7 +16,7 @@ from typing import Annotated, Any
 import typer
 
 from tidings.asyncapi import Contract, document
-from tidings.cli.loading import import_module
+from tidings.cli.loading import import_module, import_target
 from tidings.core.errors import ConfigurationError
 from tidings.core.events import TypeRegistry, default_registry
 from tidings.schema import Mode, check, load_schema_file, schema_document, write_schema_file
@@ -197,31 +197,18 @@ def load_registry(targets: list[str]) -> TypeRegistry:
         module_name, _, attribute = target.partition(":")
         if not module_name:
             raise ConfigurationError(f"--app {target!r}: name a module, e.g. myapp.events")
-        module = import_module(module_name)
         if not attribute:
+            import_module(module_name)  # its classes register in the default registry
             found: Any = default_registry
         else:
-            try:
-                found = getattr(module, attribute)
-            except AttributeError:
-                raise ConfigurationError(
-                    f"module {module_name} has no attribute {attribute!r}"
-                ) from None
+            found = import_target(target)
             if not isinstance(found, TypeRegistry):
                 raise ConfigurationError(f"{target} is not a TypeRegistry but {found!r}")
         if all(found is not known for known in registries):
             registries.append(found)
     if not registries:
         raise ConfigurationError("name the modules with your event classes: --app MODULE")
-    if len(registries) == 1:
-        registry = registries[0]
-    else:
-        registry = TypeRegistry()
-        for each in registries:
-            for cls in each:
-                registry.register(cls)  # DuplicateEventType names a clash
-            for step in each.upcasters():
-                registry.add_upcaster(step)
+    registry = TypeRegistry.merged(*registries)  # DuplicateEventType names a clash
     if not len(registry):
         raise ConfigurationError(
             f"no event types are registered after importing {', '.join(targets)}: "
@@ -235,19 +222,14 @@ def load_contract(target: str) -> Contract:
     module_name, _, attribute = target.partition(":")
     if not module_name:
         raise ConfigurationError(f"--app {target!r}: name a module, e.g. myapp.contract")
-    module = import_module(module_name)
     if attribute:
-        try:
-            found = getattr(module, attribute)
-        except AttributeError:
-            raise ConfigurationError(
-                f"module {module_name} has no attribute {attribute!r}"
-            ) from None
+        found = import_target(target)
         if callable(found) and not isinstance(found, Contract):
             found = found()
         if not isinstance(found, Contract):
             raise ConfigurationError(f"{target} is not a tidings.asyncapi.Contract: {found!r}")
         return found
+    module = import_module(module_name)
     contracts = [value for value in vars(module).values() if isinstance(value, Contract)]
     if len(contracts) != 1:
         raise ConfigurationError(

@@ -11,7 +11,7 @@ from tidings.app.projections import Projection
 from tidings.app.service import Service
 from tidings.cli.loading import import_module
 from tidings.cli.projections import load_projections
-from tidings.core.events import Event, TypeRegistry, default_registry
+from tidings.core.events import Event, TypeRegistry
 
 __all__ = ["AppParts", "load_app"]
 
@@ -37,21 +37,7 @@ class AppParts:
             classes |= projection.__handlers__.event_classes()
         for aggregate in self.aggregates.values():
             classes |= aggregate.__handlers__.event_classes()
-        registries = list(
-            {
-                id(r): r for r in (cls.__event_registry__ or default_registry for cls in classes)
-            }.values()
-        )
-        if not registries:
-            return default_registry
-        if len(registries) == 1:
-            return registries[0]
-        merged = TypeRegistry()
-        for registry in registries:
-            for cls in registry:
-                if cls not in set(merged):
-                    merged.register(cls)
-        return merged
+        return TypeRegistry.of(classes)
 
 
 def load_app(target: str) -> AppParts:

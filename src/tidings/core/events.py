@@ -14,7 +14,7 @@ stored.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any, ClassVar, Optional, Self
 from uuid import UUID
 
@@ -38,6 +38,7 @@ class TypeRegistry:
     def __init__(self) -> None:
         self._classes: dict[tuple[str, int], type[Event]] = {}
         self._upcasters: dict[tuple[str, int], Upcaster] = {}
+        self.personal = False  # whether any class has Personal fields (reads look for keys)
         self._chains: dict[tuple[str, int], tuple[list[Upcaster], type[Event]] | None] = {}
 
     def register(self, cls: type[Event]) -> None:
@@ -53,7 +54,31 @@ class TypeRegistry:
         if existing is not None and existing is not cls:
             raise DuplicateEventType(key[0], key[1], existing, cls)
         self._classes[key] = cls
+        self.personal = self.personal or bool(cls.__personal__)
         self._chains.clear()
+
+    @classmethod
+    def merged(cls, *registries: TypeRegistry) -> TypeRegistry:
+        """One registry reading what all of `registries` read: the only one when there is
+        one, else a new registry with every class and upcaster (a type claimed twice raises
+        `DuplicateEventType`)."""
+        unique = list({id(r): r for r in registries}.values())
+        if len(unique) == 1:
+            return unique[0]
+        merged = cls()
+        for registry in unique:
+            for event_class in registry:
+                merged.register(event_class)
+            for step in registry.upcasters():
+                merged.add_upcaster(step)
+        return merged
+
+    @classmethod
+    def of(cls, classes: Iterable[type[Event]]) -> TypeRegistry:
+        """The registry the event `classes` were declared in (merged when several; the
+        default registry when there are none)."""
+        found = [c.__event_registry__ or default_registry for c in classes]
+        return cls.merged(*found) if found else default_registry
 
     # -- upcasters ---------------------------------------------------------------------------
 

@@ -860,7 +860,10 @@ class StoreBase(AsyncResource, ABC):
         return await self._subject_keys(subjects, create=True)
 
     async def _keys_to_open(self, rows: list[Row]) -> dict[str, bytes] | None:
-        """The keys for the sealed personal values in these rows (a forgotten one is absent)."""
+        """The keys for the sealed personal values in these rows (a forgotten one is absent);
+        None at once when no class this store decodes has personal fields."""
+        if not self.codec.registry.personal:
+            return None
         subjects: set[str] = set()
         for row in rows:
             data = row[7]
