@@ -125,7 +125,7 @@ class JSONCodec:
         event: Event
         try:
             validator = self._validator(type, schema_version)
-            if validator.__class__ is _Upcasting or _sealed_in(data):
+            if validator.__class__ is _Upcasting or (self.registry.personal and _sealed_in(data)):
                 event, type, schema_version = _decode_slowly(
                     validator, data, metadata, keys, type, schema_version, self._personal
                 )
@@ -163,6 +163,7 @@ class JSONCodec:
         last_meta: str | None = None
         metadata = EMPTY
         event: Event
+        personal = self.registry.personal  # no personal classes: no sealed values to look for
         for position, raw_id, stream_id, version, type_, schema_version, at, data, meta in rows:
             try:
                 key = (type_, schema_version)
@@ -172,7 +173,7 @@ class JSONCodec:
                 if meta != last_meta:
                     metadata = EMPTY if meta is None else Metadata.from_dict(json.loads(meta))
                     last_meta = meta
-                if validator.__class__ is _Upcasting or _sealed_in(data):
+                if validator.__class__ is _Upcasting or (personal and _sealed_in(data)):
                     event, type_, schema_version = _decode_slowly(
                         validator, data, metadata, keys, type_, schema_version, self._personal
                     )
