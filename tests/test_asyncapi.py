@@ -84,8 +84,8 @@ def test_the_demo_document_says_who_sends_and_receives_what() -> None:
         for op in doc["operations"].values()
         for m in op["messages"]
     }
-    whole = "#/channels/orders/messages/order.placed.v1.OrderPlaced"
-    notice = "#/channels/order-notifications/messages/order.placed.v1.OrderPlacedNotice"
+    whole = "#/channels/orders/messages/order.placed.v2"
+    notice = "#/channels/order-notifications/messages/order.placed.v1"
     assert flows == {
         ("orders", "send", "#/channels/orders", whole),
         ("order-notifier", "receive", "#/channels/orders", whole),
@@ -93,9 +93,9 @@ def test_the_demo_document_says_who_sends_and_receives_what() -> None:
         ("email", "receive", "#/channels/order-notifications", notice),
         ("analytics", "receive", "#/channels/orders", whole),
     }
-    # One event type, two shapes: each side's own message and schema.
+    # One event type, two shapes (the order service's v2, the notice's v1): two messages.
     messages = doc["components"]["messages"]
-    whole_message = messages["order.placed.v1.OrderPlaced"]
+    whole_message = messages["order.placed.v2"]
     assert whole_message["name"] == "order.placed"
     assert whole_message["payload"] == {"$ref": "#/components/schemas/OrderPlaced"}
     schemas = doc["components"]["schemas"]
@@ -104,7 +104,7 @@ def test_the_demo_document_says_who_sends_and_receives_what() -> None:
     # CloudEvents binary-mode headers, as tidings' brokers write them.
     headers = whole_message["headers"]["properties"]
     assert headers["ce-type"] == {"const": "order.placed", "description": "The event type."}
-    assert headers["ce-schemaversion"]["const"] == "1"
+    assert headers["ce-schemaversion"]["const"] == "2"
     assert headers["content-type"] == {"const": "application/json"}
     assert set(whole_message["headers"]["required"]) >= {"ce-id", "ce-source", "ce-specversion"}
 
@@ -121,20 +121,20 @@ def test_one_service_document_has_only_what_it_uses() -> None:
 def test_the_broker_decides_how_cloudevents_travel() -> None:
     kafka = document(replace(ORDERS_CONTRACT, servers={"prod": "kafka://b1:9092"}))
     assert kafka["servers"] == {"prod": {"host": "b1:9092", "protocol": "kafka"}}
-    message = kafka["components"]["messages"]["order.placed.v1.OrderPlaced"]
+    message = kafka["components"]["messages"]["order.placed.v2"]
     assert "ce_type" in message["headers"]["properties"]
     amqp = document(replace(ORDERS_CONTRACT, servers={"prod": "amqp://guest:pw@rabbit/vhost"}))
     assert amqp["servers"]["prod"] == {"host": "rabbit", "protocol": "amqp", "pathname": "/vhost"}
-    message = amqp["components"]["messages"]["order.placed.v1.OrderPlaced"]
+    message = amqp["components"]["messages"]["order.placed.v2"]
     assert "cloudEvents_type" in message["headers"]["properties"]
     redis = document(replace(ORDERS_CONTRACT, servers={"dev": "redis://u:secret@r:6379/0"}))
     assert "secret" not in json.dumps(redis)
-    message = redis["components"]["messages"]["order.placed.v1.OrderPlaced"]
+    message = redis["components"]["messages"]["order.placed.v2"]
     assert message["contentType"] == "application/cloudevents+json"
     assert "headers" not in message
     envelope = message["payload"]["properties"]
     assert envelope["data"] == {"$ref": "#/components/schemas/OrderPlaced"}
-    assert envelope["schemaversion"]["const"] == 1
+    assert envelope["schemaversion"]["const"] == 2
     with pytest.raises(ConfigurationError, match="carry CloudEvents differently"):
         document(replace(ORDERS_CONTRACT, servers={"a": "kafka://k", "b": "redis://r"}))
 
@@ -188,6 +188,32 @@ def test_nested_models_unions_and_odd_type_names_stay_valid() -> None:
     assert "messages" not in doc["operations"]["ledger.receive.billing.events"]
     method = doc["components"]["schemas"]["Paid"]["properties"]["method"]
     assert method["discriminator"] == "kind"  # AsyncAPI's form: the property name
+
+
+OTHER = TypeRegistry()
+
+
+class RefundedSummary(Event, type="billing.refunded", registry=OTHER):
+    """The same type and version as `Refunded`, in another service's shape."""
+
+    invoice: str
+    amount: int
+
+
+def test_two_shapes_of_one_type_and_version_get_a_message_each() -> None:
+    contract = Contract(
+        "billing",
+        services=[
+            ServiceContract("billing", publishes={"billing.events": [Refunded]}),
+            ServiceContract("audit", subscribes={"billing.events": [RefundedSummary]}),
+        ],
+    )
+    doc = document(contract)
+    assert_valid(doc)
+    assert set(doc["components"]["messages"]) == {
+        "billing.refunded.v1.Refunded",
+        "billing.refunded.v1.RefundedSummary",
+    }
 
 
 def test_a_service_contract_from_a_service() -> None:

@@ -64,6 +64,7 @@ async def test_post_then_read_your_write(tmp_path: Path) -> None:
             "email": "ada@example.com",
             "items": ["keyboard", "cable"],
             "total_cents": 10100,
+            "status": "placed",
         }
         again = await client.post("/orders", json=ORDER)
         assert again.status_code == 409

@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from tidings import telemetry
 from tidings.app.aggregate import Aggregate
 from tidings.app.repository import Repository
-from tidings.core.context import correlate
+from tidings.core.context import correlate, current_correlation
 from tidings.core.errors import ConfigurationError, InvalidCommand, NoCommandHandler
 from tidings.core.ids import uuid7
 from tidings.store.base import EventStore
@@ -217,9 +217,13 @@ class CommandBus:
             raise TypeError(f"dispatch takes a Command instance, not {type(command).__qualname__}")
         route = self._route(type(command))
         origin = f"command {type(command).__name__}"
+        outer = current_correlation()  # sent while handling an event: that event sent it
         with (
             correlate(
-                correlation_id, causation_id=str(command.command_id), origin=origin
+                correlation_id,
+                causation_id=str(command.command_id),
+                origin=origin,
+                sent_by=outer.causation_id if outer is not None else None,
             ) as context,
             telemetry.command_span(command, context.correlation_id),
         ):

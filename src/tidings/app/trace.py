@@ -5,7 +5,8 @@ that directly caused it), and the `origin` header names who wrote it ("command P
 "service email"). `causation_tree` gathers one correlation's events from one or more stores
 (services keep their own) and links each to its cause. A cause that is not a stored event,
 such as a command (commands are not stored), becomes a node of its own, with the origin of
-what it caused.
+what it caused; a command sent while handling an event (by a process manager or a service)
+hangs under that event, named by the `sent-by` header of what the command wrote.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ async def causation_tree(
     in the steps, e.g. their URLs); empty when no store has an event of it."""
     steps: dict[str, TraceStep] = {}
     causes: dict[str, str | None] = {}
+    senders: dict[str, str] = {}  # a command's id -> the event whose handler sent it
     for index, store in enumerate(stores):
         if not isinstance(store, StoreBase):
             raise TypeError(f"{store!r} is not a tidings store")
@@ -68,6 +70,9 @@ async def causation_tree(
         for record in await store.read_correlation(correlation_id):
             steps[str(record.id)] = _event_step(record, label)
             causes[str(record.id)] = record.causation_id
+            sender = record.metadata.headers.get("sent-by")
+            if sender is not None and record.causation_id is not None:
+                senders[record.causation_id] = sender
     roots: list[TraceStep] = []
     for step_id, step in sorted(steps.items(), key=lambda item: _order(item[1])):
         cause = causes[step_id]
@@ -81,7 +86,13 @@ async def causation_tree(
             parent = steps[cause] = TraceStep(
                 cause, kind, origin.removeprefix("command ") or None, step.origin, step.at
             )
-            roots.append(parent)
+            sent_by = steps.get(senders.get(cause, ""))
+            if sent_by is None:
+                roots.append(parent)
+            else:  # a command sent while handling a stored event: under that event
+                sent_by.children.append(parent)
+                if sent_by.at is not None and parent.at is not None:
+                    parent.delay = (parent.at - sent_by.at).total_seconds()
         parent.children.append(step)
         if parent.at is not None and step.at is not None:
             step.delay = (step.at - parent.at).total_seconds()

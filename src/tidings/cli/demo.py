@@ -1,14 +1,14 @@
-"""`tidings demo`: the seed article's account ledger, as an event-sourced, CQRS application.
+"""`tidings demo`: the seed article's patterns, one after the other, on one store.
 
-The logic lives in `tidings.demo.ledger`; this module only picks the store and shows the
-result.
+The story lives in `tidings.demo.tour`; this module only picks the store and the broker and
+says where the data went.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import tempfile
+import time
 from pathlib import Path
 from typing import Annotated
 from urllib.parse import quote
@@ -17,12 +17,7 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from tidings.brokers import open_broker
-from tidings.cli import render
-from tidings.core.codec import JSONCodec
-from tidings.demo.ledger import LEDGER, AccountBalances, LedgerRun, run_ledger
-from tidings.demo.orders import ORDERS, OrdersRun, run_orders
-from tidings.store import open_store
+from tidings.demo.tour import Tour, run_tour
 
 __all__ = ["app", "demo"]
 
@@ -36,114 +31,77 @@ def demo(
         typer.Option(
             "--store",
             metavar="URL",
-            help="Write the demo's events and read model to this store (created if missing) "
-            "and keep them, e.g. sqlite:///demo.db. Default: a SQLite file in a temporary "
-            "folder, deleted afterwards. $TIDINGS_STORE is deliberately not used here.",
+            help="Write the demo's events and read models to this store (created if "
+            "missing) and keep them, e.g. sqlite:///demo.db or postgresql://localhost/test. "
+            "Default: a SQLite file in a temporary folder, deleted afterwards. "
+            "$TIDINGS_STORE is deliberately not used here.",
         ),
     ] = None,
+    broker: Annotated[
+        str | None,
+        typer.Option(
+            "--broker",
+            metavar="URL",
+            help="Run the email and analytics services as worker processes of their own, "
+            "talking over this broker: redis://127.0.0.1:6379, "
+            "amqp://guest:guest@127.0.0.1:5672/ or nats://127.0.0.1:4222. Default: both run "
+            "in this process on the in-memory broker. Topics get a per-run prefix "
+            "(tidings-demo-XXXX.), so runs never meet.",
+        ),
+    ] = None,
+    console: Annotated[
+        bool,
+        typer.Option(
+            "--console",
+            help="When the story is told, serve the web console on the demo's store "
+            "(http://127.0.0.1:8765/) until Ctrl-C.",
+        ),
+    ] = False,
+    port: Annotated[
+        int, typer.Option(min=0, max=65535, help="The console's port (with --console).")
+    ] = 8765,
 ) -> None:
-    """Run the account ledger: an event-sourced `Account`, time travel and a read model.
+    """Tour every pattern of the seed article in about ten seconds, on SQLite, no server.
 
-    Saves the seed's four events through a `Repository` (each append guarded by the version
-    it expects), shows a stale writer refused, loads the account as of version 2 (balance =
-    100) and now (balance = 120), and queries the `ledger_balances` read model that a
-    `ProjectionRunner` keeps, right after waiting for the last write (read-your-writes).
+    1 event sourcing (the ledger: replay to 120, time travel, a refused stale writer,
+    snapshots, a read model); 2 schema evolution (an order.placed v1 read as v2);
+    3 commands; 4 the outbox relay; 5 event notification (email); 6 event-carried state
+    transfer (analytics); 7 a process manager (payment, shipping, refund); 8 CQRS read
+    models; 9 temporal decoupling (analytics stops and catches up); 10 the causation tree
+    of one order (`tidings trace`).
     """
-    if store is None:
-        with tempfile.TemporaryDirectory(prefix="tidings-demo-") as folder:
-            url = "sqlite:///" + quote(str(Path(folder) / "ledger.db"))
-            run, persistent = asyncio.run(_run(url))
-        where = f"{url} (a temporary file, deleted now that the demo is over)"
-    else:
-        url = store
-        run, persistent = asyncio.run(_run(url))
-        where = url
-    _show(run, where)
-    with tempfile.TemporaryDirectory(prefix="tidings-demo-orders-") as folder:
-        _show_orders(asyncio.run(_run_orders(Path(folder))))
-    console = Console(highlight=False)
-    if store is not None and persistent:
-        console.print(Text("The events and the read model stay in the store; to see them again:"))
-        console.print(Text(f"  tidings events {run.stream_id} --store {url}"), soft_wrap=True)
-        console.print(Text(f"  tidings projections status --store {url}"), soft_wrap=True)
-    elif store is not None:
-        console.print(Text("This store lived in the demo's memory: its events are gone now."))
+    out = Console(highlight=False)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="tidings-demo-") as folder:
+        url = store or "sqlite:///" + quote(str(Path(folder) / "demo.db"))
+        tour = asyncio.run(run_tour(url, Path(folder), out, broker_url=broker))
+        kept = store is not None and not store.startswith("memory:")
+        _closing(out, tour, kept, time.perf_counter() - started)
+        if console and (kept or store is None):
+            _serve_console(url, port, out)
+        elif console:
+            out.print(Text("--console needs a store that outlives the demo, not memory://."))
 
 
-async def _run_orders(folder: Path) -> OrdersRun:
-    url = "sqlite:///" + quote(str(folder / "orders.db"))
-    async with (
-        open_store(url, codec=JSONCodec(ORDERS)) as store,
-        open_broker("memory://") as broker,
-    ):
-        return await run_orders(store, broker, folder)
+def _closing(out: Console, tour: Tour, kept: bool, seconds: float) -> None:
+    out.print()
+    out.print(Text(f"Told in {seconds:.1f} s.", style="dim"))
+    if kept:
+        out.print(Text("The events and read models stay in the store; to look again:"))
+        for line in (
+            f"tidings streams --store {tour.store}",
+            f"tidings trace {tour.traced} --store {tour.store}",
+            f"tidings projections status --store {tour.store}",
+            f"tidings console --store {tour.store} --app tidings.demo.orders",
+        ):
+            out.print(Text(f"  {line}"), soft_wrap=True)
+    elif tour.store.startswith("memory:"):
+        out.print(Text("This store lived in the demo's memory: its events are gone now."))
 
 
-def _show_orders(run: OrdersRun) -> None:
-    console = Console(highlight=False)
-    console.print()
-    console.print(
-        Text(
-            f"Orders: the order service stored {len(run.placed)} order.placed events; its "
-            f"outbox relay published {run.relayed} of them to the 'orders' topic (an event "
-            "reaches the broker if and only if it was stored)."
-        )
-    )
-    console.print(
-        Text(
-            "Event notification: the email service got order.placed with only the order id on "
-            f"'order-notifications' and asked the order service for the details "
-            f"({run.lookups} lookups; {run.lookups - len(run.emails)} retried while its read "
-            "model was behind: eventual consistency):"
-        )
-    )
-    for line in run.emails:
-        console.print(Text(f"  email {line}"))
-    revenue = ", ".join(f"{who} {cents / 100:.2f} EUR" for who, cents in run.analytics.items())
-    console.print(
-        Text(
-            "Event-carried state transfer: the analytics service got the whole order in "
-            f"order.placed and keeps its own copy ({run.copies} orders, behind an inbox); "
-            f"revenue by customer from that copy: {revenue}"
-        )
-    )
+def _serve_console(url: str, port: int, out: Console) -> None:
+    from tidings.cli.console import console as serve
 
-
-async def _run(url: str) -> tuple[LedgerRun, bool]:
-    async with open_store(url, codec=JSONCodec(LEDGER)) as store:
-        run = await run_ledger(store)
-    return run, bool(getattr(store, "shared_across_processes", True))
-
-
-def _show(run: LedgerRun, where: str) -> None:
-    console = Console(highlight=False)
-    console.print(Text(f"Store: {where}"))
-    console.print(
-        Text(
-            f"Wrote 4 events to stream {run.stream_id} through Repository(Account): each save "
-            "named the version it expected (NO_STREAM, then 1, 2, 3)."
-        )
-    )
-    if run.refusal is not None:
-        console.print(
-            Text(
-                f"Optimistic concurrency: a second writer loaded the account at version "
-                f"{run.refusal.expected} (balance {run.balance_at_2}) and tried to withdraw all "
-                f"of it; its save was refused (the stream is at version {run.refusal.actual}); "
-                "nothing was written."
-            )
-        )
-    console.print(render.ledger_table(run.stream_id, run.steps))
-    console.print(
-        Text(
-            f"Time travel: repo.get({run.account_id!r}, version=2) -> "
-            f"balance as of version 2 = {run.balance_at_2}"
-        )
-    )
-    console.print(Text(f"Current state: balance = {run.balance}", style="bold green"))
-    console.print(
-        Text(
-            f"Read model (CQRS): after runner.wait_for({run.position}), "
-            f"{AccountBalances.name}[{run.stream_id!r}] = {json.dumps(run.read_model)}"
-        )
-    )
+    out.print()
+    out.print(Text("The console on the demo's store (Ctrl-C to stop):", style="bold"))
+    serve(store=[url], broker=None, app_path="tidings.demo.orders", port=port)

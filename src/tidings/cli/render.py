@@ -15,7 +15,9 @@ from typing import Any
 from rich import box
 from rich.table import Table
 from rich.text import Text
+from rich.tree import Tree
 
+from tidings.app.trace import TraceStep
 from tidings.core.events import Event, UnknownEvent
 from tidings.core.recorded import RecordedEvent
 from tidings.demo.ledger import LedgerStep
@@ -31,6 +33,7 @@ __all__ = [
     "record_dict",
     "stream_dict",
     "streams_table",
+    "trace_tree",
 ]
 
 
@@ -150,3 +153,38 @@ def ledger_table(stream_id: str, steps: Iterable[LedgerStep]) -> Table:
             Text(str(step.balance)),
         )
     return table
+
+
+def trace_tree(correlation_id: str, roots: Iterable[TraceStep], *, show_store: bool) -> Tree:
+    """A causation tree (`tidings trace`): each step under its cause, with the delay after
+    it, who wrote it and when; `show_store` adds each event's store (several stores)."""
+    tree = Tree(Text(f"correlation {correlation_id}", style="bold"))
+    for root in roots:
+        _add_step(tree, root, show_store)
+    return tree
+
+
+def _add_step(parent: Tree, step: TraceStep, show_store: bool) -> None:
+    line = Text()
+    if step.delay is not None:
+        line.append(f"+{_duration(step.delay)} ", style="dim")
+    if step.kind == "event":
+        line.append(step.type or "?", style="bold")
+        line.append(f"  {step.stream_id} v{step.version}")
+    else:
+        line.append(f"{step.kind} {step.type or step.id}", style="bold cyan")
+    if step.origin and step.kind == "event":
+        line.append(f"  by {step.origin}", style="magenta")
+    if step.at is not None:
+        line.append(f"  {step.at.isoformat(timespec='milliseconds')}", style="dim")
+    if show_store and step.store:
+        line.append(f"  [{step.store}]", style="dim")
+    branch = parent.add(line)
+    for child in step.children:
+        _add_step(branch, child, show_store)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 1:
+        return f"{seconds * 1000:.1f} ms"
+    return f"{seconds:.2f} s"

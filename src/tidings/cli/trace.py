@@ -14,10 +14,9 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.text import Text
-from rich.tree import Tree
 
 from tidings.app.trace import TraceStep, causation_tree
+from tidings.cli import render
 from tidings.cli.store import DEFAULT_STORE, open_for_reading
 
 __all__ = ["app", "trace"]
@@ -56,10 +55,7 @@ def trace(
         )
     else:
         console = Console(highlight=False)
-        tree = Tree(Text(f"correlation {correlation_id}", style="bold"))
-        for root in roots:
-            _add(tree, root, len(urls) > 1)
-        console.print(tree)
+        console.print(render.trace_tree(correlation_id, roots, show_store=len(urls) > 1))
     if not roots:
         typer.echo(f"no events of correlation {correlation_id!r} in {', '.join(urls)}", err=True)
         raise typer.Exit(1)
@@ -71,29 +67,3 @@ async def _gather(urls: list[str], correlation_id: str) -> list[TraceStep]:
         for url in urls:
             stores.append(await stack.enter_async_context(open_for_reading(url)))
         return await causation_tree(stores, correlation_id, names=urls)
-
-
-def _add(parent: Tree, step: TraceStep, show_store: bool) -> None:
-    line = Text()
-    if step.delay is not None:
-        line.append(f"+{_duration(step.delay)} ", style="dim")
-    if step.kind == "event":
-        line.append(step.type or "?", style="bold")
-        line.append(f"  {step.stream_id} v{step.version}")
-    else:
-        line.append(f"{step.kind} {step.type or step.id}", style="bold cyan")
-    if step.origin and step.kind == "event":
-        line.append(f"  by {step.origin}", style="magenta")
-    if step.at is not None:
-        line.append(f"  {step.at.isoformat(timespec='milliseconds')}", style="dim")
-    if show_store and step.store:
-        line.append(f"  [{step.store}]", style="dim")
-    branch = parent.add(line)
-    for child in step.children:
-        _add(branch, child, show_store)
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 1:
-        return f"{seconds * 1000:.1f} ms"
-    return f"{seconds:.2f} s"

@@ -20,7 +20,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, quote, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qs, quote, urlencode
 
 import jinja2
 from starlette.applications import Starlette
@@ -39,6 +39,7 @@ from tidings.brokers.base import BrokerBase, DeadLetter, DeadLetterNotFound
 from tidings.console import queries
 from tidings.console.parts import AppParts, load_app
 from tidings.core.errors import TidingsError
+from tidings.core.urls import redact_url
 from tidings.store import EventStore
 
 __all__ = ["LOCAL_HOSTS", "Console", "create_app", "new_token", "redact_url"]
@@ -61,16 +62,6 @@ CSP = (
 def new_token() -> str:
     """A fresh random token for the actions that change state."""
     return secrets.token_urlsafe(24)
-
-
-def redact_url(url: str) -> str:
-    """`url` without its password, for showing on a page."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)
-    user = (parts.username or "") + ":***"
-    return urlunsplit(parts._replace(netloc=f"{user}@{netloc[-1]}"))
 
 
 @dataclass

@@ -30,6 +30,10 @@ class Correlation:
     origin: str | None = None
     """Who acts here ("command PlaceOrder", "service email"): stamped on new events as the
     `origin` header, so a trace can say which step wrote what."""
+    sent_by: str | None = None
+    """What caused the cause, when the cause is not stored: the event whose handler sent the
+    command being run. Stamped as the `sent-by` header, so a trace hangs the command under
+    that event instead of showing it as a root."""
 
 
 _current: ContextVar[Correlation | None] = ContextVar("tidings_correlation", default=None)
@@ -46,10 +50,12 @@ def correlate(
     causation_id: str | UUID | None = None,
     *,
     origin: str | None = None,
+    sent_by: str | None = None,
 ) -> Iterator[Correlation]:
     """Run a block inside a correlation: events appended in it carry these ids.
 
     Without `correlation_id`, the one already in effect continues, or a new one starts.
+    `sent_by` names what caused `causation_id` when that is not stored (see `Correlation`).
     """
     outer = _current.get()
     if correlation_id is None:
@@ -59,7 +65,7 @@ def correlate(
     if origin is None and outer is not None:
         origin = outer.origin
     value = Correlation(
-        str(correlation_id), None if causation_id is None else str(causation_id), origin
+        str(correlation_id), None if causation_id is None else str(causation_id), origin, sent_by
     )
     token = _current.set(value)
     try:
@@ -99,8 +105,13 @@ def with_correlation(metadata: Metadata) -> Metadata:
     stamp = current.origin is not None and "origin" not in metadata.headers
     if metadata.correlation_id is not None and metadata.causation_id is not None and not stamp:
         return metadata
+    headers = metadata.headers
+    if stamp:
+        headers = {**headers, "origin": current.origin}  # type: ignore[dict-item]
+        if current.sent_by is not None and metadata.causation_id is None:
+            headers["sent-by"] = current.sent_by
     return Metadata(
         metadata.correlation_id or current.correlation_id,
         metadata.causation_id or current.causation_id,
-        {**metadata.headers, "origin": current.origin} if stamp else metadata.headers,  # type: ignore[dict-item]
+        headers,
     )

@@ -14,28 +14,18 @@ import os
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, HTTPException, Query, status
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
 
-from tidings.app.commands import Command, CommandContext, handles
 from tidings.app.projections import ReadModel
 from tidings.core.codec import JSONCodec
 from tidings.core.errors import WrongExpectedVersion
-from tidings.demo.orders import ORDERS, Order, OrderDetails
+from tidings.demo.orders import ORDERS, OrderDetails, PlaceOrder, place_order
 from tidings.integrations.fastapi import Bus, Runner, Tidings, get_read_model
 
-__all__ = ["OrderPlacedResponse", "PlaceOrder", "create_app", "place_order"]
+__all__ = ["OrderPlacedResponse", "create_app"]
 
 READ_TIMEOUT = 5.0
 """Seconds `GET /orders/{id}?after=` waits for the read model before answering 503."""
-
-
-class PlaceOrder(Command):
-    """Place an order of `items` (name -> price in cents)."""
-
-    order_id: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.:-]+$")
-    customer: str = Field(min_length=1)
-    email: str = Field(min_length=3)
-    items: dict[str, Annotated[int, Field(ge=0)]] = Field(min_length=1)
 
 
 class OrderPlacedResponse(BaseModel):
@@ -43,15 +33,6 @@ class OrderPlacedResponse(BaseModel):
 
     order_id: str
     position: int
-
-
-@handles(PlaceOrder)
-async def place_order(command: PlaceOrder, ctx: CommandContext) -> int:
-    """Store a new `Order`; returns the position of its `order.placed` event."""
-    order = Order.place(command.order_id, command.customer, command.email, command.items)
-    result = await ctx.repository(Order).save(order)
-    assert result is not None  # a new order always has an event to save
-    return result.position
 
 
 Details = Annotated[ReadModel, Depends(get_read_model(OrderDetails))]

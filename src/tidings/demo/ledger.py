@@ -2,7 +2,9 @@
 
 The write side is an event-sourced `Account` aggregate saved through a `Repository`: it is
 opened, deposited 100, withdrew 30, deposited 50, and its state is the fold of those events
-(balance 120; 100 as of version 2). The read side is the `AccountBalances` projection, kept
+(balance 120; 100 as of version 2), and
+the repository snapshots it every `SNAPSHOT_EVERY` events, so loading it reads the newest
+snapshot and only the events after it. The read side is the `AccountBalances` projection, kept
 up to date by a `ProjectionRunner` and queried through a `ReadModel` (CQRS).
 
 The ledger's events live in their own `LEDGER` registry, so they never clash with an
@@ -24,6 +26,7 @@ from tidings.core.errors import WrongExpectedVersion
 from tidings.core.events import Event, TypeRegistry
 from tidings.core.recorded import RecordedEvent
 from tidings.store import EventStore
+from tidings.store.base import StoreBase
 
 __all__ = [
     "LEDGER",
@@ -34,6 +37,7 @@ __all__ = [
     "InsufficientFunds",
     "LedgerRun",
     "LedgerStep",
+    "SNAPSHOT_EVERY",
     "Withdrew",
     "history",
     "new_account_id",
@@ -165,6 +169,13 @@ class LedgerRun:
     """The global position of the last event saved, which the read model was awaited at."""
     read_model: Any
     """The account's `AccountBalances` document, read right after waiting for `position`."""
+    snapshot_version: int | None = None
+    """The version of the account's newest snapshot (taken every `SNAPSHOT_EVERY` events):
+    loading the account reads it and only the events after it."""
+
+
+SNAPSHOT_EVERY = 3
+"""The ledger's repository saves the account's state every 3 events."""
 
 
 def new_account_id() -> str:
@@ -188,7 +199,7 @@ async def run_ledger(store: EventStore, account_id: str | None = None) -> Ledger
     3), so a writer holding an older copy is refused instead of interleaved.
     """
     account_id = account_id or new_account_id()
-    repo = Repository(store, Account)
+    repo = Repository(store, Account, snapshot_every=SNAPSHOT_EVERY)
     async with ProjectionRunner(store, [AccountBalances()]) as runner:
         account = Account.open(account_id)
         await repo.save(account)
@@ -222,4 +233,12 @@ async def run_ledger(store: EventStore, account_id: str | None = None) -> Ledger
         refusal=refusal,
         position=saved.position,
         read_model=document,
+        snapshot_version=await _snapshot_version(store, repo.stream_id(account_id)),
     )
+
+
+async def _snapshot_version(store: EventStore, stream_id: str) -> int | None:
+    if not isinstance(store, StoreBase):
+        return None
+    snapshot = await store.read_snapshot(stream_id)
+    return None if snapshot is None else snapshot.version

@@ -1,49 +1,59 @@
-"""The seed's two notification styles, between an order service and two consumers.
+"""The demo's order service: commands, an event-sourced `Order`, read models and a saga.
 
-- The order service is event-sourced: placing an `Order` stores `order.placed` with the whole
-  order. Its outbox relay publishes what was stored to the `orders` topic, and its query side
-  (the `order_details` read model) answers "what is in order 42?".
-- Event notification: the order service also announces each order on
-  `order-notifications` with an `order.placed` that carries only the order id. The email
-  service reads that and asks the order service for the details.
-- Event-carried state transfer: the analytics service reads the full `order.placed` from
-  `orders` and keeps its own copy (an SQLite table behind an inbox), so it never calls the
-  order service and keeps working when it is down.
-
-Each service decodes with its own classes (`Service(registry=...)`), as services built apart
-do: the email service's `order.placed` has one field; the order service's has five.
+- Write side: `PlaceOrder`, `TakePayment`, `ShipOrder`, `RefundPayment` and `CancelOrder`
+  go through a `CommandBus` (`HANDLERS`) to the `Order` aggregate, whose events are the
+  facts: `order.placed`, `order.payment_taken`, `order.shipped`, ...
+- Read side (CQRS): `OrderDetails` (one document per order, for "what is in order 42?") and
+  `OrdersByCustomer` (one document per customer), kept by a `ProjectionRunner`.
+- Process manager: `OrderFulfilment` takes the payment when an order is placed, then ships
+  it; when shipping fails (an item out of stock) it refunds the payment and cancels the
+  order: a compensation, since there is no transaction across the steps.
+- Schema evolution: `order.placed` is at version 2 (`total_cents`); the version 1 events an
+  earlier release stored (a `total` in EUR, as text) are read through `placed_v1_to_v2`.
+- Event notification: `OrderPlacedNotice` is the id-only `order.placed` the email service
+  reads (its own registry, `NOTIFICATIONS`): the order service's full event is not its
+  contract.
 """
 
 from __future__ import annotations
 
-import asyncio
-import json
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from decimal import Decimal
+from typing import Annotated, Any
+
+from pydantic import Field
 
 from tidings.app.aggregate import Aggregate
+from tidings.app.commands import Command, CommandContext, handles
 from tidings.app.handlers import on
-from tidings.app.inbox import SQLiteInbox
-from tidings.app.outbox import OutboxRelay
-from tidings.app.projections import Projection, ReadModel
-from tidings.app.repository import Repository
-from tidings.app.runner import ProjectionRunner
-from tidings.app.service import Context, Retry, Service
-from tidings.brokers.base import BrokerBase
+from tidings.app.process import ProcessManager, reacts_to
+from tidings.app.projections import Projection
 from tidings.core.events import Event, TypeRegistry
 from tidings.core.recorded import RecordedEvent
-from tidings.store import EventStore
+from tidings.core.upcasting import upcaster
 
 __all__ = [
+    "HANDLERS",
+    "IN_STOCK",
     "NOTIFICATIONS",
     "ORDERS",
+    "CancelOrder",
     "Order",
+    "OrderCancelled",
     "OrderDetails",
+    "OrderFulfilment",
     "OrderPlaced",
     "OrderPlacedNotice",
-    "OrdersRun",
-    "run_orders",
+    "OrderShipped",
+    "OrdersByCustomer",
+    "PaymentRefunded",
+    "PaymentTaken",
+    "PlaceOrder",
+    "RefundPayment",
+    "ShipOrder",
+    "ShippingFailed",
+    "TakePayment",
+    "euros",
+    "placed_v1_to_v2",
 ]
 
 ORDERS = TypeRegistry()
@@ -51,8 +61,19 @@ ORDERS = TypeRegistry()
 NOTIFICATIONS = TypeRegistry()
 """The notification contract the email service reads: an id and nothing more."""
 
+IN_STOCK = frozenset({"keyboard", "cable", "monitor", "mouse", "lamp", "desk"})
+"""What the warehouse can ship; an order with anything else is refunded and cancelled."""
 
-class OrderPlaced(Event, type="order.placed", registry=ORDERS):
+
+def euros(cents: int) -> str:
+    """`13500` -> `"135.00 EUR"`."""
+    return f"{cents / 100:.2f} EUR"
+
+
+# -- events: the facts ----------------------------------------------------------------------
+
+
+class OrderPlaced(Event, type="order.placed", version=2, registry=ORDERS):
     """An order was placed: everything about it (event-carried state transfer)."""
 
     order_id: str
@@ -62,16 +83,62 @@ class OrderPlaced(Event, type="order.placed", registry=ORDERS):
     total_cents: int
 
 
+@upcaster("order.placed", from_version=1, registry=ORDERS)
+def placed_v1_to_v2(data: dict[str, Any]) -> dict[str, Any]:
+    """Version 1 stored `total` as EUR text ("42.50"); version 2 stores whole cents."""
+    rest = {key: value for key, value in data.items() if key != "total"}
+    return {**rest, "total_cents": int(Decimal(data["total"]) * 100)}
+
+
+class PaymentTaken(Event, type="order.payment_taken", registry=ORDERS):
+    """The customer paid."""
+
+    order_id: str
+    amount_cents: int
+
+
+class OrderShipped(Event, type="order.shipped", registry=ORDERS):
+    """The order left the warehouse."""
+
+    order_id: str
+
+
+class ShippingFailed(Event, type="order.shipping_failed", registry=ORDERS):
+    """The warehouse could not ship the order."""
+
+    order_id: str
+    reason: str
+
+
+class PaymentRefunded(Event, type="order.payment_refunded", registry=ORDERS):
+    """The payment went back to the customer."""
+
+    order_id: str
+    amount_cents: int
+
+
+class OrderCancelled(Event, type="order.cancelled", registry=ORDERS):
+    """The order will not be delivered."""
+
+    order_id: str
+    reason: str
+
+
 class OrderPlacedNotice(Event, type="order.placed", registry=NOTIFICATIONS):
     """An order was placed: its id only (event notification); ask the order service."""
 
     order_id: str
 
 
-class Order(Aggregate, category="order"):
-    """An order; placing it records `order.placed` with the whole order."""
+# -- the write side -------------------------------------------------------------------------
 
-    placed: bool = False
+
+class Order(Aggregate, category="order"):
+    """An order; its state is the fold of its events (stream `order-<id>`)."""
+
+    status: str = "new"
+    total_cents: int = 0
+    paid_cents: int = 0
 
     @classmethod
     def place(cls, order_id: str, customer: str, email: str, items: dict[str, int]) -> Order:
@@ -90,128 +157,270 @@ class Order(Aggregate, category="order"):
 
     @on(OrderPlaced)
     def _placed(self, event: OrderPlaced) -> None:
-        self.placed = True
+        self.status, self.total_cents = "placed", event.total_cents
+
+    @on(PaymentTaken)
+    def _paid(self, event: PaymentTaken) -> None:
+        self.status, self.paid_cents = "paid", self.paid_cents + event.amount_cents
+
+    @on(OrderShipped)
+    def _shipped(self, event: OrderShipped) -> None:
+        self.status = "shipped"
+
+    @on(ShippingFailed)
+    def _failed(self, event: ShippingFailed) -> None:
+        self.status = "shipping failed"
+
+    @on(PaymentRefunded)
+    def _refunded(self, event: PaymentRefunded) -> None:
+        self.paid_cents -= event.amount_cents
+
+    @on(OrderCancelled)
+    def _cancelled(self, event: OrderCancelled) -> None:
+        self.status = "cancelled"
+
+
+class PlaceOrder(Command):
+    """Place an order of `items` (name -> price in cents)."""
+
+    order_id: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9_.:-]+$")
+    customer: str = Field(min_length=1)
+    email: str = Field(min_length=3)
+    items: dict[str, Annotated[int, Field(ge=0)]] = Field(min_length=1)
+
+
+class TakePayment(Command):
+    """Charge the customer for the order."""
+
+    order_id: str
+    amount_cents: int
+
+
+class ShipOrder(Command):
+    """Send the order out of the warehouse."""
+
+    order_id: str
+    items: list[str]
+
+
+class RefundPayment(Command):
+    """Give the customer's money back."""
+
+    order_id: str
+    amount_cents: int
+
+
+class CancelOrder(Command):
+    """Call the order off."""
+
+    order_id: str
+    reason: str
+
+
+@handles(PlaceOrder)
+async def place_order(command: PlaceOrder, ctx: CommandContext) -> int:
+    """Store a new `Order`; returns the position of its `order.placed` event."""
+    order = Order.place(command.order_id, command.customer, command.email, command.items)
+    result = await ctx.repository(Order).save(order)
+    assert result is not None  # a new order always has an event to save
+    return result.position
+
+
+@handles(TakePayment)
+async def take_payment(command: TakePayment, ctx: CommandContext) -> None:
+    """Record the payment once (a repeated command finds the order paid and does nothing)."""
+
+    def pay(order: Order) -> None:
+        if order.status == "placed":
+            order.record(PaymentTaken(order_id=order.id, amount_cents=command.amount_cents))
+
+    await ctx.repository(Order).update(command.order_id, pay)
+
+
+@handles(ShipOrder)
+async def ship_order(command: ShipOrder, ctx: CommandContext) -> None:
+    """Ship a paid order, or record why the warehouse could not."""
+
+    def ship(order: Order) -> None:
+        if order.status != "paid":
+            return
+        missing = sorted(set(command.items) - IN_STOCK)
+        if missing:
+            reason = f"out of stock: {', '.join(missing)}"
+            order.record(ShippingFailed(order_id=order.id, reason=reason))
+        else:
+            order.record(OrderShipped(order_id=order.id))
+
+    await ctx.repository(Order).update(command.order_id, ship)
+
+
+@handles(RefundPayment)
+async def refund_payment(command: RefundPayment, ctx: CommandContext) -> None:
+    """Pay back what was paid, once."""
+
+    def refund(order: Order) -> None:
+        if order.paid_cents >= command.amount_cents > 0:
+            order.record(PaymentRefunded(order_id=order.id, amount_cents=command.amount_cents))
+
+    await ctx.repository(Order).update(command.order_id, refund)
+
+
+@handles(CancelOrder)
+async def cancel_order(command: CancelOrder, ctx: CommandContext) -> None:
+    """Cancel the order, once."""
+
+    def cancel(order: Order) -> None:
+        if order.status != "cancelled":
+            order.record(OrderCancelled(order_id=order.id, reason=command.reason))
+
+    await ctx.repository(Order).update(command.order_id, cancel)
+
+
+HANDLERS = (place_order, take_payment, ship_order, refund_payment, cancel_order)
+"""The order service's command handlers, for `CommandBus(store, *HANDLERS)`."""
+
+
+# -- the process manager: payment, shipping, refund ------------------------------------------
+
+
+class FulfilmentStarted(Event, type="fulfilment.started", registry=ORDERS):
+    """The saga began: it will take the payment."""
+
+    total_cents: int
+    items: list[str]
+
+
+class ShippingRequested(Event, type="fulfilment.shipping_requested", registry=ORDERS):
+    """Paid: the saga asked the warehouse to ship."""
+
+
+class FulfilmentCompleted(Event, type="fulfilment.completed", registry=ORDERS):
+    """Shipped: nothing is left to do."""
+
+
+class CompensationStarted(Event, type="fulfilment.compensating", registry=ORDERS):
+    """Shipping failed: the saga undoes the payment."""
+
+    reason: str
+
+
+class FulfilmentCancelled(Event, type="fulfilment.cancelled", registry=ORDERS):
+    """Refunded: the saga cancelled the order."""
+
+
+class OrderFulfilment(ProcessManager, category="fulfilment"):
+    """Payment, then shipping; when shipping fails, refund and cancel (compensation)."""
+
+    correlate_by = "order_id"
+    status: str = "new"
+    total_cents: int = 0
+    items: list[str] = []  # noqa: RUF012 (replaced, never mutated)
+
+    @reacts_to(OrderPlaced)
+    def placed(self, event: OrderPlaced) -> None:
+        self.record(FulfilmentStarted(total_cents=event.total_cents, items=event.items))
+        self.send(TakePayment(order_id=event.order_id, amount_cents=event.total_cents))
+
+    @reacts_to(PaymentTaken)
+    def paid(self, event: PaymentTaken) -> None:
+        self.record(ShippingRequested())
+        self.send(ShipOrder(order_id=event.order_id, items=self.items))
+
+    @reacts_to(OrderShipped)
+    def shipped(self, event: OrderShipped) -> None:
+        self.record(FulfilmentCompleted())
+
+    @reacts_to(ShippingFailed)
+    def shipping_failed(self, event: ShippingFailed) -> None:
+        self.record(CompensationStarted(reason=event.reason))
+        self.send(RefundPayment(order_id=event.order_id, amount_cents=self.total_cents))
+
+    @reacts_to(PaymentRefunded)
+    def refunded(self, event: PaymentRefunded) -> None:
+        self.record(FulfilmentCancelled())
+        self.send(CancelOrder(order_id=event.order_id, reason="refunded: could not ship"))
+
+    @on(FulfilmentStarted)
+    def _started(self, event: FulfilmentStarted) -> None:
+        self.status, self.total_cents, self.items = "paying", event.total_cents, event.items
+
+    @on(ShippingRequested)
+    def _shipping(self, event: ShippingRequested) -> None:
+        self.status = "shipping"
+
+    @on(FulfilmentCompleted)
+    def _completed(self, event: FulfilmentCompleted) -> None:
+        self.status = "completed"
+
+    @on(CompensationStarted)
+    def _compensating(self, event: CompensationStarted) -> None:
+        self.status = "refunding"
+
+    @on(FulfilmentCancelled)
+    def _cancelled(self, event: FulfilmentCancelled) -> None:
+        self.status = "cancelled"
+
+
+# -- the read side (CQRS) --------------------------------------------------------------------
 
 
 class OrderDetails(Projection, name="order_details"):
-    """The order service's query side: one document per order id."""
+    """The order service's query side: one document per order id, with its status."""
 
     @on(OrderPlaced)
     def placed(self, event: OrderPlaced, record: RecordedEvent[Any]) -> None:
-        self.view.put(event.order_id, event.model_dump(mode="json"))
+        self.view.put(event.order_id, {**event.model_dump(mode="json"), "status": "placed"})
+
+    @on(PaymentTaken)
+    def paid(self, event: PaymentTaken) -> None:
+        self._status(event.order_id, "paid")
+
+    @on(OrderShipped)
+    def shipped(self, event: OrderShipped) -> None:
+        self._status(event.order_id, "shipped")
+
+    @on(ShippingFailed)
+    def failed(self, event: ShippingFailed) -> None:
+        self._status(event.order_id, f"shipping failed ({event.reason})")
+
+    @on(PaymentRefunded)
+    def refunded(self, event: PaymentRefunded) -> None:
+        self._status(event.order_id, "refunded", refunded_cents=event.amount_cents)
+
+    @on(OrderCancelled)
+    def cancelled(self, event: OrderCancelled) -> None:
+        self._status(event.order_id, "cancelled")
+
+    def _status(self, order_id: str, status: str, **more: Any) -> None:
+        document = self.view.get(order_id)
+        if document is not None:
+            self.view.put(order_id, {**document, "status": status, **more})
 
 
-@dataclass
-class OrdersRun:
-    """What `run_orders` saw, for the demo to show."""
+class OrdersByCustomer(Projection, name="orders_by_customer"):
+    """A second read model of the same events, shaped for another question: one document per
+    customer with their orders and what they spent (refunds deducted)."""
 
-    placed: list[OrderPlaced]
-    relayed: int
-    """Events the order service's outbox relay published."""
-    emails: list[str] = field(default_factory=list)
-    """What the email service sent, built from the details it asked for."""
-    lookups: int = 0
-    """Calls the email service made to the order service (one per notification)."""
-    analytics: dict[str, int] = field(default_factory=dict)
-    """Revenue per customer, from the analytics service's own copy of the orders."""
-    copies: int = 0
-    """Orders in the analytics service's local table."""
+    @on(OrderPlaced)
+    def placed(self, event: OrderPlaced) -> None:
+        document = self.view.get(event.customer, {"orders": [], "spent_cents": 0})
+        if event.order_id not in document["orders"]:
+            self.view.put(
+                event.customer,
+                {
+                    "orders": [*document["orders"], event.order_id],
+                    "spent_cents": document["spent_cents"] + event.total_cents,
+                },
+            )
+        self.view.put(f"order:{event.order_id}", {"customer": event.customer})
 
-
-SAMPLE = [
-    ("o-1001", "ada", "ada@example.com", {"keyboard": 8900, "cable": 1200}),
-    ("o-1002", "grace", "grace@example.com", {"monitor": 21900}),
-    ("o-1003", "ada", "ada@example.com", {"mouse": 3400}),
-]
-
-
-async def run_orders(store: EventStore, broker: BrokerBase, folder: Path) -> OrdersRun:
-    """Place the sample orders and let the relay, the email and the analytics services do
-    their part; returns once every order has been mailed and copied."""
-    repo = Repository(store, Order)
-    details = ReadModel(store, OrderDetails)
-    run = OrdersRun(placed=[], relayed=0)
-    done = asyncio.Event()
-
-    def check() -> None:
-        if len(run.emails) == len(SAMPLE) and run.copies == len(SAMPLE):
-            done.set()
-
-    # The order service announces each stored order: a notice with the id only.
-    notifier = Service("order-notifier", broker, registry=ORDERS)
-
-    @notifier.handler("orders")
-    async def announce(event: OrderPlaced, ctx: Context) -> None:
-        notice = OrderPlacedNotice(order_id=event.order_id)
-        await ctx.publish("order-notifications", notice, key=event.order_id)
-
-    # Event notification: the email service gets an id and asks for the rest.
-    email = Service("email", broker, registry=NOTIFICATIONS)
-
-    @email.handler("order-notifications", retry=Retry(attempts=10, backoff=0.05))
-    async def send_confirmation(notice: OrderPlacedNotice) -> None:
-        run.lookups += 1
-        order = await details.get(notice.order_id)  # a call to the order service
-        if order is None:  # its read model is behind: eventual consistency, try again
-            raise LookupError(f"order {notice.order_id} is not in the read model yet")
-        run.emails.append(
-            f"to {order['email']}: order {order['order_id']} ({', '.join(order['items'])}), "
-            f"{order['total_cents'] / 100:.2f} EUR"
+    @on(PaymentRefunded)
+    def refunded(self, event: PaymentRefunded) -> None:
+        owner = self.view.get(f"order:{event.order_id}")
+        if owner is None:
+            return
+        document = self.view.get(owner["customer"])
+        self.view.put(
+            owner["customer"],
+            {**document, "spent_cents": document["spent_cents"] - event.amount_cents},
         )
-        check()
-
-    # Event-carried state transfer: analytics keeps its own copy, behind an inbox.
-    inbox = SQLiteInbox(folder / "analytics.db")
-    analytics = Service("analytics", broker, registry=ORDERS)
-
-    @analytics.handler("orders", inbox=inbox)
-    async def keep_copy(event: OrderPlaced, ctx: Context) -> None:
-        ctx.db.execute(
-            "insert into orders values (?, ?, ?, ?)",
-            (event.order_id, event.customer, json.dumps(event.items), event.total_cents),
-        )
-        run.copies += 1
-        check()
-
-    async with inbox:
-        assert inbox._conn is not None
-        inbox._conn.execute(
-            "create table if not exists orders "
-            "(order_id text primary key, customer text, items text, total_cents int)"
-        )
-        for topic, group in (("orders", "order-notifier"), ("orders", "analytics")):
-            await broker.declare(topic, group)
-        await broker.declare("order-notifications", "email")
-        relay = OutboxRelay(store, broker, {"order.placed": "orders"}, name="orders")
-        services = [notifier, email, analytics]
-        async with ProjectionRunner(store, [OrderDetails()]):
-            tasks = [asyncio.create_task(s.run()) for s in services]
-            tasks.append(asyncio.create_task(relay.run()))
-            try:
-                for order_id, customer, address, items in SAMPLE:
-                    order = Order.place(order_id, customer, address, items)
-                    await repo.save(order)
-                    run.placed.append(OrderPlaced(**_fields(order_id, customer, address, items)))
-                async with asyncio.timeout(30):
-                    await done.wait()
-            finally:
-                relay.stop()
-                for service in services:
-                    service.stop()
-                await asyncio.gather(*tasks, return_exceptions=True)
-        run.relayed = relay.published
-        rows = inbox._conn.execute(
-            "select customer, sum(total_cents) from orders group by customer order by customer"
-        ).fetchall()
-        run.analytics = {customer: int(total) for customer, total in rows}
-    return run
-
-
-def _fields(order_id: str, customer: str, email: str, items: dict[str, int]) -> dict[str, Any]:
-    return {
-        "order_id": order_id,
-        "customer": customer,
-        "email": email,
-        "items": list(items),
-        "total_cents": sum(items.values()),
-    }
