@@ -8,9 +8,13 @@ import io
 import json
 import os
 import re
+import signal
+import socket
 import subprocess
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 from rich.console import Console
 from typer.testing import CliRunner
@@ -316,3 +320,48 @@ def test_demo_runs_as_a_command(tmp_path: Path) -> None:
     assert "Current state: balance = 120" in done.stdout
     assert "balance as of version 2 = 100" in done.stdout
     assert list(tmp_path.iterdir()) == []  # the temporary store is gone
+
+
+@pytest.mark.slow
+def test_demo_leaves_the_console_running_on_its_store(tmp_path: Path) -> None:
+    """`tidings demo --console`: the story, then the console on the demo's store."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    child = subprocess.Popen(
+        [*tidings_command(), "demo", "--console", "--port", str(port)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+        env={**child_env(), "COLUMNS": "200"},
+    )
+    try:
+        assert child.stdout is not None
+        lines = []
+        deadline = time.monotonic() + 60
+        for line in child.stdout:
+            lines.append(line)
+            if line.startswith("tidings console: http://") or time.monotonic() > deadline:
+                break
+        assert lines[-1].strip() == f"tidings console: http://127.0.0.1:{port}/", "".join(lines)
+        traced = re.search(r"correlation (checkout-o-[0-9a-f]{4}-3)", "".join(lines))
+        assert traced is not None
+        for _attempt in range(100):  # uvicorn binds right after printing the address
+            try:
+                page = httpx.get(f"http://127.0.0.1:{port}/s/0/streams?q=order-", timeout=5)
+                break
+            except httpx.ConnectError:
+                time.sleep(0.1)
+        assert page.status_code == 200
+        assert traced.group(1).removeprefix("checkout-") in page.text  # the demo's orders
+        trace = httpx.get(f"http://127.0.0.1:{port}/s/0/trace/{traced.group(1)}", timeout=5)
+        assert trace.status_code == 200 and "order.payment_refunded" in trace.text
+    finally:
+        child.send_signal(signal.SIGINT)
+        try:
+            child.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.communicate()
+    assert child.returncode == 0
+    assert list(tmp_path.iterdir()) == []  # the temporary store is gone once it stops
