@@ -155,16 +155,23 @@ def ledger_table(stream_id: str, steps: Iterable[LedgerStep]) -> Table:
     return table
 
 
-def trace_tree(correlation_id: str, roots: Iterable[TraceStep], *, show_store: bool) -> Tree:
+def trace_tree(
+    correlation_id: str,
+    roots: Iterable[TraceStep],
+    *,
+    show_store: bool,
+    show_time: bool = True,
+) -> Tree:
     """A causation tree (`tidings trace`): each step under its cause, with the delay after
-    it, who wrote it and when; `show_store` adds each event's store (several stores)."""
+    it, who wrote it and (`show_time`) when; `show_store` adds each event's store (for
+    several stores)."""
     tree = Tree(Text(f"correlation {correlation_id}", style="bold"))
     for root in roots:
-        _add_step(tree, root, show_store)
+        _add_step(tree, root, show_store, show_time)
     return tree
 
 
-def _add_step(parent: Tree, step: TraceStep, show_store: bool) -> None:
+def _add_step(parent: Tree, step: TraceStep, show_store: bool, show_time: bool) -> None:
     line = Text()
     if step.delay is not None:
         line.append(f"+{_duration(step.delay)} ", style="dim")
@@ -175,13 +182,13 @@ def _add_step(parent: Tree, step: TraceStep, show_store: bool) -> None:
         line.append(f"{step.kind} {step.type or step.id}", style="bold cyan")
     if step.origin and step.kind == "event":
         line.append(f"  by {step.origin}", style="magenta")
-    if step.at is not None:
+    if show_time and step.at is not None:
         line.append(f"  {step.at.isoformat(timespec='milliseconds')}", style="dim")
     if show_store and step.store:
         line.append(f"  [{step.store}]", style="dim")
     branch = parent.add(line)
     for child in step.children:
-        _add_step(branch, child, show_store)
+        _add_step(branch, child, show_store, show_time)
 
 
 def _duration(seconds: float) -> str:

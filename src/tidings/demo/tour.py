@@ -369,7 +369,8 @@ async def _orders(
             f"Every event of order {refunded} carries the correlation id {tour.traced} and the "
             "id of what caused it; each step names who wrote it:",
         )
-        out.print(render.trace_tree(tour.traced, tour.trace, show_store=False))
+        out.print(render.trace_tree(tour.traced, tour.trace, show_store=False, show_time=False))
+        _say(out, f"The same tree, any time later: tidings trace {tour.traced} --store URL")
 
 
 def _correlation(order_id: str) -> str:
