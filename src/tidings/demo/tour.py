@@ -122,7 +122,10 @@ async def run_tour(
     run = uuid4().hex[:4]
     tour = Tour(store_url)
     registry = TypeRegistry.merged(LEDGER, ORDERS)
-    async with open_store(store_url, codec=JSONCodec(registry)) as store:
+    async with (
+        open_store(store_url, codec=JSONCodec(registry)) as store,
+        open_broker(broker_url or "memory://") as broker,  # a bad URL fails before the story
+    ):
         if broker_url is not None and not getattr(store, "shared_across_processes", True):
             raise ConfigurationError(
                 f"--broker runs the services as processes, which cannot share {store_url}: "
@@ -136,13 +139,12 @@ async def run_tour(
         await _legacy_order(store, f"o-{run}-0", tour, out)
 
         topics = Topics("" if broker_url is None else f"tidings-demo-{run}.")
-        async with open_broker(broker_url or "memory://") as broker:
-            await declare(broker, topics)
-            if broker_url is None:
-                consumers: _Consumers = _InProcess(broker, topics, store, folder, tour)
-            else:
-                consumers = _Processes(broker_url, topics, store_url, folder, tour)
-            await _orders(store, broker, topics, consumers, run, tour, out)
+        await declare(broker, topics)
+        if broker_url is None:
+            consumers: _Consumers = _InProcess(broker, topics, store, folder, tour)
+        else:
+            consumers = _Processes(broker_url, topics, store_url, folder, tour)
+        await _orders(store, broker, topics, consumers, run, tour, out)
     return tour
 
 
