@@ -24,6 +24,16 @@ bench: $(STAMP)
 screenshots: $(STAMP)
 	TIDINGS_SCREENSHOTS=1 $(BIN)/python -m pytest tests/console/test_browser.py
 
+# The reliability suite at full scale (about 30 minutes), then its report. The same
+# scenarios run small in `make test`.
+reliability: $(STAMP)
+	rm -f .reliability.jsonl; started=$$(date +%s); \
+	TIDINGS_RELIABILITY=long TIDINGS_RELIABILITY_RESULTS=$(CURDIR)/.reliability.jsonl \
+	TIDINGS_REQUIRE_SERVICES=1 $(BIN)/python -m pytest tests/reliability -m reliability \
+		-o timeout=1800 -p no:cacheprovider; status=$$?; \
+	$(BIN)/python -m tests.reliability.report .reliability.jsonl reliability-report.md \
+		$$(( $$(date +%s) - started )); exit $$status
+
 docs: $(STAMP)
 	$(BIN)/mkdocs build --strict --site-dir site
 
