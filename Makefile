@@ -35,7 +35,7 @@ reliability: $(STAMP)
 		$$(( $$(date +%s) - started )); exit $$status
 
 docs: $(STAMP)
-	$(BIN)/mkdocs build --strict --site-dir site
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
