@@ -16,15 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import shutil
 import signal
-import socket
-import subprocess
 import sys
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -33,6 +29,7 @@ import pytest
 
 from tests.backends import BROKER_BACKENDS, broker_url, require
 from tests.conformance.broker_child import CODEC, Numbered
+from tests.reliability.servers import PRIVATE_SERVERS, private_server
 from tidings.brokers import BrokerBase, open_broker
 from tidings.core.errors import StoreError, TidingsError
 
@@ -173,30 +170,11 @@ async def test_a_sigkilled_members_unacked_messages_go_to_another_member(backend
 
 # -- 2. the broker server restarts mid-stream ----------------------------------------------
 
-# The private server for each backend: its binary and command line (`{port}`, `{data}`),
-# the line it logs when it is ready, and the URL of a broker on it with quick retries.
-PRIVATE_SERVERS = {
-    "redis": (
-        "redis-server",
-        [
-            "--port", "{port}", "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
-            "--appendfsync", "always", "--dir", "{data}",
-        ],
-        "Ready to accept connections",
-        "redis://127.0.0.1:{port}/0?lease=1",
-    ),
-    "nats": (
-        "nats-server",
-        ["-a", "127.0.0.1", "-p", "{port}", "-js", "-sd", "{data}"],
-        "Server is ready",
-        "nats://127.0.0.1:{port}?ack_wait=2&pull_expires=1&publish_timeout=1"
-        "&publish_attempts=3&connect_timeout=2&group_expiry=60",
-    ),
-}  # fmt: skip
 NO_PRIVATE_SERVER = {
     "memory": "the memory broker has no server to restart",
     "rabbitmq": "a private RabbitMQ node is too heavy to start in a test (seconds of Erlang "
-    "boot, a cookie and a node name); its restart is not covered here",
+    "boot, a cookie and a node name); tests/reliability/test_server_faults.py restarts the "
+    "shared node's application instead",
     "sqs": "moto keeps its queues in memory: a restarted moto has lost every message, which "
     "is not what an AWS outage does; tests/brokers/test_sqs.py checks the bounded publish",
     "eventbridge": "moto keeps its buses and queues in memory: a restarted moto has lost every "
@@ -204,85 +182,11 @@ NO_PRIVATE_SERVER = {
     "kafka": "no Kafka can be installed here to start a private one; a Kafka given by "
     "TIDINGS_TEST_KAFKA is not restarted by the tests",
 }
-START_TIMEOUT = 15.0  # seconds for a private server to say it is ready
-STOP_TIMEOUT = 10.0  # seconds for it to exit after SIGTERM
 EVENTS = 120
 PACE = 0.02  # seconds between publishes
 OUTAGE = 1.5  # seconds the server stays down
 PUBLISH_BOUND = 10.0  # seconds a publish may take to give up while the server is down
 ARRIVAL_BOUND = 20.0  # seconds for everything published to arrive after the restart
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
-def binary(name: str) -> str | None:
-    return shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/local/sbin")
-
-
-class PrivateServer:
-    """A Redis or NATS server of this test alone, on a free loopback port, restartable."""
-
-    def __init__(self, backend: str, folder: Path) -> None:
-        name, arguments, self.ready, url = PRIVATE_SERVERS[backend]
-        found = binary(name)
-        if found is None:
-            pytest.skip(f"{name} is not installed: cannot start a private server to restart")
-        self.port = free_port()
-        data = folder / "data"
-        data.mkdir()
-        self.command = [found, *(a.format(port=self.port, data=data) for a in arguments)]
-        self.url = url.format(port=self.port)
-        self.log = folder / "server.log"
-        self.process: asyncio.subprocess.Process | None = None
-        self.starts = 0
-
-    async def start(self) -> None:
-        with self.log.open("ab") as log:
-            self.process = await asyncio.create_subprocess_exec(
-                *self.command, stdout=log, stderr=subprocess.STDOUT
-            )
-        self.starts += 1
-        deadline = time.monotonic() + START_TIMEOUT
-        while self.log.read_text(errors="replace").count(self.ready) < self.starts:
-            if self.process.returncode is not None or time.monotonic() > deadline:
-                raise AssertionError(f"the private server did not start:\n{self.tail()}")
-            await asyncio.sleep(0.05)
-
-    async def stop(self) -> None:
-        """SIGTERM, as an orderly restart does, and wait for the exit."""
-        if self.process is None or self.process.returncode is not None:
-            return
-        self.process.terminate()
-        try:
-            async with asyncio.timeout(STOP_TIMEOUT):
-                await self.process.wait()
-        except TimeoutError:
-            await self.kill()
-            raise AssertionError(f"the private server ignored SIGTERM:\n{self.tail()}") from None
-
-    async def kill(self) -> None:
-        if self.process is not None and self.process.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.process.kill()
-            await self.process.wait()
-
-    def tail(self) -> str:
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-20:])
-
-
-@contextlib.asynccontextmanager
-async def private_server(backend: str, folder: Path) -> AsyncIterator[PrivateServer]:
-    server = PrivateServer(backend, folder)
-    try:
-        await server.start()
-        yield server
-    finally:
-        await server.kill()
 
 
 @dataclass

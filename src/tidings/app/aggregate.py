@@ -43,7 +43,10 @@ _IMMUTABLE = (int, float, str, bytes, bool, type(None), tuple, frozenset)
 
 
 class Aggregate:
-    """Base class of event-sourced aggregates; see the module docstring.
+    """Base class of event-sourced aggregates: state is the fold of the aggregate's events.
+
+    `Account(id)` is a new instance at `version` 0; behaviour methods `record` events and
+    `@on` handlers change the annotated state attributes.
 
     Class keywords: `category=` (stream ids are `"<category>-<id>"`; the default is the class
     name in snake case), `snapshot_version=` (bump it when the state's layout changes, so old

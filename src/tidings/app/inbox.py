@@ -43,7 +43,11 @@ _TABLE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 
 
 class Inbox(AsyncResource, ABC):
-    """Processed event ids, committed with a handler's writes (see the module docstring)."""
+    """Processed event ids, committed with a handler's writes.
+
+    A handler given an inbox runs in a transaction that first records `(group, event id)`;
+    an id already there skips the handler. Its writes go through `ctx.db` and commit with it.
+    """
 
     def __init__(self, table: str = "tidings_inbox") -> None:
         if not _TABLE.match(table):

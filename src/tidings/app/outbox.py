@@ -121,6 +121,7 @@ class OutboxRelay:
         self.batch_size = batch_size
         self.published = 0  # events this relay published (re-publishes after a crash count)
         self.leased = False
+        self._moved = False  # the checkpoint moved since the last retry began
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -197,6 +198,7 @@ class OutboxRelay:
         """Publish batches from the checkpoint on (up to `until`); store errors are retried."""
         delay = _RETRY_FIRST
         while True:
+            self._moved = False
             try:
                 await self._relay(until)
                 return
@@ -205,6 +207,8 @@ class OutboxRelay:
             except ProjectionConflict as exc:  # another relay moved the checkpoint: reload
                 log.info("outbox %s: %s; reloading the checkpoint", self.name, exc)
             except (TidingsError, OSError) as exc:  # a locked or lost database, a broker down
+                if self._moved:  # it worked since the last failure: a new outage
+                    delay = _RETRY_FIRST
                 log.warning("outbox %s: %s; retrying in %.1fs", self.name, exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, _RETRY_LONGEST)
@@ -229,7 +233,7 @@ class OutboxRelay:
                     self.published += len(records)
                 reached = scanned_to if until is None else min(scanned_to, until)
                 await self.store.commit_projection(self.checkpoint, generation, after, reached, {})
-                after = reached
+                after, self._moved = reached, True
                 if (until is not None and after >= until) or self._stopping.is_set():
                     return
         finally:

@@ -26,7 +26,7 @@ position, so the reaction never runs twice against its own effects.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, ClassVar, TypeVar
 
 from tidings.app.aggregate import Aggregate
@@ -48,20 +48,29 @@ from tidings.core.recorded import RecordedEvent
 __all__ = ["ProcessDriver", "ProcessManager", "reacts_to"]
 
 P = TypeVar("P", bound="ProcessManager")
+F = TypeVar("F", bound=Callable[..., Any])
 SOURCE_POSITION = "tidings-source-position"
 """Metadata header on a process manager's events: the log position of the event it answered."""
 _REACTS = "__tidings_reacts__"
 _RETRIES = 5
 
-reacts_to = marker(_REACTS, "reacts_to")
-reacts_to.__doc__ = """Mark a process manager method as its reaction to these event types.
+_reacts_to = marker(_REACTS, "reacts_to")
 
-It takes `(self, event)` or `(self, event, record)`, records the manager's own events with
-`self.record(...)` and asks for work with `self.send(command)`."""
+
+def reacts_to(*types: type[Event] | str) -> Callable[[F], F]:
+    """Mark a process manager method as its reaction to these event types.
+
+    It takes `(self, event)` or `(self, event, record)`, records the manager's own events with
+    `self.record(...)` and asks for work with `self.send(command)`.
+    """
+    return _reacts_to(*types)
 
 
 class ProcessManager(Aggregate):
-    """Base class of process managers; see the module docstring.
+    """Base class of process managers: an aggregate whose commands come from events.
+
+    `@reacts_to` methods record the manager's own events and `send` commands; a
+    `ProcessDriver` runs them from the log, once per event.
 
     Set `correlate_by` to the event field that names the instance, or override
     `process_id` for anything else (return None to ignore an event).

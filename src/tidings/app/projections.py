@@ -14,8 +14,7 @@ The read model is a set of JSON documents by key, kept in the store's own databa
 in one transaction: a crash between the two cannot lose or double-apply an event. Queries go
 through `ReadModel`. A projection that writes somewhere else (another database, a search
 index) gets no such guarantee: after a crash it sees the last batch again, so its writes must
-be idempotent (upserts keyed by the event's id, stream and version), as docs/projections.md
-shows.
+be idempotent (upserts keyed by the event's id, stream and version), as docs/cqrs.md shows.
 """
 
 from __future__ import annotations
@@ -29,7 +28,7 @@ from typing import Any, ClassVar
 import pydantic_core
 
 from tidings.app.handlers import HandlerTable
-from tidings.core.errors import ConfigurationError, ProjectionError
+from tidings.core.errors import ConfigurationError, ProjectionError, StoreError
 from tidings.core.recorded import RecordedEvent
 from tidings.store.base import DocumentNotLoaded, EventStore, StoreBase
 
@@ -183,6 +182,9 @@ class Projection:
                         except DocumentNotLoaded as missing:
                             view.undo_event()
                             await view.load(missing.key)
+                except StoreError:
+                    raise  # loading a document failed: the store's trouble, which the runner
+                    # retries; not a failure of the handler that stops the projection
                 except Exception as exc:
                     raise ProjectionError(
                         self.name, record.position, record.type, f"{type(exc).__name__}: {exc}"

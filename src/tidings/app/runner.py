@@ -27,7 +27,13 @@ from typing import Any, Self
 
 from tidings import telemetry
 from tidings.app.projections import Projection, ReadModel, View
-from tidings.core.errors import ConfigurationError, ProjectionError, StoreClosed, TidingsError
+from tidings.core.errors import (
+    ConfigurationError,
+    EventDecodeError,
+    ProjectionError,
+    StoreClosed,
+    TidingsError,
+)
 from tidings.core.ids import uuid7
 from tidings.store.base import EventStore, ProjectionConflict, StoreBase
 
@@ -95,7 +101,7 @@ class _Worker:
         self.types = projection.types()
         self.generation = 1
         self.position = 0
-        self.error: ProjectionError | None = None
+        self.error: ProjectionError | EventDecodeError | None = None
         self.task: asyncio.Task[None] | None = None
         self.leased = False  # whether this runner holds the projection's lease (with leases)
 
@@ -179,12 +185,15 @@ class _Worker:
                 await asyncio.shield(_quietly(store.release_lease(lease, owner)))
 
     async def follow(self) -> None:
-        """Apply new events as they come; a handler error stops it, a store error is retried."""
+        """Apply new events as they come; a handler error or an event that cannot be decoded
+        stops it, a store error is retried."""
         delay = _RETRY_FIRST
         while True:
+            reached = self.position
             try:
                 await self.run_until(None)
-            except ProjectionError as exc:
+            except (ProjectionError, EventDecodeError) as exc:  # a stored event it cannot
+                # decode stays undecodable: stop on it, named, as on a handler's error
                 self.error = exc
                 log.error("projection stopped: %s", exc)
                 self.runner._advanced()
@@ -192,6 +201,8 @@ class _Worker:
             except StoreClosed:
                 return
             except (TidingsError, OSError) as exc:  # a locked or lost database: try again
+                if self.position > reached:  # it worked since the last failure: a new outage
+                    delay = _RETRY_FIRST
                 log.warning("projection %s: %s; retrying in %.1fs", self.name, exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, _RETRY_LONGEST)
@@ -279,10 +290,13 @@ class ProjectionRunner:
         await self.start()
         try:
             tasks = [w.task for w in self._workers.values() if w.task is not None]
-            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)  # one stopped
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)  # one stopped
             for worker in self._workers.values():
                 if worker.error is not None:
                     raise worker.error
+            for task in done:  # one that crashed: say so, rather than return as if stopped
+                if not task.cancelled() and task.exception() is not None:
+                    raise task.exception()  # type: ignore[misc]
         finally:
             await self.stop()
 

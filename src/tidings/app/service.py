@@ -34,7 +34,7 @@ from tidings.app.inbox import Inbox, open_inbox
 from tidings.brokers.base import BrokerBase, Delivery
 from tidings.core.codec import JSONCodec
 from tidings.core.context import caused_by
-from tidings.core.errors import ConfigurationError, TidingsError
+from tidings.core.errors import BrokerError, ConfigurationError, TidingsError
 from tidings.core.events import Event, TypeRegistry, UnknownEvent
 from tidings.core.metadata import MetadataLike
 
@@ -79,6 +79,7 @@ class Context:
 
     @property
     def broker(self) -> BrokerBase:
+        """The service's broker."""
         return self.service.broker
 
     async def publish(
@@ -106,7 +107,16 @@ class _Handler:
 
 @dataclass
 class Service:
-    """A named set of handlers on one broker; the name is the default consumer group."""
+    """A named set of handlers on one broker; the name is the default consumer group.
+
+    Args:
+        name: the service's name: the consumer group of its handlers unless they name one.
+        broker: the broker it consumes from (opened by the caller).
+        concurrency: members per (topic, group) of its handlers, each handling one message
+            at a time.
+        shutdown_timeout: seconds in-flight handlers get to finish when `run` is cancelled.
+        registry: the service's own event classes, to decode what it receives.
+    """
 
     name: str
     broker: BrokerBase
@@ -247,7 +257,17 @@ class Service:
     async def handle(self, delivery: Delivery) -> None:
         """Process one delivery: decode, route, retry, dead-letter or skip; then settle it."""
         with telemetry.consume_span(delivery):
-            await self._handle(delivery)
+            try:
+                await self._handle(delivery)
+            except BrokerError as exc:  # settling failed (the broker is down): not this
+                # member's end; the message is not settled, so the broker delivers it again
+                log.warning(
+                    "%s: message %s on %s was not settled (%s); it comes again",
+                    self.name,
+                    delivery.message.id,
+                    delivery.topic,
+                    exc,
+                )
 
     async def _handle(self, delivery: Delivery) -> None:
         try:

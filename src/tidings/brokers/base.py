@@ -176,10 +176,12 @@ class Delivery:
 
     @property
     def topic(self) -> str:
+        """The topic it was published to."""
         return self.message.topic
 
     @property
     def key(self) -> str | None:
+        """Its ordering key (a relay's: the stream id); None for a keyless message."""
         return self.message.key
 
     @property
@@ -203,6 +205,7 @@ class Delivery:
 
     @property
     def metadata(self) -> Metadata:
+        """The event's correlation and causation ids and headers (see `record`)."""
         return self.record.metadata
 
     async def ack(self) -> None:

@@ -84,13 +84,14 @@ class Message:
                 attr = name[size:].lower()
                 if escaped and isinstance(value, str) and "%" in value:
                     value = unquote(value)
-                attributes[attr] = int(value) if attr in _INTS and str(value).isdigit() else value
+                attributes[attr] = _int_or_text(value) if attr in _INTS else value
         content_type = headers.get("content-type") or headers.get("Content-Type")
         if content_type:
             attributes["datacontenttype"] = content_type
         if "specversion" not in attributes and body.lstrip().startswith(b"{"):
             return cls.from_structured(topic, body, key=key, headers=headers)
-        return cls(topic, attributes, body, key or attributes.get("partitionkey"), dict(headers))
+        key = key or _key(attributes.get("partitionkey"))
+        return cls(topic, attributes, body, key, dict(headers))
 
     # -- structured mode --------------------------------------------------------------------
 
@@ -103,7 +104,7 @@ class Message:
         document = dict(self.attributes)
         try:
             document["data"] = json.loads(self.data)
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested too deep: as text
             document["data"] = self.data.decode("utf-8", "replace")
         return json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode()
 
@@ -119,7 +120,7 @@ class Message:
         """A message received in structured mode; not a JSON object is `InvalidCloudEvent`."""
         try:
             document = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, RecursionError) as exc:  # RecursionError: nested too deep
             raise InvalidCloudEvent(f"the message is not JSON: {exc}") from exc
         if not isinstance(document, dict):
             raise InvalidCloudEvent("the message is not a JSON object")
@@ -133,7 +134,8 @@ class Message:
         else:
             data = document.pop("data")
             raw = data.encode() if isinstance(data, str) else json.dumps(data).encode()
-        return cls(topic, document, raw, key or document.get("partitionkey"), dict(headers or {}))
+        key = key or _key(document.get("partitionkey"))
+        return cls(topic, document, raw, key, dict(headers or {}))
 
     # -- decoding ---------------------------------------------------------------------------
 
@@ -143,6 +145,23 @@ class Message:
         document.pop("partitionkey", None)  # the key travels beside the event, not in it
         document["data"] = self.data.decode("utf-8", "replace")
         return from_cloudevent(document, codec=codec)
+
+
+def _int_or_text(value: Any) -> Any:
+    """A header holding a whole number as an int; anything else (`"²"` is a digit to
+    `str.isdigit`, not to `int`; more digits than `int` reads) stays as it came, for
+    `from_cloudevent` to refuse."""
+    text = str(value)
+    if text.isascii() and text.isdigit() and len(text) <= 19:
+        return int(text)
+    return value
+
+
+def _key(value: Any) -> str | None:
+    """A `partitionkey` as the key a broker orders by: text, whatever JSON it came as."""
+    if value is None or isinstance(value, str):
+        return value
+    return json.dumps(value, sort_keys=True)
 
 
 def _escape(value: Any) -> str:

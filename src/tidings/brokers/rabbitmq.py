@@ -10,7 +10,11 @@ plugin is needed. Messages are persistent and each publish waits for its publish
 a few retries (each bounded by `publish_timeout`) cover a reconnect, then
 `RabbitMQBrokerError` (a `BrokerError`). Events are CloudEvents in binary mode with the AMQP
 binding's `cloudEvents_` headers (`cloudEvents:` is read too; a `time` sent as an AMQP
-timestamp or as milliseconds is understood); the content type is the AMQP property.
+timestamp or as milliseconds is understood); the content type is the AMQP property. The
+headers travel in one AMQP frame: a message whose headers (its metadata) encode to more than
+`MAX_HEADERS_SIZE` (the default `frame_max`, 128 KiB, less room for the other properties) is
+refused with a `RabbitMQBrokerError` saying so before anything is sent; sent, RabbitMQ would
+close the whole connection with a `FRAME_ERROR`.
 
 A member of a group opens one channel per queue of the group (`shards + 1`, prefetch each)
 and consumes all of them; it creates no queues of its own. RabbitMQ gives each shard queue to
@@ -108,7 +112,11 @@ _FAILURES = (
     ConnectionError,
     OSError,
     TimeoutError,
+    RuntimeError,  # aiormq's "<Connection ...> closed": a channel asked of a dropped connection
 )
+MAX_HEADERS_SIZE = 131_072 - 1_024
+"""Bytes the AMQP headers table of one message may take: RabbitMQ's default `frame_max`
+less room for the frame and the other properties (content type, message id, ...)."""
 # Closing or settling on a channel (or connection) that is going or gone.
 _GONE = (aiormq.exceptions.AMQPError, ConnectionError, OSError, TimeoutError, RuntimeError)
 
@@ -281,6 +289,13 @@ class RabbitMQBroker(BrokerBase):
     def _amqp(self, message: Message) -> aio_pika.Message:
         headers: dict[str, Any] = dict(message.binary_headers(self.header_prefix))
         content_type = headers.pop("content-type")
+        size = 4 + sum(6 + len(k.encode()) + len(str(v).encode()) for k, v in headers.items())
+        if size > MAX_HEADERS_SIZE:  # the encoded AMQP table, exactly for text values
+            raise RabbitMQBrokerError(
+                f"message {message.id} to {message.topic!r}: its {len(headers):,} headers (the "
+                f"event's metadata) encode to {size:,} bytes, over the {MAX_HEADERS_SIZE:,} "
+                "one RabbitMQ frame carries (frame_max); send less metadata"
+            )
         return aio_pika.Message(
             message.data,
             headers=headers,
@@ -941,7 +956,10 @@ def _text_headers(headers: Mapping[str, Any], prefix: str) -> dict[str, str]:
             aware = value if value.tzinfo else value.replace(tzinfo=UTC)
             out[name] = aware.isoformat()
         elif name.lower() == time_name and isinstance(value, int) and not isinstance(value, bool):
-            out[name] = datetime.fromtimestamp(value / 1000, UTC).isoformat()
+            try:
+                out[name] = datetime.fromtimestamp(value / 1000, UTC).isoformat()
+            except (OverflowError, ValueError, OSError):  # no time: decoding refuses it
+                out[name] = str(value)
         elif isinstance(value, bool):
             out[name] = "true" if value else "false"
         elif isinstance(value, str | int | float):

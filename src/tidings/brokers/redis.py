@@ -463,7 +463,7 @@ class RedisBroker(BrokerBase):
 
     def _message(self, topic: str, fields: Mapping[bytes, bytes]) -> Message:
         raw_key = fields.get(b"k")
-        key = raw_key.decode() if raw_key is not None else None
+        key = _text(raw_key) if raw_key is not None else None  # another producer's bytes
         if b"ce" not in fields:  # another producer's entry: keep all of it for the dead letter
             kept = {_text(name): _text(value) for name, value in fields.items()}
             return Message(topic, {}, json.dumps(kept).encode(), key, kept)

@@ -566,7 +566,7 @@ class SQSBroker(BrokerBase):
         key = key_attribute.get("StringValue") if key_attribute else None
         try:
             document = json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested too deep to read
             return Message(topic, {}, body, key)
         if isinstance(document, dict) and "detail-type" in document and "detail" in document:
             body = json.dumps(document["detail"]).encode()  # EventBridge's envelope

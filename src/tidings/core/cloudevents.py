@@ -124,8 +124,8 @@ def from_cloudevent(ce: Mapping[str, Any], *, codec: JSONCodec | None = None) ->
         schema_version = int(ce.get("schemaversion", 1))
         position = int(ce.get("position", 0))
         version = int(ce.get("streamversion", 0))
-    except (ValueError, TypeError, KeyError) as exc:
-        raise InvalidCloudEvent(str(exc)) from exc
+    except (ValueError, TypeError, KeyError, OverflowError, RecursionError) as exc:
+        raise InvalidCloudEvent(str(exc)) from exc  # Overflow: 1e999; Recursion: [[[[…
     return codec.build(
         position,
         event_id,

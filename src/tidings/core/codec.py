@@ -166,6 +166,8 @@ class JSONCodec:
         personal = self.registry.personal  # no personal classes: no sealed values to look for
         for position, raw_id, stream_id, version, type_, schema_version, at, data, meta in rows:
             try:
+                if stream_id.__class__ is not str or version.__class__ is not int:
+                    raise ValueError("a stored stream id is text and its version a whole number")
                 key = (type_, schema_version)
                 validator = validators.get(key)
                 if validator is None:
@@ -179,12 +181,12 @@ class JSONCodec:
                     )
                 else:  # the common case: the stored JSON straight into its class
                     event = validator.validate_json(data)
-            except Exception as exc:
+                if at != last_at:
+                    last_time = at if time_of is None else time_of(at)
+                    last_at = at
+                event_id = raw_id if id_of is None else id_of(raw_id)
+            except Exception as exc:  # a row written around tidings, too: name where it is
                 raise EventDecodeError(stream_id, version, position, _reason(exc)) from exc
-            if at != last_at:
-                last_time = at if time_of is None else time_of(at)
-                last_at = at
-            event_id = raw_id if id_of is None else id_of(raw_id)
             _set_private(event, "__pydantic_private__", {"_id": event_id})  # see Event.event_id
             yield _new_record(
                 RecordedEvent,

@@ -193,6 +193,7 @@ class TypeRegistry:
 
 
 default_registry = TypeRegistry()
+"""The registry every `Event` class joins unless it is declared with `registry=`."""
 
 
 def _personal_fields(cls: type[Event]) -> dict[str, str]:

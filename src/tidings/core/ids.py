@@ -60,8 +60,11 @@ def uuid_from_bytes(raw: bytes) -> UUID:
     """`UUID(bytes=raw)` without its argument checks, for ids read back from a database.
 
     Decoding a million stored events builds a million UUIDs; the checked constructor costs
-    more than twice as much. `raw` must be 16 bytes.
+    more than twice as much. Anything but 16 bytes (a row written around tidings) is a
+    `ValueError` rather than a wrong id.
     """
+    if len(raw) != 16:
+        raise ValueError(f"a stored event id is 16 bytes, not {raw!r:.60}")
     value = _new(UUID)
     _set(value, "int", _from_bytes(raw, "big"))
     _set(value, "is_safe", _UNKNOWN)

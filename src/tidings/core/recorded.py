@@ -19,6 +19,8 @@ class RecordedEvent(NamedTuple, Generic[E]):
 
     `version` counts from 1 within `stream_id`; `position` is the event's place in the store's
     global log, strictly increasing in commit order. `recorded_at` is timezone-aware UTC.
+    `id` is the event's id (`event.event_id`); `type` and `schema_version` are as stored,
+    or as upcast (the newest class's); `metadata` holds the correlation and causation ids.
     Immutable; a named tuple because reading a million events builds a million of these.
     """
 

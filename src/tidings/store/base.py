@@ -30,6 +30,7 @@ from tidings.core.errors import (
     EventTooLarge,
     InvalidEvents,
     InvalidExpectedVersion,
+    InvalidMetadata,
     InvalidStreamId,
     StoreClosed,
     TidingsError,
@@ -82,6 +83,7 @@ NO_STREAM = 0
 """Append only if the stream has no events yet."""
 
 ExpectedVersion = int | StreamState
+"""What `append` checks: the version last seen (`NO_STREAM` is 0), `ANY` or `STREAM_EXISTS`."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -276,6 +278,24 @@ def validate_stream_id(stream_id: object) -> str:
     except UnicodeEncodeError as exc:
         raise InvalidStreamId(stream_id, f"not valid unicode text ({exc.reason})") from None
     return stream_id
+
+
+def _int64(value: int) -> int:
+    """A position or version to look for, within the 64 bits stores keep them in: past the
+    end, the end (no stored event is further), so every store answers alike."""
+    return max(-(2**63), min(value, 2**63 - 1))
+
+
+def _storable(metadata: Metadata) -> Metadata:
+    """`metadata`, unless it holds a NUL character: PostgreSQL cannot keep one in JSON (its
+    correlation index reads metadata as jsonb) and SQLite's JSON functions stop at one, so
+    every store refuses it alike, before writing."""
+    if metadata:
+        texts = [metadata.correlation_id or "", metadata.causation_id or ""]
+        texts += [*metadata.headers, *metadata.headers.values()]
+        if any("\x00" in text for text in texts):
+            raise InvalidMetadata("metadata cannot hold NUL characters (\\x00)")
+    return metadata
 
 
 def validate_expected(expected: object) -> ExpectedVersion:
@@ -518,7 +538,7 @@ class StoreBase(AsyncResource, ABC):
             raise InvalidEvents(f"append to {stream_id!r} got no events")
         with telemetry.append_span(self, stream_id, len(events)) as span:
             meta = self.codec.encode_metadata(
-                telemetry.traced(with_correlation(Metadata.coerce(metadata)), span)
+                telemetry.traced(with_correlation(_storable(Metadata.coerce(metadata))), span)
             )
             keys = await self._keys_to_seal(events)
             encoded = self._encode(stream_id, events, len(meta.encode()) if meta else 0, keys)
@@ -564,7 +584,7 @@ class StoreBase(AsyncResource, ABC):
         stream_id = validate_stream_id(stream_id)
         self._check_open()
         start = _END_OF_STREAM if backwards else 1
-        cursor = start if from_version is None else from_version
+        cursor = start if from_version is None else _int64(from_version)
         remaining = limit
         first = True
         while remaining is None or remaining > 0:
@@ -592,6 +612,7 @@ class StoreBase(AsyncResource, ABC):
         keep_unknown: bool = False,
     ) -> AsyncIterator[RecordedEvent[Any]]:
         names = self.codec.registry.with_sources(type_names(types))
+        after = max(0, _int64(after))  # positions count from 1
         self._check_open()
         remaining = limit
 
@@ -662,6 +683,7 @@ class StoreBase(AsyncResource, ABC):
         """`subscribe` a batch at a time: `(records, scanned_to)`, for consumers that commit
         per batch. With a `types` filter a batch may be empty while `scanned_to` moves on."""
         names = self.codec.registry.with_sources(type_names(types))
+        after = max(0, _int64(after))  # positions count from 1
         size = limit or self.batch_size
         first_wait, longest_wait = self.poll_interval
         wait = first_wait
@@ -707,7 +729,8 @@ class StoreBase(AsyncResource, ABC):
         than `recorded_until`; None when there is none."""
         stream_id = validate_stream_id(stream_id)
         self._check_open()
-        return await self._read_snapshot(stream_id, max_version, recorded_until)
+        top = None if max_version is None else _int64(max_version)
+        return await self._read_snapshot(stream_id, top, recorded_until)
 
     # -- projections: checkpoints and documents ---------------------------------------------
 
@@ -818,13 +841,14 @@ class StoreBase(AsyncResource, ABC):
         """The rows of one correlation; this default scans the log (backends index it)."""
         found: list[Row] = []
         after = 0
+        needle = json.dumps(correlation_id, ensure_ascii=False)[1:-1]
         while len(found) < limit:
             batch, scanned = await self._read_all_batch(after, self.batch_size, None)
             for row in batch:
                 meta = row[8]
                 if (
                     meta
-                    and correlation_id in meta
+                    and needle in meta  # as the stored JSON writes it (quotes escaped)
                     and json.loads(meta).get("correlation_id") == correlation_id
                 ):
                     found.append(row)

@@ -71,6 +71,10 @@ _CONNECTION_ERRORS = (
     asyncpg.exceptions.InterfaceError,
     asyncpg.exceptions.CannotConnectNowError,
     asyncpg.exceptions.AdminShutdownError,
+    # A query on a connection the server has just ended (say, a fast shutdown's FATAL
+    # arrived, the close not yet): "cannot switch to state 12; another operation is in
+    # progress". The connection is gone; the call is retried on another.
+    asyncpg.exceptions.InternalClientError,
 )
 _COLUMNS = "position, id, stream_id, version, type, schema_version, recorded_at, data, metadata"
 _EXPECTED_CODES = {ANY: -1, STREAM_EXISTS: -2}
@@ -213,6 +217,14 @@ def _migrations(schema: str) -> list[tuple[int, list[str]]]:
     ]
 
 
+def _aware(moment: datetime) -> datetime:
+    """A stored time; asyncpg reads `infinity` (written around tidings) as a naive
+    `datetime.max`, which no aware time compares with: refused."""
+    if moment.tzinfo is None:
+        raise ValueError(f"recorded_at {moment} is not a time (infinity?)")
+    return moment
+
+
 class PostgresEventStore(StoreBase):
     """An event store in PostgreSQL: `postgresql://user@host:port/db?schema=app`.
 
@@ -228,6 +240,7 @@ class PostgresEventStore(StoreBase):
     """
 
     shared_across_processes = True
+    _time_of = staticmethod(_aware)
 
     def __init__(
         self,
@@ -408,6 +421,12 @@ class PostgresEventStore(StoreBase):
                 yield conn
         except (*_CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
             raise StoreError(f"PostgreSQL at {self.address}: {_describe(exc)}") from exc
+        except UnicodeDecodeError as exc:  # a stream id or key written around tidings
+            raise StoreError(
+                f"PostgreSQL at {self.address}: a stored stream id or key is not UTF-8 ({exc})"
+            ) from exc
+        except OverflowError as exc:  # a time before year 1, written around tidings
+            raise StoreError(f"PostgreSQL at {self.address}: a stored value: {exc}") from exc
 
     # -- LISTEN/NOTIFY ---------------------------------------------------------------------
 

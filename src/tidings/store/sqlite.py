@@ -211,6 +211,16 @@ def _mapped_errors(path: str) -> Iterator[None]:
         raise StoreError(f"sqlite ({path}): {exc}") from exc
 
 
+class _TransactionLost(Exception):
+    """SQLite rolled a group's whole transaction back by itself (it does on a full disk or an
+    I/O error): every request of the group failed with `error`, and nothing more may run, since
+    a statement now would run outside the group's transaction, in a transaction of its own."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
 @dataclass(slots=True)
 class _Job:
     """Other writes (snapshots, projection commits) run by the writer in its transaction."""
@@ -436,6 +446,8 @@ class SQLiteEventStore(StoreBase):
                 conn.execute("ROLLBACK")
             except sqlite3.Error:
                 pass
+            if isinstance(exc, _TransactionLost):
+                exc = exc.error
             failure: BaseException = (
                 _as_tidings_error(exc, self.path) if isinstance(exc, Exception) else exc
             )
@@ -486,6 +498,8 @@ class SQLiteEventStore(StoreBase):
             conn.executemany(_INSERT, rows)
             conn.execute(_UPSERT_STREAM, (stream_id, actual + len(rows)))
         except sqlite3.Error as exc:
+            if not conn.in_transaction:
+                raise _TransactionLost(exc) from exc
             if alone:
                 conn.execute("ROLLBACK")
                 conn.execute("BEGIN IMMEDIATE")
@@ -509,6 +523,8 @@ class SQLiteEventStore(StoreBase):
         try:
             result = job.work(conn, now)
         except (TidingsError, sqlite3.Error) as exc:
+            if not conn.in_transaction:
+                raise _TransactionLost(exc) from exc
             if alone:
                 conn.execute("ROLLBACK")
                 conn.execute("BEGIN IMMEDIATE")
@@ -642,6 +658,9 @@ class SQLiteEventStore(StoreBase):
                 "ORDER BY stream_id LIMIT ?",
                 (after, limit),
             ).fetchall()
+            for stream_id, _ in rows:
+                if stream_id.__class__ is not str:  # a row written around tidings
+                    raise StoreError(f"sqlite ({self.path}): stream id {stream_id!r:.80} not text")
             return [StreamInfo(stream_id, version) for stream_id, version in rows]
 
         return await self._run(work)
@@ -974,6 +993,8 @@ def _path_from_url(url: str) -> str:
         path = path[1:]
     if not path or path == ":memory:":
         raise ConfigurationError(f"{url!r} names no file; for a store in memory use 'memory://'")
+    if "\x00" in path:  # no file name holds one (a %00 in the URL)
+        raise ConfigurationError(f"{url!r}: a file name cannot hold a NUL character")
     return path
 
 
