@@ -2602,7 +2602,11 @@ def test_atheris_fuzzes_the_structured_decoder_and_the_row_decoder(tmp_path: Pat
             duplicated=0,
             notes="no crash: every input decoded or refused with a tidings error naming it"
             if not crashed
-            else output[-400:],
+            else " ".join(  # libFuzzer's verdict (which limit, or which exception) and the input
+                line
+                for line in output.splitlines()
+                if "ERROR: libFuzzer" in line or line.startswith(("Base64:", "MS:", "=="))
+            )[-600:],
             seconds=took[0],
         )
     )

@@ -273,7 +273,9 @@ class RabbitMQBroker(BrokerBase):
         try:
             async with asyncio.timeout(self.publish_timeout * 2):
                 return await action(await self._admin_channel())
-        except _FAILURES as exc:
+        except Exception as exc:
+            if not _link_failure(exc, _FAILURES):
+                raise
             await self._reset_admin()
             raise RabbitMQBrokerError(f"cannot {what} on RabbitMQ: {_describe(exc)}") from exc
 
@@ -338,7 +340,9 @@ class RabbitMQBroker(BrokerBase):
                 task = asyncio.current_task()
                 if task is not None and task.cancelling():
                     raise asyncio.CancelledError
-            except _FAILURES as exc:
+            except Exception as exc:
+                if not _link_failure(exc, _FAILURES):
+                    raise
                 failure = exc
             if isinstance(failure, aiormq.exceptions.ChannelNotFoundEntity) and topic:
                 self._topics.discard(topic)  # the exchange went (auto-delete): declare again
@@ -515,7 +519,9 @@ class RabbitMQBroker(BrokerBase):
                         return await self._read_dead_letters(drop)
                     finally:
                         await _close(lock)
-            except _FAILURES as exc:
+            except Exception as exc:
+                if not _link_failure(exc, _FAILURES):
+                    raise
                 raise RabbitMQBrokerError(
                     f"cannot read the dead letters: {_describe(exc)}"
                 ) from exc
@@ -639,7 +645,9 @@ class _AMQPReceived(Received):
     async def ack(self) -> None:
         try:  # before releasing it: that may let a give-away close the channel
             await self.entry.incoming.ack()
-        except _GONE as exc:
+        except Exception as exc:
+            if not _link_failure(exc, _GONE):
+                raise
             log.warning(
                 "%s/%s: message %s was not acked (%s); it comes again",
                 self.member.topic,
@@ -734,7 +742,7 @@ class _Member:
             if lane.channel is channel:
                 lane.channel = None
             await _close(channel)
-            if isinstance(exc, _FAILURES):
+            if _link_failure(exc, _FAILURES):
                 raise RabbitMQBrokerError(f"cannot consume {lane.queue}: {_describe(exc)}") from exc
             raise
         if self.stopped:
@@ -842,7 +850,9 @@ class _Member:
                 continue
             try:
                 members = await self._members()
-            except (RabbitMQBrokerError, *_FAILURES) as exc:
+            except Exception as exc:
+                if not _link_failure(exc, (RabbitMQBrokerError, *_FAILURES)):
+                    raise
                 log.debug("%s/%s: cannot count the members: %s", self.topic, self.group, exc)
                 interval = broker.rebalance
                 continue
@@ -925,8 +935,17 @@ async def _close(channel: aio_pika.abc.AbstractChannel | None) -> None:
     try:
         async with asyncio.timeout(_CLOSE_TIMEOUT):
             await channel.close()
-    except _GONE as exc:
+    except Exception as exc:
+        if not _link_failure(exc, _GONE):
+            raise
         log.debug("closing a channel failed: %s", _describe(exc))
+
+
+def _link_failure(exc: BaseException, kinds: tuple[type[BaseException], ...]) -> bool:
+    """Whether `exc` means the link to RabbitMQ failed: one of `kinds`, or the bare
+    `Exception()` aiormq sets on every pending future when a connection closes without a
+    reason (seen when a connection is cut mid-operation)."""
+    return isinstance(exc, kinds) or type(exc) is Exception
 
 
 def _describe(exc: BaseException | None) -> str:
