@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from tidings.core.events import UnknownEvent
+from tidings.cli import render
 from tidings.core.recorded import RecordedEvent
 from tidings.store import EventStore, StreamInfo
 from tidings.store.base import StoreBase
@@ -48,11 +48,9 @@ STATE_LIMIT = 10_000
 
 
 def event_data(record: RecordedEvent[Any]) -> Any:
-    """The event's data as JSON-ready values, whether it decoded to a class or not."""
-    event = record.event
-    if isinstance(event, UnknownEvent):
-        return event.data
-    return event.model_dump(mode="json")
+    """The event's data as JSON-ready values, whether it decoded to a class or not (the
+    same values `tidings events --json` prints)."""
+    return render.event_data(record.event)
 
 
 def pretty(value: Any) -> str:
