@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import uuid
 from collections import defaultdict
@@ -82,21 +83,44 @@ async def test_each_group_gets_every_event(broker: BrokerBase, topic: str) -> No
 
 
 async def test_members_of_one_group_compete(broker: BrokerBase, topic: str) -> None:
+    """Two members of one group share its messages, each message once. Where a group is
+    one message group (EventBridge's fixed `MessageGroupId`), members take turns: the
+    second gets nothing while the first holds a message, and the rest once it leaves."""
     await broker.declare(topic, "g")
     await broker.publish_many(topic, [Ordered(key=f"k{n}", n=n) for n in range(40)])
     seen: dict[str, list[int]] = defaultdict(list)
+    both_busy = asyncio.Event()
+    one_at_a_time = getattr(broker, "scheme", "") == "eventbridge"
 
-    async def member(name: str) -> None:
+    async def member(name: str, hold: bool) -> None:
         async with broker.subscribe(topic, group="g", prefetch=1) as deliveries:
             async for delivery in deliveries:
                 seen[name].append(delivery.event.n)  # type: ignore[attr-defined]
-                await asyncio.sleep(0.001)
+                if seen["a"] and seen["b"]:
+                    both_busy.set()
+                if hold:  # until the other member has one too, however late it came
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(10):
+                            await both_busy.wait()
                 await delivery.ack()
                 if sum(len(v) for v in seen.values()) == 40:
                     return
 
-    tasks = [asyncio.create_task(member(name)) for name in ("a", "b")]
-    await asyncio.wait(tasks, timeout=10, return_when=asyncio.FIRST_COMPLETED)
+    async def first_then_leave() -> list[asyncio.Task[None]]:
+        async with broker.subscribe(topic, group="g", prefetch=1) as deliveries:
+            delivery = await anext(aiter(deliveries))
+            seen["a"].append(delivery.event.n)  # type: ignore[attr-defined]
+            second = asyncio.create_task(member("b", hold=False))
+            await asyncio.sleep(1)  # b polls meanwhile and must get nothing
+            assert not seen["b"], "a second member got a message while the group was held"
+            await delivery.ack()
+        return [second]
+
+    if one_at_a_time:
+        tasks = await asyncio.wait_for(first_then_leave(), 15)
+    else:
+        tasks = [asyncio.create_task(member(name, hold=True)) for name in ("a", "b")]
+    await asyncio.wait(tasks, timeout=30, return_when=asyncio.FIRST_COMPLETED)
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
