@@ -282,6 +282,15 @@ def test_a_dead_letter_record_reads_back_and_a_tombstone_removes_it(data: bytes)
     assert list(seen) == ["d-2"]
 
 
+def test_a_dead_letter_of_a_message_near_the_record_limit_is_cut_to_fit() -> None:
+    dead = dead_letter("d-1", b'"' * 900_000)  # 1.8 MB as JSON: over Kafka's 1 MiB
+    value = dead_letter_value(dead)
+    assert len(value) <= 1_000_000
+    seen: dict[str, DeadLetter] = {}
+    apply_dead_letter(seen, b"d-1", value)
+    assert "cut from 1,8" in seen["d-1"].error
+
+
 def test_unreadable_dead_letter_records_are_skipped() -> None:
     seen: dict[str, DeadLetter] = {}
     apply_dead_letter(seen, b"d-1", b"not json")

@@ -9,6 +9,7 @@ decoding, validation and the dead-letter records live here, so every broker beha
 from __future__ import annotations
 
 import base64
+import json
 import re
 import uuid
 from abc import ABC, abstractmethod
@@ -130,6 +131,47 @@ class DeadLetter:
         except UnicodeDecodeError:
             record["data_base64"] = base64.b64encode(self.message.data).decode("ascii")
         return record
+
+    def to_json(self, limit: int | None = None, *, limit_name: str = "the limit") -> bytes:
+        """`to_dict` as UTF-8 JSON, within `limit` bytes when given (a broker's largest
+        record). A message too large to keep whole (one just under the limit grows as JSON)
+        is kept cut: its data, error, attribute and header values shortened until the record
+        fits, and the error says so. It is still dead-lettered, instead of failing its
+        consumer over and over."""
+        body = json.dumps(self.to_dict(), ensure_ascii=False, default=str).encode()
+        if limit is None:
+            return body
+        size, room, count = len(body), limit // 8, 64
+        while len(body) > limit and room:
+
+            def cut(
+                values: Mapping[str, Any], room: int = room, count: int = count
+            ) -> dict[str, Any]:
+                return {
+                    str(k)[:64]: v[:room] if isinstance(v, str) else v
+                    for k, v in list(values.items())[:count]
+                }
+
+            note = f" [cut from {size:,} bytes to fit {limit_name} of {limit:,}]"
+            message = self.message
+            smaller = DeadLetter(
+                self.id,
+                self.topic,
+                self.group,
+                self.error[:room] + note,
+                self.attempts,
+                self.failed_at,
+                Message(
+                    message.topic,
+                    cut(message.attributes),
+                    message.data[:room],
+                    message.key and message.key[:room],
+                    cut(message.headers),
+                ),
+            )
+            body = json.dumps(smaller.to_dict(), ensure_ascii=False, default=str).encode()
+            room, count = room // 2, count // 2
+        return body
 
     @classmethod
     def from_dict(cls, record: Mapping[str, Any]) -> DeadLetter:

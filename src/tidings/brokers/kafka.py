@@ -50,7 +50,9 @@ them back, so a message given back arrives with the next attempt. After a crash 
 lost and such messages arrive as attempt 1 again.
 
 Dead letters are `DeadLetter.to_dict` JSON records in the compacted topic
-`<prefix>.dead-letters` (one partition), keyed by the dead letter's id. Compaction keeps each
+`<prefix>.dead-letters` (one partition), keyed by the dead letter's id; a message too large
+to keep whole in 1 MB (one just under Kafka's default record limit grows as JSON) is kept cut
+to fit, and its error says so. Compaction keeps each
 dead letter until it is dropped, whatever the topic retention; dropping writes a tombstone
 (the id with no value). Listing reads the topic from the beginning once and then only what
 was added since, applying tombstones. Replaying publishes the original message to its topic
@@ -105,6 +107,8 @@ _BUFFER = 256  # records a member keeps per partition before pausing it
 _POLL_MS = 1000  # longest wait of one fetch, so a member looks around now and then
 _REPLAY_HEADER = "tidings-replay-group"
 _ATTEMPTS = "tidings-attempts:"
+_DEAD_LETTER_MAX = 1_000_000  # bytes: under the default 1 MiB record limit (`message.max.bytes`,
+# the producer's `max_request_size`), with room for the key, headers and batch framing
 _METADATA_MAX = 1000  # characters of commit metadata (Kafka allows 4096 by default)
 _EXISTS, _NOT_ALLOWED = 36, (29, 31)  # CreateTopics: exists; topic or cluster not authorized
 _PREFIX = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
@@ -881,8 +885,9 @@ def from_record(
 
 
 def dead_letter_value(dead: DeadLetter) -> bytes:
-    """The value of a dead letter's record: its `to_dict` JSON (the key is its id)."""
-    return json.dumps(dead.to_dict(), ensure_ascii=False, default=str).encode()
+    """The value of a dead letter's record: its `to_dict` JSON (the key is its id), cut to
+    fit a record when the message was too large to keep whole (see `DeadLetter.to_json`)."""
+    return dead.to_json(_DEAD_LETTER_MAX, limit_name="Kafka's default record size")
 
 
 def apply_dead_letter(dead: dict[str, DeadLetter], key: bytes | None, value: bytes | None) -> None:

@@ -482,7 +482,7 @@ class NATSBroker(BrokerBase):
 
     async def _store_dead_letter(self, dead: DeadLetter) -> None:
         nc, _ = self._connection()
-        body = _dead_letter_body(dead, nc.max_payload)
+        body = dead.to_json(nc.max_payload, limit_name="NATS' max_payload")
         await self._send(self._dead_subject(dead.topic, dead.id), body, {"Nats-Msg-Id": dead.id})
 
     async def _dead_letters(self) -> list[DeadLetter]:
@@ -808,43 +808,6 @@ def _header_safe(name: str, value: str) -> bool:
         and "\r" not in value
         and "\n" not in value
     )
-
-
-def _dead_letter_body(dead: DeadLetter, limit: int) -> bytes:
-    """The dead letter's JSON record, within the server's `max_payload`. A message too large
-    to keep whole (one just under the limit grows as JSON) is kept cut: its data, error,
-    attribute and header values shortened until the record fits, and the error says so. It
-    is still dead-lettered, instead of failing its consumer over and over."""
-    body = json.dumps(dead.to_dict(), ensure_ascii=False, default=str).encode()
-    size, room, count = len(body), limit // 8, 64
-    while len(body) > limit and room:
-        message = dead.message
-
-        def cut(values: Any, room: int = room, count: int = count) -> dict[str, Any]:
-            return {
-                str(k)[:64]: v[:room] if isinstance(v, str) else v
-                for k, v in list(values.items())[:count]
-            }
-
-        note = f" [cut from {size:,} bytes to fit NATS' max_payload of {limit:,}]"
-        smaller = DeadLetter(
-            dead.id,
-            dead.topic,
-            dead.group,
-            dead.error[:room] + note,
-            dead.attempts,
-            dead.failed_at,
-            Message(
-                message.topic,
-                cut(message.attributes),
-                message.data[:room],
-                message.key and message.key[:room],
-                cut(message.headers),
-            ),
-        )
-        body = json.dumps(smaller.to_dict(), ensure_ascii=False, default=str).encode()
-        room, count = room // 2, count // 2
-    return body
 
 
 def _wire(message: Message, prefix: str) -> tuple[dict[str, str], bytes]:
