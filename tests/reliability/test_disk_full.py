@@ -157,7 +157,9 @@ class Book:
 
     acked: dict[str, tuple[str, str]] = field(default_factory=dict)  # id: (stream, text)
     results: list[tuple[str, list[str], int, int]] = field(default_factory=list)
-    refused: dict[str, list[tuple[str, str]]] = field(default_factory=dict)  # key: events
+    # key: events (the texts of big appends are dropped: a long run refuses gigabytes of them,
+    # and only small ones are retried as they were)
+    refused: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
     refused_stream: dict[str, str] = field(default_factory=dict)
     errors: Counter[str] = field(default_factory=Counter)
     other_errors: list[str] = field(default_factory=list)
@@ -173,12 +175,12 @@ class Book:
             self.errors[str(exc).split(": ", 1)[-1]] += 1
             if "disk is full" not in str(exc):
                 self.other_errors.append(f"StoreError not saying the disk is full: {exc}")
-            self.refused[events[0][0]] = events
+            self.refused[events[0][0]] = _kept(events)
             self.refused_stream[events[0][0]] = stream
             return False
         except Exception as exc:  # not a clean tidings error: a finding
             self.other_errors.append(f"{type(exc).__name__}: {exc}")
-            self.refused[events[0][0]] = events
+            self.refused[events[0][0]] = _kept(events)
             self.refused_stream[events[0][0]] = stream
             return False
         self.refused.pop(events[0][0], None)
@@ -186,6 +188,13 @@ class Book:
             self.acked[event_id] = (stream, text)
         self.results.append((stream, [i for i, _ in events], result.version, result.position))
         return True
+
+
+def _kept(events: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """What the book keeps of a refused append: all of a small one, the ids of a big one."""
+    if sum(len(text) for _, text in events) < 1_000_000:
+        return events
+    return [(event_id, "") for event_id, _ in events]
 
 
 def events_of(rnd: random.Random, sizes: tuple[int, int], count: int) -> list[tuple[str, str]]:
