@@ -95,6 +95,15 @@ OUTAGES = (1.0, 3.0)  # seconds a server stays down (3 s outlasts the clients' o
 DWELL = 0.5  # seconds of load between recovering from one fault and the next fault
 REFUSE = 1.0  # seconds the proxy refuses new connections after a cut
 STALL = 1.0  # seconds the proxy swallows the server's answers before the link is cut
+# A link stalled for good (no reset ever comes) is the client's to notice: each is set to
+# give up on a silent link after about this long (query_timeout, socket_timeout, pings,
+# heartbeats), well within RECOVER_BOUND.
+SILENCE = {
+    "postgres": "query_timeout=2",
+    "redis": "socket_timeout=2",
+    "nats": "ping_interval=1",
+    "rabbitmq": "heartbeat=1",
+}
 RETRY = 0.05  # seconds a writer or publisher waits before trying a failed call again
 STREAMS = 20
 GROUP = "faults"
@@ -752,8 +761,13 @@ async def test_broker_restarted_mid_load(
 async def link_fault(proxy: LinkProxy, i: int, recovery: Recovery) -> str:
     """Cut every connection; or cut them and refuse new ones for a while (the proxy's port
     closed, as when the server is not there); or swallow the server's answers for a while (it
-    still runs every request, the client hears nothing), then cut the stalled links."""
-    kind = ("cut", "cut + refused", "stall + cut")[i % 3]
+    still runs every request, the client hears nothing), then cut the stalled links; or
+    stall every link for good, both ways, and never cut it: the clients must notice."""
+    kind = ("cut", "cut + refused", "stall + cut", "stalled for good")[i % 4]
+    if kind == "stalled for good":
+        proxy.stall()  # the clock starts now: noticing the silence is part of recovering
+        recovery.restored()
+        return kind
     if kind == "cut":
         proxy.cut()
     elif kind == "cut + refused":
@@ -802,13 +816,18 @@ async def test_connections_cut_and_stalled(backend: str, tmp_path: Path) -> None
             schema = f"{direct}?schema=faults_{uuid.uuid4().hex[:12]}"
             stack.callback(discard, schema)  # straight to the server, after the store closed
             store = await stack.enter_async_context(
-                open_store(f"{through(schema, proxy.port)}&connect_timeout=3", codec=CODEC)
+                open_store(
+                    f"{through(schema, proxy.port)}&connect_timeout=3&{SILENCE[backend]}",
+                    codec=CODEC,
+                )
             )
             assert isinstance(store, StoreBase)
             pipeline = StorePipeline(store, tmp_path, writers=3, pace=0.02)
             between = "the store and PostgreSQL"
         else:
-            pipeline = BrokerPipeline(through(direct, proxy.port), tmp_path, pace=0.02)
+            url = through(direct, proxy.port)
+            url += ("&" if "?" in url else "?") + SILENCE[backend]
+            pipeline = BrokerPipeline(url, tmp_path, pace=0.02)
             if backend == "rabbitmq":
                 stack.push_async_callback(delete_rabbit_topic, direct, pipeline.topic)
             between = "the broker clients and the broker"
@@ -834,7 +853,8 @@ async def test_connections_cut_and_stalled(backend: str, tmp_path: Path) -> None
                 else ": outbox relay and a publisher, an inbox consumer"
             ),
             faults=f"{LINK_FAULTS} link faults through a TCP proxy: {described(times)}; "
-            f"refused {REFUSE:g}s, stalled {STALL:g}s",
+            f"refused {REFUSE:g}s, stalled {STALL:g}s; clients given up on silence by "
+            f"{SILENCE[backend]}",
             events_in=verdict.events_in,
             events_out=verdict.events_out,
             lost=verdict.lost,

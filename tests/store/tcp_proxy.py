@@ -14,6 +14,8 @@ class TcpProxy:
     link or the server goes away); while `refusing` is set, new connections are closed as soon
     as they arrive, so a client's reconnect fails too; while `muted` is set, what the server
     sends is dropped (it still gets and runs every request, the client hears nothing back).
+    `stall()` makes every live connection a black hole for good, both ways, without closing
+    it (a NAT or firewall that forgot the link: no reset ever comes); new ones work.
     """
 
     def __init__(self, target_host: str, target_port: int) -> None:
@@ -24,6 +26,7 @@ class TcpProxy:
         self._closing = False
         self._server: asyncio.Server | None = None
         self._links: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
+        self._stalled: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._accepted: set[asyncio.StreamWriter] = set()
 
@@ -52,10 +55,17 @@ class TcpProxy:
     def cut(self) -> int:
         """Reset every live connection now; returns how many there were."""
         links, self._links = self._links, set()
+        self._stalled.clear()
         for client, upstream in links:
             client.transport.abort()
             upstream.transport.abort()
         return len(links)
+
+    def stall(self) -> int:
+        """Swallow everything on every live connection from now on, and never close them
+        (the client must notice by itself); returns how many there were."""
+        self._stalled |= self._links
+        return len(self._links)
 
     def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         # A plain function, so asyncio calls it as the connection is made: nothing accepted can
@@ -82,13 +92,16 @@ class TcpProxy:
         link = (writer, up_writer)
         self._links.add(link)
         pumps = [
-            asyncio.create_task(self._pump(reader, up_writer, lambda: False)),
-            asyncio.create_task(self._pump(up_reader, writer, lambda: self.muted)),
+            asyncio.create_task(self._pump(reader, up_writer, lambda: link in self._stalled)),
+            asyncio.create_task(
+                self._pump(up_reader, writer, lambda: self.muted or link in self._stalled)
+            ),
         ]
         self._tasks.update(pumps)
         await asyncio.gather(*pumps, return_exceptions=True)
         self._tasks.difference_update(pumps)
         self._links.discard(link)
+        self._stalled.discard(link)
         writer.transport.abort()
         up_writer.transport.abort()
 

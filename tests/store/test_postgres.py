@@ -647,6 +647,41 @@ async def test_subscriber_polls_while_the_listener_cannot_reconnect(pg_url: str)
     assert [r.stream_id for r in seen] == ["while-deaf", "after"]
 
 
+async def test_links_stalled_for_good_are_dropped_after_the_query_timeout(pg_url: str) -> None:
+    """Every connection goes silent both ways and is never reset (a NAT that forgot it): an
+    append fails over to a new connection, and the listener is replaced, each within about
+    `query_timeout`, instead of waiting for ever."""
+    async with TcpProxy(*server_address()) as proxy:
+        proxied = through(pg_url, proxy.port)
+        async with (
+            tidings.open_store(proxied, query_timeout=1) as store,
+            tidings.open_store(pg_url, listen=False) as other,
+        ):
+            seen: list[RecordedEvent[Any]] = []
+            subscriber = follow(store, seen)
+            deaf = await listening(store)
+            await store.append("before", [Note(text="1")])
+            await until(lambda: len(seen) == 1, 5, "the first event", [subscriber])
+
+            assert proxy.stall() >= 2  # the pool's connection and the listener
+            started = time.monotonic()
+            async with asyncio.timeout(10):  # without query_timeout: for ever
+                await store.append("after", [Note(text="2")])  # on a new connection
+            appended = time.monotonic() - started
+            await until(lambda: len(seen) == 2, 5, "the event appended over the stall")
+            await until(
+                lambda: store._listening and store._listener.get_server_pid() != deaf,  # type: ignore[union-attr]
+                5,
+                "a new listener in place of the silent one",
+            )
+            await other.append("from-another", [Note(text="3")])
+            woken = await until(lambda: len(seen) == 3, 5, "an event from another store")
+            await stop(subscriber)
+    assert 0.9 < appended < 4, f"the append took {appended:.2f}s"
+    assert woken < 1, "woken by the safety poll, not by the new listener"
+    assert [r.stream_id for r in seen] == ["before", "after", "from-another"]
+
+
 # -- bad input: no server, a silent server, connections lost mid-append ------------------------
 
 

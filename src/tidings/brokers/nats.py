@@ -97,6 +97,7 @@ _PREFIX = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _DEAD_ID = re.compile(r"^[A-Za-z0-9-]{1,100}$")
 _STREAM_IN_USE = 10058  # JetStream: stream name already in use with another configuration
 _RETENTIONS = {"limits": api.RetentionPolicy.LIMITS, "interest": api.RetentionPolicy.INTEREST}
+_MAX_OUTSTANDING_PINGS = 2  # unanswered pings before nats-py drops the link as stale
 _GRACE = 1.0  # seconds after a pull request's expiry before it counts as lost
 _OPTIONS: dict[str, type] = {
     "shards": int,
@@ -112,6 +113,7 @@ _OPTIONS: dict[str, type] = {
     "publish_timeout": float,
     "publish_attempts": int,
     "connect_timeout": float,
+    "ping_interval": float,
 }
 _NATS_ERRORS = (nats.errors.Error, OSError, asyncio.TimeoutError)
 
@@ -127,7 +129,8 @@ class NATSBroker(BrokerBase):
     0 keeps them), `dead_letter_max_age`
     (0 keeps them), `max_in_flight` unacked keyless messages per group (1000),
     `pull_expires` (5 s), `publish_timeout` (5 s), `publish_attempts` (4), `connect_timeout`
-    (5 s). Several servers: `nats://a:4222,b:4222`.
+    (5 s), `ping_interval` (10 s: a link that stalls without a reset is dropped and
+    reconnected after two unanswered pings). Several servers: `nats://a:4222,b:4222`.
     """
 
     def __init__(
@@ -149,6 +152,7 @@ class NATSBroker(BrokerBase):
         publish_timeout: float = 5.0,
         publish_attempts: int = 4,
         connect_timeout: float = 5.0,
+        ping_interval: float = 10.0,
     ) -> None:
         super().__init__(codec=codec, source=source)
         if not 1 <= shards <= 1024:
@@ -162,6 +166,7 @@ class NATSBroker(BrokerBase):
             ("pull_expires", pull_expires),
             ("publish_timeout", publish_timeout),
             ("connect_timeout", connect_timeout),
+            ("ping_interval", ping_interval),
         ):
             if value <= 0:
                 raise ConfigurationError(f"{name} must be positive, got {value}")
@@ -188,6 +193,7 @@ class NATSBroker(BrokerBase):
         self.publish_timeout = publish_timeout
         self.publish_attempts = publish_attempts
         self.connect_timeout = connect_timeout
+        self.ping_interval = ping_interval
         self._lanes = [str(shard) for shard in range(shards)] + [_ANY]
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
@@ -215,6 +221,8 @@ class NATSBroker(BrokerBase):
                     allow_reconnect=True,
                     max_reconnect_attempts=-1,
                     reconnect_time_wait=0.5,
+                    ping_interval=self.ping_interval,
+                    max_outstanding_pings=_MAX_OUTSTANDING_PINGS,
                     error_cb=self._on_error,
                     disconnected_cb=self._on_disconnected,
                     reconnected_cb=self._on_reconnected,

@@ -29,7 +29,9 @@ owner took but did not ack) before reading new ones with `XREADGROUP`.
 `nack(delay)` leaves the entry pending and records when it may go again, in the owner's
 memory and in the hash `tidings:{topic}:{n}:hold:{group}` (a new owner honours it). Ack is
 `XACK`. Consumers reconnect by themselves after a connection drop and rebuild their state
-from the group's (pending entries and leases), since Redis holds all of it.
+from the group's (pending entries and leases), since Redis holds all of it. A connection
+that stalls without a reset is dropped when a reply is 30 s late (`?socket_timeout=`); other
+query parameters of the URL go to redis-py as they are.
 
 Dead letters are JSON documents in the hash `tidings:dlq`, by id. Replaying one appends
 the message to its shard again with a field `g` naming the group: members of other groups
@@ -71,6 +73,7 @@ log = logging.getLogger(__name__)
 _ANY = -1  # the stream of keyless messages, which all members of a group share
 _DOWN = (RedisConnectionError, RedisTimeoutError, OSError)
 _BUFFER = 64  # entries a member reads ahead per shard
+_SOCKET_TIMEOUT = 30.0  # seconds a reply may take (`?socket_timeout=` sets it)
 _POLL = 0.1  # longest block of one read, seconds: how soon acks and newcomers are seen
 
 # Heartbeat, renew this member's leases and (with acquire=1) take free shards up to the
@@ -301,6 +304,9 @@ class RedisBroker(BrokerBase):
     async def _open(self) -> None:
         options: dict[str, Any] = {
             "socket_connect_timeout": 5,
+            # A link that stalls without a reset: a reply overdue this long drops the
+            # connection and the command is retried on a new one. Reads block 0.1 s at most.
+            "socket_timeout": _SOCKET_TIMEOUT,
             "retry": Retry(ExponentialBackoff(cap=1.0, base=0.05), 4),
             "retry_on_error": [RedisConnectionError, RedisTimeoutError],
             **self._client_options,

@@ -76,9 +76,21 @@ _CONNECTION_ERRORS = (
     # progress". The connection is gone; the call is retried on another.
     asyncpg.exceptions.InternalClientError,
 )
+_OPTIONS: dict[str, type] = {  # tidings' own query parameters; the rest go to the server
+    "max_event_size": int,
+    "batch_size": int,
+    "schema": str,
+    "min_size": int,
+    "max_size": int,
+    "connect_timeout": float,
+    "query_timeout": float,
+    "create": bool,
+    "listen": bool,
+}
 _COLUMNS = "position, id, stream_id, version, type, schema_version, recorded_at, data, metadata"
 _EXPECTED_CODES = {ANY: -1, STREAM_EXISTS: -2}
 _APPEND_ATTEMPTS = 2  # a lost connection is retried once with the same ids (idempotent)
+_NO_TIMEOUT = 86_400.0  # seconds: the query_timeout of a migration (a day: none, in effect)
 _SAFETY_POLL = 5.0  # seconds between reads of a listening subscriber with nothing to do
 _NOTIFY_DELAY = 0.002  # seconds a notification waits to carry the appends that follow it
 
@@ -237,6 +249,10 @@ class PostgresEventStore(StoreBase):
         create: create the schema and tables when missing (default); False raises
             `StoreNotFound` instead, for tools that only read.
         listen: wake subscribers with LISTEN/NOTIFY (default); False polls only.
+        query_timeout: seconds a query may take (30) before its connection is taken as lost
+            and dropped: a link that stalls without a reset (a NAT or firewall that forgot
+            it) fails the call, which is retried on a new connection, instead of hanging it.
+            The LISTEN connection is checked as often. 0 waits for ever; migrations always do.
     """
 
     shared_across_processes = True
@@ -255,12 +271,15 @@ class PostgresEventStore(StoreBase):
         connect_timeout: float = 10.0,
         create: bool = True,
         listen: bool = True,
+        query_timeout: float = 30.0,
     ) -> None:
         super().__init__(codec=codec, max_event_size=max_event_size, batch_size=batch_size)
         if not _SCHEMA_NAME.match(schema):
             raise ConfigurationError(
                 f"schema={schema!r}: use 1-63 lower-case letters, digits and _ (not first)"
             )
+        if not query_timeout >= 0:
+            raise ConfigurationError(f"query_timeout must be >= 0 seconds, got {query_timeout!r}")
         if min_size < 0 or max_size < 1 or min_size > max_size:
             raise ConfigurationError(f"pool sizes min_size={min_size}, max_size={max_size}")
         self.url = url
@@ -274,6 +293,7 @@ class PostgresEventStore(StoreBase):
         self.connect_timeout = connect_timeout
         self.create = create
         self.listen = listen
+        self.query_timeout = query_timeout
         self._pool: asyncpg.Pool | None = None
         self._listener: asyncpg.Connection | None = None
         self._listener_task: asyncio.Task[None] | None = None
@@ -290,21 +310,11 @@ class PostgresEventStore(StoreBase):
     def from_url(cls, url: str, **options: Any) -> PostgresEventStore:
         """Build from a `postgresql://` URL; tidings' query parameters and keywords set the
         options, any other query parameter goes to the server as a setting."""
-        known = {
-            "max_event_size": int,
-            "batch_size": int,
-            "schema": str,
-            "min_size": int,
-            "max_size": int,
-            "connect_timeout": float,
-            "create": bool,
-            "listen": bool,
-        }
         ours = urlsplit(url)
         mine = "&".join(
-            f"{k}={v}" for k, v in parse_qsl(ours.query, keep_blank_values=True) if k in known
+            f"{k}={v}" for k, v in parse_qsl(ours.query, keep_blank_values=True) if k in _OPTIONS
         )
-        parsed = url_options(urlunsplit(ours._replace(query=mine)), known)
+        parsed = url_options(urlunsplit(ours._replace(query=mine)), _OPTIONS)
         return cls(url, **(parsed | options))
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -319,6 +329,7 @@ class PostgresEventStore(StoreBase):
                     init=_init_connection,
                     reset=_keep_session,
                     timeout=self.connect_timeout,
+                    command_timeout=self.query_timeout or None,
                 )
         except (*_CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
             raise StoreError(
@@ -337,7 +348,7 @@ class PostgresEventStore(StoreBase):
         """Create or migrate the schema: one process migrates, the others wait, then see it."""
         assert self._pool is not None
         async with self._pool.acquire() as conn:
-            current = await _schema_version(conn, self.schema)
+            current = await _schema_version(conn, self.schema)  # (under query_timeout)
             migrations = _migrations(self.schema)
             if current is not None and current >= migrations[-1][0]:
                 return
@@ -346,27 +357,36 @@ class PostgresEventStore(StoreBase):
                     f"PostgreSQL {self.address} schema {self.schema!r} (no tidings tables)"
                 )
             async with conn.transaction():
+                # Another process's migration, or this one, may take long: no query_timeout.
                 await conn.execute(
-                    "SELECT pg_advisory_xact_lock(hashtext($1))", f"tidings:{self.schema}"
+                    "SELECT pg_advisory_xact_lock(hashtext($1))",
+                    f"tidings:{self.schema}",
+                    timeout=_NO_TIMEOUT,
                 )
-                await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {self._s}")
+                await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {self._s}", timeout=_NO_TIMEOUT)
                 await conn.execute(
-                    f"CREATE TABLE IF NOT EXISTS {self._s}.tidings_schema (version integer)"
+                    f"CREATE TABLE IF NOT EXISTS {self._s}.tidings_schema (version integer)",
+                    timeout=_NO_TIMEOUT,
                 )
                 current = await conn.fetchval(
-                    f"SELECT coalesce(max(version), 0) FROM {self._s}.tidings_schema"
+                    f"SELECT coalesce(max(version), 0) FROM {self._s}.tidings_schema",
+                    timeout=_NO_TIMEOUT,
                 )
                 for version, statements in migrations:
                     if version > current:
                         for statement in statements:
-                            await conn.execute(statement)
+                            await conn.execute(statement, timeout=_NO_TIMEOUT)
                         await conn.execute(
-                            f"INSERT INTO {self._s}.tidings_schema (version) VALUES ($1)", version
+                            f"INSERT INTO {self._s}.tidings_schema (version) VALUES ($1)",
+                            version,
+                            timeout=_NO_TIMEOUT,
                         )
 
     async def _close(self) -> None:
         try:
             if self._announcer is not None:  # the last notification still goes out
+                await asyncio.wait({self._announcer}, timeout=self.connect_timeout)
+                self._announcer.cancel()  # (unless its link went silent)
                 await asyncio.gather(self._announcer, return_exceptions=True)
             if self._listener_task is not None:
                 self._listener_task.cancel()
@@ -387,11 +407,25 @@ class PostgresEventStore(StoreBase):
             await asyncio.sleep(0)  # let an aborted transport finish closing
         finally:
             if self._pool is not None:
-                if self._held is not None:
+                await self._close_pool(self._pool)
+
+    async def _close_pool(self, pool: Any) -> None:
+        """Close gracefully, but within `connect_timeout`: a connection on a link that went
+        silent would hold a graceful close for ever. Then every connection is dropped."""
+        held, self._held = self._held, None
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                if held is not None:
                     with contextlib.suppress(asyncpg.InterfaceError):
-                        await self._pool.release(self._held)
-                    self._held = None
-                await self._pool.close()
+                        await pool.release(held)
+                await pool.close()
+        except TimeoutError:
+            log.warning(
+                "closing the connections to %s took over %gs; dropped them",
+                self.address,
+                self.connect_timeout,
+            )
+            pool.terminate()
 
     @asynccontextmanager
     async def _connection(self) -> Any:
@@ -414,11 +448,20 @@ class PostgresEventStore(StoreBase):
                     self._held_busy = True
                     try:
                         yield held
+                    except TimeoutError:
+                        held.terminate()  # see below
+                        raise
                     finally:
                         self._held_busy = False
                     return
             async with self._pool.acquire() as conn:
-                yield conn
+                try:
+                    yield conn
+                except TimeoutError:
+                    # A query outlived query_timeout: its link is stalled, or its answer is
+                    # lost. The connection is never used again (the pool makes a new one).
+                    conn.terminate()
+                    raise
         except (*_CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
             raise StoreError(f"PostgreSQL at {self.address}: {_describe(exc)}") from exc
         except UnicodeDecodeError as exc:  # a stream id or key written around tidings
@@ -436,7 +479,11 @@ class PostgresEventStore(StoreBase):
         while not self._closed:
             try:
                 self._connecting = asyncio.ensure_future(
-                    asyncpg.connect(self.dsn, timeout=self.connect_timeout)
+                    asyncpg.connect(
+                        self.dsn,
+                        timeout=self.connect_timeout,
+                        command_timeout=self.query_timeout or None,
+                    )
                 )
                 conn = await asyncio.shield(self._connecting)
             except (*_CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
@@ -450,9 +497,14 @@ class PostgresEventStore(StoreBase):
                 await conn.add_listener(self.channel, self._notified)
                 self._listener, self._listening, delay = conn, True, 0.1
                 self._signal.notify()  # anything appended while we were deaf is read now
-                await lost.wait()
+                await self._while_alive(conn, lost)
                 log.warning("LISTEN connection to %s lost; polling until it is back", self.address)
-            except (*_CONNECTION_ERRORS, asyncpg.PostgresError):
+            except (*_CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
+                log.warning(
+                    "LISTEN connection to %s failed: %s; polling until it is back",
+                    self.address,
+                    _describe(exc),
+                )
                 await asyncio.sleep(delay)
             finally:
                 self._listening = False
@@ -460,6 +512,16 @@ class PostgresEventStore(StoreBase):
                 self._signal.notify()  # sleeping subscribers switch to polling now
                 if not lost.is_set():
                     conn.terminate()  # no await: this may run while being cancelled
+
+    async def _while_alive(self, conn: Any, lost: asyncio.Event) -> None:
+        """Return when the listening connection ends; a query every `query_timeout` raises
+        on one that stalled without ending (it would otherwise stay deaf for ever)."""
+        while not lost.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.query_timeout or None):
+                    await lost.wait()
+            if not lost.is_set():
+                await conn.execute("SELECT 1")  # under query_timeout
 
     def _notified(self, *_args: Any) -> None:
         self._signal.notify()
@@ -498,10 +560,15 @@ class PostgresEventStore(StoreBase):
             self._announce_wanted = False
             try:
                 async with self._pool.acquire() as conn:
-                    await conn.execute(
-                        "SELECT set_config('synchronous_commit', 'off', true), pg_notify($1, '')",
-                        self.channel,
-                    )
+                    try:
+                        await conn.execute(
+                            "SELECT set_config('synchronous_commit', 'off', true), "
+                            "pg_notify($1, '')",
+                            self.channel,
+                        )
+                    except TimeoutError:
+                        conn.terminate()  # stalled: never reused (as in `_connection`)
+                        raise
             except (*_CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
                 log.warning("NOTIFY %s failed: %s", self.channel, _describe(exc))
                 return  # subscribers' safety poll covers it
@@ -992,15 +1059,5 @@ def _dsn(url: str) -> str:
     parts = urlsplit(url)
     if parts.scheme not in ("postgres", "postgresql"):
         raise ConfigurationError(f"not a PostgreSQL URL: {url!r}")
-    ours = {
-        "max_event_size",
-        "batch_size",
-        "schema",
-        "min_size",
-        "max_size",
-        "connect_timeout",
-        "create",
-        "listen",
-    }
-    query = urlencode([(k, v) for k, v in parse_qsl(parts.query) if k not in ours])
+    query = urlencode([(k, v) for k, v in parse_qsl(parts.query) if k not in _OPTIONS])
     return urlunsplit(parts._replace(scheme="postgresql", query=query))
