@@ -5,15 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
+import asyncpg  # type: ignore[import-untyped]
 import pytest
 
 import tidings
 from tests.backends import POSTGRES, require
+from tests.store.tcp_proxy import TcpProxy
 from tidings import Context, Retry, Service, open_broker, open_inbox, open_store
 
 
@@ -138,3 +142,42 @@ async def test_an_inbox_url_is_opened_for_each_run_and_a_relay_runs_in_a_block(
                 service.stop()
                 await asyncio.wait_for(runner, 5)
         assert seen == [1, 2, 3]  # the second run reopened the inbox; nothing ran twice
+
+
+async def test_a_postgres_inbox_link_stalled_for_good_fails_the_attempt_not_the_consumer() -> None:
+    """The link goes silent both ways, with no reset: the attempt fails with TimeoutError
+    after `query_timeout`, and the next one runs on a new connection."""
+    require("postgres")
+    host, port = urlsplit(POSTGRES).hostname or "127.0.0.1", urlsplit(POSTGRES).port or 5432
+    schema = f"inbox_{uuid.uuid4().hex[:12]}"
+    try:
+        async with TcpProxy(host, port) as proxy, asyncio.timeout(60):
+            proxied = urlsplit(POSTGRES)._replace(netloc=f"postgres@127.0.0.1:{proxy.port}")
+            url = f"{proxied.geturl()}?schema={schema}&query_timeout=1"
+            async with open_inbox(url) as inbox:
+                assert isinstance(inbox, tidings.PostgresInbox) and inbox.query_timeout == 1
+                async with inbox.transaction("c", "e-1") as db:
+                    assert db is not None
+                assert proxy.stall() >= 1
+                started = time.monotonic()
+                with pytest.raises(TimeoutError):
+                    async with asyncio.timeout(10), inbox.transaction("c", "e-2"):
+                        pass
+                failed_after = time.monotonic() - started
+                async with asyncio.timeout(10), inbox.transaction("c", "e-2") as db:
+                    assert db is not None  # the failed attempt left nothing
+                assert await inbox.processed("c") == 2
+    finally:
+        conn = await asyncpg.connect(POSTGRES)  # straight to the server
+        try:
+            await conn.execute(f"drop schema if exists {schema} cascade")
+        finally:
+            await conn.close()
+    assert 0.9 < failed_after < 5, f"failed after {failed_after:.2f}s"
+
+
+def test_a_bad_inbox_query_timeout_is_a_configuration_error() -> None:
+    with pytest.raises(tidings.ConfigurationError, match="query_timeout"):
+        open_inbox("postgresql://127.0.0.1/test?query_timeout=soon")
+    with pytest.raises(tidings.ConfigurationError, match="query_timeout"):
+        tidings.PostgresInbox("postgresql://127.0.0.1/test", query_timeout=-1)

@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 __all__ = ["Inbox", "PostgresInbox", "SQLiteInbox", "open_inbox"]
 
 _TABLE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+_CLOSE_TIMEOUT = 10.0  # seconds a graceful close of the PostgreSQL pool may take
 
 
 class Inbox(AsyncResource, ABC):
@@ -151,16 +152,30 @@ class SQLiteInbox(Inbox):
 
 
 class PostgresInbox(Inbox):
-    """An inbox in PostgreSQL (asyncpg pool); `?schema=NAME` puts its table there."""
+    """An inbox in PostgreSQL (asyncpg pool); `?schema=NAME` puts its table there.
+
+    `query_timeout` (seconds, 30; 0 waits for ever; `?query_timeout=`) bounds every query
+    on the inbox's connections, the handler's own included (asyncpg's `command_timeout`;
+    pass `timeout=` to one query for more): a link that stalls without a reset fails the
+    attempt with `TimeoutError`, the connection is dropped, and the message comes again.
+    """
 
     def __init__(
-        self, url: str, *, table: str = "tidings_inbox", schema: str | None = None
+        self,
+        url: str,
+        *,
+        table: str = "tidings_inbox",
+        schema: str | None = None,
+        query_timeout: float = 30.0,
     ) -> None:
         super().__init__(table)
         if schema is not None and not _TABLE.match(schema):
             raise ConfigurationError(f"schema {schema!r} is not a plain SQL name")
+        if not query_timeout >= 0:
+            raise ConfigurationError(f"query_timeout must be >= 0 seconds, got {query_timeout!r}")
         self.url = url
         self.schema = schema
+        self.query_timeout = query_timeout
         self._pool: Any = None
 
     async def _open(self) -> None:
@@ -168,7 +183,11 @@ class PostgresInbox(Inbox):
 
         settings = {"search_path": self.schema} if self.schema else {}
         self._pool = await asyncpg.create_pool(
-            self.url, min_size=1, max_size=4, server_settings=settings
+            self.url,
+            min_size=1,
+            max_size=4,
+            server_settings=settings,
+            command_timeout=self.query_timeout or None,
         )
         async with self._pool.acquire() as conn:
             if self.schema:
@@ -181,20 +200,29 @@ class PostgresInbox(Inbox):
 
     async def _close(self) -> None:
         if self._pool is not None:
-            await self._pool.close()
-            self._pool = None
+            pool, self._pool = self._pool, None
+            try:  # gracefully, unless a link went silent: then every connection is dropped
+                async with asyncio.timeout(_CLOSE_TIMEOUT):
+                    await pool.close()
+            except TimeoutError:
+                pool.terminate()
 
     @asynccontextmanager
     async def transaction(self, consumer: str, event_id: str) -> AsyncIterator[Any]:
         self._check_open()
-        async with self._pool.acquire() as conn, conn.transaction():
-            fresh = await conn.fetchval(
-                f"insert into {self.table} (consumer, event_id) values ($1, $2) "
-                "on conflict do nothing returning true",
-                consumer,
-                event_id,
-            )
-            yield conn if fresh else None
+        async with self._pool.acquire() as conn:
+            try:
+                async with conn.transaction():
+                    fresh = await conn.fetchval(
+                        f"insert into {self.table} (consumer, event_id) values ($1, $2) "
+                        "on conflict do nothing returning true",
+                        consumer,
+                        event_id,
+                    )
+                    yield conn if fresh else None
+            except TimeoutError:
+                conn.terminate()  # its link may be stalled: never reused (the pool makes another)
+                raise
 
     async def processed(self, consumer: str) -> int:
         self._check_open()
@@ -206,7 +234,8 @@ class PostgresInbox(Inbox):
 
 
 def open_inbox(url: str, *, table: str = "tidings_inbox") -> Inbox:
-    """The inbox for `url`: `sqlite:///path.db` or `postgresql://…[?schema=NAME]`."""
+    """The inbox for `url`: `sqlite:///path.db` or
+    `postgresql://…[?schema=NAME][&query_timeout=SECONDS]`."""
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
     if scheme == "sqlite":
@@ -217,8 +246,20 @@ def open_inbox(url: str, *, table: str = "tidings_inbox") -> Inbox:
     if scheme in ("postgresql", "postgres"):
         options = dict(parse_qsl(parts.query))
         schema = options.pop("schema", None)
+        timeout = options.pop("query_timeout", "30")
+        try:
+            query_timeout = float(timeout)
+        except ValueError:
+            raise ConfigurationError(
+                f"query_timeout={timeout!r} in {url!r} is not a number of seconds"
+            ) from None
         rest = "&".join(f"{k}={v}" for k, v in options.items())
-        return PostgresInbox(urlunsplit(parts._replace(query=rest)), table=table, schema=schema)
+        return PostgresInbox(
+            urlunsplit(parts._replace(query=rest)),
+            table=table,
+            schema=schema,
+            query_timeout=query_timeout,
+        )
     raise ConfigurationError(
         f"unknown inbox URL {url!r}; an inbox lives in sqlite:///… or postgresql://…"
     )
