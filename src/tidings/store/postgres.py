@@ -449,7 +449,7 @@ class PostgresEventStore(StoreBase):
                     try:
                         yield held
                     except TimeoutError:
-                        held.terminate()  # see below
+                        await self._drop_silent(held)
                         raise
                     finally:
                         self._held_busy = False
@@ -458,9 +458,7 @@ class PostgresEventStore(StoreBase):
                 try:
                     yield conn
                 except TimeoutError:
-                    # A query outlived query_timeout: its link is stalled, or its answer is
-                    # lost. The connection is never used again (the pool makes a new one).
-                    conn.terminate()
+                    await self._drop_silent(conn)
                     raise
         except (*_CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
             raise StoreError(f"PostgreSQL at {self.address}: {_describe(exc)}") from exc
@@ -470,6 +468,18 @@ class PostgresEventStore(StoreBase):
             ) from exc
         except OverflowError as exc:  # a time before year 1, written around tidings
             raise StoreError(f"PostgreSQL at {self.address}: a stored value: {exc}") from exc
+
+    async def _drop_silent(self, conn: Any) -> None:
+        """A query outlived `query_timeout`: its link is stalled, or its answer is lost. The
+        connection is never used again, and neither is any other made before it (they
+        likely share the silent path): the pool replaces each on its next use, so a retry
+        meets a fresh connection rather than the next stalled one."""
+        conn.terminate()
+        held = self._held
+        if held is not None and held is not conn and not self._held_busy:
+            held.terminate()  # (`_connection` hands it back to the pool, which drops it)
+        if self._pool is not None:
+            await self._pool.expire_connections()
 
     # -- LISTEN/NOTIFY ---------------------------------------------------------------------
 
@@ -567,7 +577,7 @@ class PostgresEventStore(StoreBase):
                             self.channel,
                         )
                     except TimeoutError:
-                        conn.terminate()  # stalled: never reused (as in `_connection`)
+                        await self._drop_silent(conn)
                         raise
             except (*_CONNECTION_ERRORS, asyncpg.PostgresError) as exc:
                 log.warning("NOTIFY %s failed: %s", self.channel, _describe(exc))
