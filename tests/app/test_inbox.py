@@ -10,14 +10,13 @@ import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import asyncpg  # type: ignore[import-untyped]
 import pytest
 
 import tidings
 from tests.backends import POSTGRES, require
-from tests.store.tcp_proxy import TcpProxy
+from tests.store.tcp_proxy import TcpProxy, server_of, through
 from tidings import Context, Retry, Service, open_broker, open_inbox, open_store
 
 
@@ -148,12 +147,10 @@ async def test_a_postgres_inbox_link_stalled_for_good_fails_the_attempt_not_the_
     """The link goes silent both ways, with no reset: the attempt fails with TimeoutError
     after `query_timeout`, and the next one runs on a new connection."""
     require("postgres")
-    host, port = urlsplit(POSTGRES).hostname or "127.0.0.1", urlsplit(POSTGRES).port or 5432
     schema = f"inbox_{uuid.uuid4().hex[:12]}"
     try:
-        async with TcpProxy(host, port) as proxy, asyncio.timeout(60):
-            proxied = urlsplit(POSTGRES)._replace(netloc=f"postgres@127.0.0.1:{proxy.port}")
-            url = f"{proxied.geturl()}?schema={schema}&query_timeout=1"
+        async with TcpProxy(*server_of(POSTGRES)) as proxy, asyncio.timeout(60):
+            url = f"{through(POSTGRES, proxy.port)}?schema={schema}&query_timeout=1"
             async with open_inbox(url) as inbox:
                 assert isinstance(inbox, tidings.PostgresInbox) and inbox.query_timeout == 1
                 async with inbox.transaction("c", "e-1") as db:

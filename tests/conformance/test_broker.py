@@ -106,24 +106,27 @@ async def test_members_of_one_group_compete(broker: BrokerBase, topic: str) -> N
                 if sum(len(v) for v in seen.values()) == 40:
                     return
 
-    async def first_then_leave() -> list[asyncio.Task[None]]:
+    tasks: list[asyncio.Task[None]] = []
+
+    async def first_then_leave() -> None:
         async with broker.subscribe(topic, group="g", prefetch=1) as deliveries:
             delivery = await anext(aiter(deliveries))
             seen["a"].append(delivery.event.n)  # type: ignore[attr-defined]
-            second = asyncio.create_task(member("b", hold=False))
+            tasks.append(asyncio.create_task(member("b", hold=False)))
             await asyncio.sleep(1)  # b polls meanwhile and must get nothing
             assert not seen["b"], "a second member got a message while the group was held"
             await delivery.ack()
-        return [second]
 
-    if one_at_a_time:
-        tasks = await asyncio.wait_for(first_then_leave(), 15)
-    else:
-        tasks = [asyncio.create_task(member(name, hold=True)) for name in ("a", "b")]
-    await asyncio.wait(tasks, timeout=30, return_when=asyncio.FIRST_COMPLETED)
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+    try:
+        if one_at_a_time:
+            await asyncio.wait_for(first_then_leave(), 15)
+        else:
+            tasks += [asyncio.create_task(member(name, hold=True)) for name in ("a", "b")]
+        await asyncio.wait(tasks, timeout=30, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
     everything = sorted(n for values in seen.values() for n in values)
     assert everything == list(range(40))  # each once
     assert seen["a"] and seen["b"]  # both took a share

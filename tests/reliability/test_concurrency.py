@@ -524,13 +524,7 @@ def machine_for(backend: str, writers: list[Child], totals: Totals) -> type[Rule
 
         @rule(appends=st.lists(new_appends, min_size=1, max_size=8))
         def burst(self, appends: list[Any]) -> None:
-            sends = []
-            for stream, label, count, copies, where in appends:
-                events = [(uuid.uuid4().hex, f"{len(self.history)}.{k}") for k in range(count)]
-                self.history.append(Append(stream, events))
-                expected = resolve(label, self.versions[stream])
-                sends += [(self.history[-1], expected, where[c]) for c in range(copies)]
-            self.execute(sends)
+            self.execute(self.fresh(appends))
 
         @precondition(lambda self: bool(self.history))
         @rule(
@@ -545,12 +539,17 @@ def machine_for(backend: str, writers: list[Child], totals: Totals) -> type[Rule
                     continue  # one expectation per append per burst
                 expected = resolve(label, self.versions[append.stream])
                 sends += [(append, expected, where[c]) for c in range(copies)]
-            for stream, label, count, copies, where in fresh:
+            self.execute(sends + self.fresh(fresh))
+
+        def fresh(self, appends: list[Any]) -> list[Any]:
+            """New appends (with new event ids) into the history, each sent `copies` times."""
+            sends = []
+            for stream, label, count, copies, where in appends:
                 events = [(uuid.uuid4().hex, f"{len(self.history)}.{k}") for k in range(count)]
                 self.history.append(Append(stream, events))
                 expected = resolve(label, self.versions[stream])
                 sends += [(self.history[-1], expected, where[c]) for c in range(copies)]
-            self.execute(sends)
+            return sends
 
         # -- one burst and what it must have done -----------------------------------------
 

@@ -47,7 +47,7 @@ from contextlib import aclosing, closing
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 from urllib.parse import parse_qsl, quote, urlsplit
 
 import pytest
@@ -667,14 +667,25 @@ def test_the_stored_row_decoder_is_fuzzed() -> None:
             load=f"{seen['in']:,} generated rows, with and without keep_unknown",
             faults="any id bytes or text, stream ids, versions, types, schema versions, times, "
             "data and metadata (nested 20,000 deep, 5,000 digits, NaN, not UTF-8)",
-            events_in=seen["in"],
-            events_out=seen["refused"] + seen["decoded"],
-            lost=seen["in"] - seen["refused"] - seen["decoded"],
-            duplicated=0,
+            **_fuzz_counts(seen),
             notes=f"{seen['refused']:,} refused naming the row, {seen['decoded']:,} decoded",
             seconds=took[0],
         )
     )
+
+
+class _Counts(TypedDict):
+    events_in: int
+    events_out: int
+    lost: int
+    duplicated: int
+
+
+def _fuzz_counts(seen: Counter[str]) -> _Counts:
+    """A fuzzing row's counts: every input must end refused (with a tidings error) or
+    decoded; anything else counts as lost."""
+    out = seen["refused"] + seen["decoded"]
+    return {"events_in": seen["in"], "events_out": out, "lost": seen["in"] - out, "duplicated": 0}
 
 
 # -- 1c. the CLI's own inputs, fuzzed ---------------------------------------------------------
@@ -1011,10 +1022,7 @@ def test_binary_mode_cloudevents_are_fuzzed_through_every_adapter_decoder() -> N
             load=f"{seen['in']:,} generated messages",
             faults="any attribute names and values (5,000 digits, '²', %-escapes, nested 5,000 "
             "deep), AMQP values of every type, keys not UTF-8, any body",
-            events_in=seen["in"],
-            events_out=seen["refused"] + seen["decoded"],
-            lost=seen["in"] - seen["refused"] - seen["decoded"],
-            duplicated=0,
+            **_fuzz_counts(seen),
             notes=f"{seen['refused']:,} refused with a tidings error (dead-lettered by a "
             f"Service), {seen['decoded']:,} decoded; every one kept as a dead letter and "
             "re-encoded for a replay",
@@ -1078,10 +1086,7 @@ def test_structured_mode_cloudevents_are_fuzzed_through_every_adapter_decoder() 
             load=f"{seen['in']:,} generated messages",
             faults="any JSON documents (attributes of every JSON type, 1e999, NaN, nested "
             "20,000 deep), bytes that are no JSON, foreign fields, keys not UTF-8",
-            events_in=seen["in"],
-            events_out=seen["refused"] + seen["decoded"],
-            lost=seen["in"] - seen["refused"] - seen["decoded"],
-            duplicated=0,
+            **_fuzz_counts(seen),
             notes=f"{seen['refused']:,} refused with a tidings error, {seen['decoded']:,} "
             "decoded; every one kept as a dead letter and re-encoded for a replay",
             seconds=took[0],

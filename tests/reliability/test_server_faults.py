@@ -57,6 +57,7 @@ from tests.reliability.servers import (
     RabbitApp,
     private_server,
 )
+from tests.store.tcp_proxy import server_of, through
 from tidings import (
     Event,
     JSONCodec,
@@ -347,7 +348,37 @@ class Verdict:
     notes: str
 
 
-class StorePipeline:
+class Pipeline:
+    """What both pipelines share: their tasks, a warm-up before the first fault, stopping."""
+
+    recovery: Recovery
+    load: Load
+    tasks: list[asyncio.Task[Any]]  # the followers: relay, consumer, projection, subscriber
+    writing: list[asyncio.Task[Any]]  # the load
+
+    @property
+    def watched(self) -> list[asyncio.Task[Any]]:
+        return [*self.tasks, *self.writing]
+
+    @contextlib.asynccontextmanager
+    async def warmed_up(self) -> AsyncIterator[None]:
+        """Every part works once before any fault; on the way out, every task stops."""
+        try:
+            self.recovery.restored()
+            await self.recovery.wait("the start", self.watched, count=False)
+            yield
+        finally:
+            self.load.stop.set()
+            await stop_tasks(*self.writing, *self.tasks)
+
+    async def writers_done(self) -> None:
+        """Stop the load and wait for its last calls."""
+        self.load.stop.set()
+        async with asyncio.timeout(OPERATION_BOUND * 2):
+            await asyncio.gather(*self.writing)
+
+
+class StorePipeline(Pipeline):
     """Writers, a subscriber, a projection and an outbox relay on one store; the relay
     publishes to an in-memory broker, where a service applies each event behind an inbox."""
 
@@ -394,23 +425,12 @@ class StorePipeline:
                 )
                 for w in range(self.writers)
             ]
-            try:
-                self.recovery.restored()  # warm-up: every part works once before any fault
-                await self.recovery.wait("the start", self.watched, count=False)
+            async with self.warmed_up():
                 yield self
-            finally:
-                self.load.stop.set()
-                await stop_tasks(*self.writing, *self.tasks)
-
-    @property
-    def watched(self) -> list[asyncio.Task[Any]]:
-        return [*self.tasks, *self.writing]
 
     async def finish(self) -> Verdict:
         """Stop the load, let every follower catch up, and compare each with the log."""
-        self.load.stop.set()
-        async with asyncio.timeout(OPERATION_BOUND * 2):
-            await asyncio.gather(*self.writing)
+        await self.writers_done()
         store, watch = self.store, self.tasks
         head = 0
 
@@ -499,7 +519,7 @@ async def _at(store: StoreBase, checkpoint: str, head: int) -> bool:
 BROKER_PARTS = ("relay", "publisher", "consumer")
 
 
-class BrokerPipeline:
+class BrokerPipeline(Pipeline):
     """Writers on a SQLite store, an outbox relay from it to the broker, a publisher
     straight to the broker, and a service consuming behind a SQLite inbox."""
 
@@ -538,22 +558,11 @@ class BrokerPipeline:
                     self.load.publish(publisher, self.topic, self.pace), name="the publisher"
                 ),
             ]
-            try:
-                self.recovery.restored()
-                await self.recovery.wait("the start", self.watched, count=False)
+            async with self.warmed_up():
                 yield self
-            finally:
-                self.load.stop.set()
-                await stop_tasks(*self.writing, *self.tasks)
-
-    @property
-    def watched(self) -> list[asyncio.Task[Any]]:
-        return [*self.tasks, *self.writing]
 
     async def finish(self) -> Verdict:
-        self.load.stop.set()
-        async with asyncio.timeout(OPERATION_BOUND * 2):
-            await asyncio.gather(*self.writing)
+        await self.writers_done()
         store, watch = self.store, self.tasks
         head = await store.last_position()
         await until(lambda: _at(store, "outbox:faults", head), "the relay", watch)
@@ -786,21 +795,6 @@ async def link_fault(proxy: LinkProxy, i: int, recovery: Recovery) -> str:
     return kind
 
 
-def through(url: str, port: int) -> str:
-    """`url` with its server's address replaced by 127.0.0.1:`port` (the proxy)."""
-    parts = urlsplit(url)
-    user = parts.netloc.rpartition("@")[0]
-    return parts._replace(
-        netloc=f"{user}@127.0.0.1:{port}" if user else f"127.0.0.1:{port}"
-    ).geturl()
-
-
-def address(url: str) -> tuple[str, int]:
-    parts = urlsplit(url)
-    default = {"postgresql": 5432, "amqp": 5672}.get(parts.scheme, 0)
-    return parts.hostname or "127.0.0.1", parts.port or default
-
-
 @pytest.mark.parametrize("backend", ["postgres", *BROKERS])
 async def test_connections_cut_and_stalled(backend: str, tmp_path: Path) -> None:
     require(backend)
@@ -810,7 +804,7 @@ async def test_connections_cut_and_stalled(backend: str, tmp_path: Path) -> None
         if not direct:
             server = await stack.enter_async_context(private_server(backend, tmp_path / "server"))
             direct, name = server.url, f"{BROKERS[backend]} (a private server)"
-        proxy = await stack.enter_async_context(LinkProxy(*address(direct)))
+        proxy = await stack.enter_async_context(LinkProxy(*server_of(direct)))
         pipeline: StorePipeline | BrokerPipeline
         if backend == "postgres":
             schema = f"{direct}?schema=faults_{uuid.uuid4().hex[:12]}"

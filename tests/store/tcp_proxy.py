@@ -5,6 +5,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable
+from urllib.parse import urlsplit
+
+_DEFAULT_PORTS = {"postgresql": 5432, "postgres": 5432, "amqp": 5672, "redis": 6379, "nats": 4222}
+
+
+def server_of(url: str) -> tuple[str, int]:
+    """The host and port a server URL points at (the proxy's target)."""
+    parts = urlsplit(url)
+    return parts.hostname or "127.0.0.1", parts.port or _DEFAULT_PORTS.get(parts.scheme, 0)
+
+
+def through(url: str, port: int) -> str:
+    """`url` with its server's address replaced by 127.0.0.1:`port` (the proxy); user,
+    password, path and query kept."""
+    parts = urlsplit(url)
+    user = parts.netloc.rpartition("@")[0]
+    netloc = f"{user}@127.0.0.1:{port}" if user else f"127.0.0.1:{port}"
+    return parts._replace(netloc=netloc).geturl()
 
 
 class TcpProxy:

@@ -28,7 +28,7 @@ import pytest
 import tidings
 from tests.backends import POSTGRES, discard, require, store_url
 from tests.events import Deposited, Note
-from tests.store.tcp_proxy import TcpProxy
+from tests.store.tcp_proxy import TcpProxy, server_of, through
 from tidings import (
     AppendResult,
     ConfigurationError,
@@ -69,18 +69,6 @@ def pg_url(new_url: Callable[[], str]) -> str:
 
 def schema_of(url: str) -> str:
     return dict(parse_qsl(urlsplit(url).query))["schema"]
-
-
-def server_address() -> tuple[str, int]:
-    parts = urlsplit(POSTGRES)
-    return parts.hostname or "127.0.0.1", parts.port or 5432
-
-
-def through(url: str, port: int) -> str:
-    """`url` with the server's address replaced by 127.0.0.1:`port` (a proxy)."""
-    parts = urlsplit(url)
-    user = f"{parts.username}@" if parts.username else ""
-    return parts._replace(netloc=f"{user}127.0.0.1:{port}").geturl()
 
 
 @asynccontextmanager
@@ -608,7 +596,7 @@ async def test_listener_killed_by_the_server_reconnects(pg_url: str) -> None:
 
 
 async def test_subscriber_polls_while_the_listener_cannot_reconnect(pg_url: str) -> None:
-    async with TcpProxy(*server_address()) as proxy:
+    async with TcpProxy(*server_of(POSTGRES)) as proxy:
         # The pool's two connections are made at open; only the listener must reconnect.
         proxied = through(pg_url, proxy.port)
         async with (
@@ -651,7 +639,7 @@ async def test_links_stalled_for_good_are_dropped_after_the_query_timeout(pg_url
     """Every connection goes silent both ways and is never reset (a NAT that forgot it): an
     append fails over to a new connection, and the listener is replaced, each within about
     `query_timeout`, instead of waiting for ever."""
-    async with TcpProxy(*server_address()) as proxy:
+    async with TcpProxy(*server_of(POSTGRES)) as proxy:
         proxied = through(pg_url, proxy.port)
         async with (
             tidings.open_store(proxied, query_timeout=1) as store,
@@ -727,7 +715,7 @@ async def test_appends_cut_off_mid_flight_are_safe_to_retry(pg_url: str) -> None
         (f"s-{i % 20}", [Note(text=f"{i}.{k}") for k in range(1 + i % 3)]) for i in range(400)
     ]
     outcomes: list[AppendResult | StoreError | None] = [None] * len(batches)
-    async with TcpProxy(*server_address()) as proxy:
+    async with TcpProxy(*server_of(POSTGRES)) as proxy:
         proxied = through(pg_url, proxy.port)
         async with tidings.open_store(proxied, max_size=4, connect_timeout=2) as store:
 

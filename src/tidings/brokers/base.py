@@ -142,17 +142,8 @@ class DeadLetter:
         if limit is None:
             return body
         size, room, count = len(body), limit // 8, 64
+        note = f" [cut from {size:,} bytes to fit {limit_name} of {limit:,}]"
         while len(body) > limit and room:
-
-            def cut(
-                values: Mapping[str, Any], room: int = room, count: int = count
-            ) -> dict[str, Any]:
-                return {
-                    str(k)[:64]: v[:room] if isinstance(v, str) else v
-                    for k, v in list(values.items())[:count]
-                }
-
-            note = f" [cut from {size:,} bytes to fit {limit_name} of {limit:,}]"
             message = self.message
             smaller = DeadLetter(
                 self.id,
@@ -163,10 +154,10 @@ class DeadLetter:
                 self.failed_at,
                 Message(
                     message.topic,
-                    cut(message.attributes),
+                    _cut(message.attributes, room, count),
                     message.data[:room],
                     message.key and message.key[:room],
-                    cut(message.headers),
+                    _cut(message.headers, room, count),
                 ),
             )
             body = json.dumps(smaller.to_dict(), ensure_ascii=False, default=str).encode()
@@ -196,6 +187,13 @@ class DeadLetter:
             datetime.fromisoformat(record["failed_at"]),
             message,
         )
+
+
+def _cut(values: Mapping[str, Any], room: int, count: int) -> dict[str, Any]:
+    """The first `count` entries, names cut to 64 characters and text values to `room`."""
+    return {
+        str(k)[:64]: v[:room] if isinstance(v, str) else v for k, v in list(values.items())[:count]
+    }
 
 
 class Delivery:
