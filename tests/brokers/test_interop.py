@@ -9,13 +9,17 @@ on (the conformance suite covers malformed messages published through tidings it
 
 Redis Streams carries structured mode only (an entry has no headers). NATS JetStream carries
 binary mode with the `ce-` headers of the HTTP binding, and structured mode. RabbitMQ carries
-binary mode with the AMQP binding's `cloudEvents_` headers, and structured mode; its cases run
-only when `rabbitmq` is in `TIDINGS_TEST_BROKERS`.
+binary mode with the AMQP binding's `cloudEvents_` headers, and structured mode. Kafka carries
+the Kafka binding: binary mode (`ce_` headers, UTF-8 as is with no percent-encoding, the data
+content type as `content-type`, the data as the value) and structured mode (`content-type:
+application/cloudevents+json`, the whole event as the value), in both the partition key as the
+record key. Each broker's cases run only when it is in `TIDINGS_TEST_BROKERS`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import uuid
 import zlib
@@ -23,20 +27,26 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, cast
+from urllib.parse import urlsplit
 
 import nats
 import pytest
 import redis.asyncio as aioredis
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition  # type: ignore[import-untyped]
+from aiokafka.admin import AIOKafkaAdminClient  # type: ignore[import-untyped]
+from aiokafka.errors import KafkaError  # type: ignore[import-untyped]
+from aiokafka.partitioner import murmur2  # type: ignore[import-untyped]
 from cloudevents.core.base import BaseCloudEvent
-from cloudevents.core.bindings import amqp, http
+from cloudevents.core.bindings import amqp, http, kafka
 from cloudevents.core.bindings.amqp import AMQPMessage
 from cloudevents.core.bindings.http import HTTPMessage
+from cloudevents.core.bindings.kafka import KafkaMessage
 from cloudevents.core.formats.json import JSONFormat
 from cloudevents.core.v1.event import CloudEvent
 from nats.js import JetStreamContext, api
 
 import tidings
-from tests.backends import BROKER_BACKENDS, NATS, RABBITMQ, REDIS, broker_url, require
+from tests.backends import BROKER_BACKENDS, NATS, RABBITMQ, REDIS, broker_url, kafka_url, require
 from tidings.brokers import BrokerBase, DeadLetter, Message, open_broker
 from tidings.core.recorded import RecordedEvent
 
@@ -52,6 +62,7 @@ FORMAT = JSONFormat()
 REDIS_SHARDS = 8
 NATS_SHARDS = 16
 RABBITMQ_SHARDS = 8
+KAFKA_PARTITIONS = 8
 NATS_STREAM = "TIDINGS"
 
 
@@ -535,3 +546,227 @@ async def test_rabbitmq_messages_that_are_no_cloudevent_are_dead_lettered_and_th
     assert_handled(handled, ce, None)
     assert len(letters) == 2
     assert_invalid(letters, topic, "plain text", '"order": "o-7"')
+
+
+# -- Kafka: the topic of the same name, the ordering key as the record key ------------------
+
+
+def kafka_partition(key: str) -> int:
+    """The partition of a keyed record: Kafka's murmur2 of the key, as the Java client."""
+    return (murmur2(key.encode()) & 0x7FFFFFFF) % KAFKA_PARTITIONS
+
+
+@dataclass
+class KafkaClients:
+    broker: BrokerBase
+    producer: Any  # AIOKafkaProducer
+    servers: str
+
+
+@pytest.fixture
+async def kafka_clients(topic: str) -> AsyncIterator[KafkaClients]:
+    enabled("kafka")
+    url = kafka_url()
+    servers = urlsplit(url).netloc
+    try:
+        async with open_broker(url) as broker:
+            producer = AIOKafkaProducer(
+                bootstrap_servers=servers, enable_idempotence=False, acks="all"
+            )
+            await producer.start()
+            try:
+                yield KafkaClients(broker, producer, servers)
+            finally:
+                await producer.stop()
+    finally:  # the test's topic goes (a cluster that refuses to delete topics keeps it)
+        admin = AIOKafkaAdminClient(bootstrap_servers=servers)
+        with contextlib.suppress(KafkaError, OSError, TimeoutError):
+            async with asyncio.timeout(10):
+                await admin.start()
+                await admin.delete_topics([topic])
+        await admin.close()
+
+
+def kafka_message(ce: CloudEvent, mode: str, key: str | None = None) -> KafkaMessage:
+    """The SDK's Kafka binding, binary (`ce_` headers) or structured; the record key is the
+    event's `partitionkey`, or `key` when given (the event may then have none)."""
+    write = kafka.to_binary if mode == "binary" else kafka.to_structured
+    if key is None:
+        return write(ce, FORMAT)
+    return write(ce, FORMAT, key_mapper=lambda _: key)
+
+
+async def kafka_send(
+    producer: Any, topic: str, wire: KafkaMessage, *, partition: int | None = None
+) -> None:
+    """Publish as a plain aiokafka producer: headers, key and value as the binding made them
+    (the topic must already exist: tidings creates it with its partitions)."""
+    key = wire.key.encode() if isinstance(wire.key, str) else wire.key
+    await producer.send_and_wait(
+        topic, wire.value, key=key, partition=partition, headers=list(wire.headers.items())
+    )
+
+
+@pytest.mark.parametrize(
+    ("mode", "key"),
+    [
+        pytest.param("binary", KEY, id="binary-keyed"),
+        pytest.param("binary", None, id="binary-keyless"),
+        pytest.param("structured", KEY, id="structured-keyed"),
+        pytest.param("structured", None, id="structured-keyless"),
+    ],
+)
+async def test_kafka_a_plain_client_publishes_an_sdk_event_and_a_handler_gets_it(
+    kafka_clients: KafkaClients, topic: str, mode: str, key: str | None
+) -> None:
+    ce = sdk_event(key)
+    wire = kafka_message(ce, mode)
+    assert wire.key == key
+    if mode == "binary":
+        assert wire.headers["ce_specversion"] == b"1.0"
+        assert wire.headers["content-type"] == b"application/json"
+    else:
+        assert wire.headers == {"content-type": b"application/cloudevents+json"}
+
+    async def publish() -> None:
+        await kafka_send(kafka_clients.producer, topic, wire)
+
+    handled, _ = await consume(kafka_clients.broker, topic, publish)
+    assert_handled(handled, ce, key)
+
+
+@pytest.mark.parametrize("mode", ["binary", "structured"])
+async def test_kafka_the_record_key_alone_is_the_key(
+    kafka_clients: KafkaClients, topic: str, mode: str
+) -> None:
+    """A producer that keys its records but puts no `partitionkey` in the event: the binding
+    maps the record key to the partition key, and so does tidings."""
+    ce = sdk_event(None)
+    wire = kafka_message(ce, mode, key=KEY)
+    assert wire.key == KEY
+    assert "ce_partitionkey" not in wire.headers
+
+    async def publish() -> None:
+        await kafka_send(kafka_clients.producer, topic, wire)
+
+    handled, _ = await consume(kafka_clients.broker, topic, publish)
+    assert_handled(handled, ce, KEY)
+
+
+async def test_kafka_binary_header_values_are_utf8_as_is(
+    kafka_clients: KafkaClients, topic: str
+) -> None:
+    """The Kafka binding percent-encodes nothing: a `%`, a space, a line break or a letter
+    beyond ASCII arrives as the producer wrote it."""
+    tenant = "acme corp 100%20 \u00e9t\u00e9\nnorth"
+    ce = sdk_event(None, tenant=tenant)
+    wire = kafka_message(ce, "binary")
+    assert wire.headers["ce_tenant"] == tenant.encode()
+
+    async def publish() -> None:
+        await kafka_send(kafka_clients.producer, topic, wire)
+
+    [seen], _ = await consume(kafka_clients.broker, topic, publish)
+    assert seen.record.metadata.headers.get("tenant") == tenant
+
+
+async def read_raw(servers: str, topic: str) -> Any:
+    """The one record on `topic`, read by a plain consumer without a group: every partition
+    assigned and read from its beginning."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=servers, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        consumer.assign([TopicPartition(topic, n) for n in range(KAFKA_PARTITIONS)])
+        await consumer.seek_to_beginning()
+        records: list[Any] = []
+        async with asyncio.timeout(10):
+            while not records:
+                batches = await consumer.getmany(timeout_ms=500)
+                records = [record for batch in batches.values() for record in batch]
+        [record] = records
+        return record
+    finally:
+        await consumer.stop()
+
+
+def kafka_wire(record: Any) -> KafkaMessage:
+    headers = dict(record.headers)
+    assert len(headers) == len(record.headers)  # no header twice
+    return KafkaMessage(headers=headers, key=record.key, value=record.value)
+
+
+@pytest.mark.parametrize("key", [KEY, None], ids=["keyed", "keyless"])
+async def test_kafka_a_published_event_is_read_by_a_plain_client_and_parsed_by_the_sdk(
+    kafka_clients: KafkaClients, topic: str, key: str | None
+) -> None:
+    event, metadata = published_event()
+    await kafka_clients.broker.publish(topic, event, key=key, metadata=metadata)
+    record = await read_raw(kafka_clients.servers, topic)
+    if key is None:
+        assert record.key is None
+    else:
+        assert record.key == key.encode()
+        assert record.partition == kafka_partition(key)  # where a Java producer puts it
+    wire = kafka_wire(record)
+    assert wire.headers["ce_specversion"] == b"1.0"  # binary mode
+    assert wire.headers["ce_id"] == str(event.event_id).encode()
+    assert wire.headers["ce_type"] == TYPE.encode()
+    assert wire.headers["content-type"] == b"application/json"
+    assert "ce_datacontenttype" not in wire.headers
+    assert ("ce_partitionkey" in wire.headers) == (key is not None)
+    parsed = kafka.from_kafka(wire, FORMAT)
+    assert_parsed(parsed, event, key)
+    assert json.loads(record.value) == {"order": "o-9", "items": 5, "note": "fragile"}
+
+
+async def test_kafka_header_values_travel_as_utf8_and_the_sdk_reads_them_back(
+    kafka_clients: KafkaClients, topic: str
+) -> None:
+    """No percent-encoding on Kafka (that is the HTTP binding's): a value with a line break,
+    spaces, a percent sign and a letter beyond ASCII is its UTF-8 bytes."""
+    event, metadata = published_event()
+    address = "1 Main St\nSpringfield 100% \u00fcber"
+    metadata["address"] = address
+    await kafka_clients.broker.publish(topic, event, key=KEY, metadata=metadata)
+    record = await read_raw(kafka_clients.servers, topic)
+    wire = kafka_wire(record)
+    assert wire.headers["ce_address"] == address.encode()
+    parsed = kafka.from_binary(wire, FORMAT)
+    assert_parsed(parsed, event, KEY)
+    assert parsed.get_extension("address") == address
+
+
+async def test_kafka_records_that_are_no_cloudevent_are_dead_lettered_and_the_consumer_goes_on(
+    kafka_clients: KafkaClients, topic: str
+) -> None:
+    ce = sdk_event(None)
+    not_ce = json.dumps({"order": "o-7", "items": 3}).encode()
+    no_specversion = kafka.to_binary(ce, FORMAT).headers.copy()
+    del no_specversion["ce_specversion"]
+    no_specversion["ce_type"] = b"test.interop.unversioned"
+    bad = [
+        KafkaMessage(headers={}, key=None, value=b"plain text"),  # no headers at all
+        KafkaMessage(headers={"content-type": b"application/json"}, key=None, value=not_ce),
+        KafkaMessage(  # structured, but cut short
+            headers={"content-type": b"application/cloudevents+json"},
+            key=None,
+            value=b'{"specversion": "1.0", "id": "cut-short',
+        ),
+        KafkaMessage(headers=no_specversion, key=None, value=b"unversioned"),
+    ]
+
+    async def publish() -> None:
+        # One partition, the good record last: the consumer has to get past the bad ones.
+        for wire in bad:
+            await kafka_send(kafka_clients.producer, topic, wire, partition=0)
+        await kafka_clients.producer.send_and_wait(topic, None, key=b"gone", partition=0)
+        await kafka_send(kafka_clients.producer, topic, kafka_message(ce, "binary"), partition=0)
+
+    handled, letters = await consume(kafka_clients.broker, topic, publish, dead=5)
+    assert_handled(handled, ce, None)
+    assert len(letters) == 5
+    assert_invalid(
+        letters, topic, "plain text", '"order": "o-7"', "cut-short", "test.interop.unversioned"
+    )
+    [tombstone] = [letter for letter in letters if letter.message.key == "gone"]
+    assert tombstone.message.data == b""

@@ -29,6 +29,7 @@ from tidings.brokers import DeadLetter, Message, open_broker
 from tidings.brokers.envelope import encode
 from tidings.brokers.kafka import (
     _BUFFER,
+    _COUNTS_MAX,
     KafkaBroker,
     KafkaBrokerError,
     OffsetTracker,
@@ -70,7 +71,7 @@ def test_defaults_and_keywords_over_the_query() -> None:
     broker = KafkaBroker.from_url("kafka://?partitions=3", partitions=5)
     assert broker.servers == ["127.0.0.1:9092"]
     assert broker.partitions == 5
-    assert broker.keyless == "sticky"  # keyless records keep publish order, as elsewhere
+    assert broker.keyless == "spread"  # keyless records compete across members; no order
     assert broker.dead_letter_topic == "tidings.dead-letters"
 
 
@@ -245,9 +246,9 @@ def test_delivery_counts_travel_in_commit_metadata() -> None:
     assert decode_attempts("tidings-attempts:1=2,bad,3=x") == {1: 2}
 
 
-def test_too_many_counts_are_cut_within_kafkas_metadata_limit() -> None:
-    metadata = encode_attempts({offset: 3 for offset in range(10**9, 10**9 + 500)})
-    assert len(metadata) <= 1000
+def test_too_many_counts_are_cut_within_their_bound() -> None:
+    metadata = encode_attempts({offset: 3 for offset in range(10**9, 10**9 + 2000)})
+    assert len(metadata) <= _COUNTS_MAX
     counts = decode_attempts(metadata)
     assert counts and set(counts.values()) == {3}
     assert min(counts) == 10**9  # the first ones are kept: they come back first
@@ -322,11 +323,22 @@ class StandIn:
         return {TP}
 
 
+class HandedOver:
+    """Stands in for the broker's attempts table: the counts each hand-over wrote."""
+
+    def __init__(self) -> None:
+        self.counts: list[dict[Any, str]] = []
+
+    async def __call__(self, group_id: str, counts: dict[Any, str]) -> None:
+        self.counts.append(dict(counts))
+
+
 TP = TopicPartition("orders", 0)
 
 
 def member(prefetch: int = 16) -> tuple[_Consumer, StandIn]:
     broker = KafkaBroker("kafka://127.0.0.1:9092")
+    broker._hand_over_attempts = HandedOver()  # type: ignore[method-assign]
     consumer = _Consumer(broker, "orders", "email", broker.group_id("orders", "email"), prefetch)
     stand_in = StandIn()
     consumer.consumer = stand_in
@@ -346,6 +358,15 @@ def fill(c: _Consumer, records: list[Any], carried: dict[int, int] | None = None
     return part
 
 
+async def take(c: _Consumer, now: float) -> tuple[Any, float | None]:
+    """`c.take`, after the delivery counts it asks for are written ahead (to the stand-in)."""
+    taken = c.take(now)
+    if c.marking is not None:
+        await c.marking
+        taken = c.take(now)
+    return taken
+
+
 def total(received: Any) -> int:
     return int(received.message.record().event.total)
 
@@ -354,62 +375,84 @@ async def test_one_key_is_handed_out_in_order_and_never_twice_at_once() -> None:
     c, kafka = member()
     fill(c, [record(0, "a", 0), record(1, "a", 1), record(2, "b", 2), record(3, None, 3)])
     now = time.monotonic()
-    first, _ = c.take(now)
-    second, _ = c.take(now)
-    third, _ = c.take(now)
+    first, _ = await take(c, now)
+    second, _ = await take(c, now)
+    third, _ = await take(c, now)
     assert first is not None and second is not None and third is not None
     assert [total(r) for r in (first, second, third)] == [0, 2, 3]  # a:1 waits for a:0
-    assert c.take(now) == (None, None)
+    assert await take(c, now) == (None, None)
     await third.ack()  # offset 3 done, 0 is not: nothing to commit yet
     assert kafka.commits == []
     await first.ack()
     assert kafka.commits == [{TP: OffsetAndMetadata(1, "")}]
-    fourth, _ = c.take(now)
+    fourth, _ = await take(c, now)
     assert fourth is not None and total(fourth) == 1
     await second.ack()
     await fourth.ack()
     assert kafka.commits[-1] == {TP: OffsetAndMetadata(4, "")}
 
 
+async def test_deliveries_are_counted_ahead_so_a_crash_keeps_them() -> None:
+    """Before a record is handed out, its delivery is in the attempts table (one write for
+    up to `prefetch` records per partition): a member killed while holding it loses no count."""
+    c, _ = member(prefetch=2)
+    written = c.broker._hand_over_attempts.counts  # type: ignore[attr-defined]
+    fill(c, [record(0, "a", 0), record(1, "b", 1), record(2, "c", 2)])
+    assert c.take(time.monotonic()) == (None, None)  # not counted yet: nothing handed out
+    assert c.marking is not None
+    await c.marking
+    assert written == [{TP: "tidings-attempts:0=1,1=1"}]
+    first, _ = c.take(time.monotonic())
+    assert first is not None and first.attempt == 1
+    await first.nack(0)
+    again, _ = await take(c, time.monotonic())  # its second delivery is counted first too
+    assert again is not None and again.attempt == 2
+    assert written[-1] == {TP: "tidings-attempts:0=2,1=1,2=1"}  # 0 again, and 2 (waiting)
+    assert len(written) == 2
+
+
 async def test_prefetch_bounds_what_a_member_holds() -> None:
     c, _ = member(prefetch=1)
     fill(c, [record(0, "a", 0), record(1, "b", 1)])
-    held, _ = c.take(time.monotonic())
+    held, _ = await take(c, time.monotonic())
     assert held is not None
-    assert c.take(time.monotonic()) == (None, None)
+    assert await take(c, time.monotonic()) == (None, None)
     await held.ack()
-    assert c.take(time.monotonic())[0] is not None
+    assert (await take(c, time.monotonic()))[0] is not None
 
 
 async def test_a_nack_holds_the_message_and_its_key_until_the_delay_is_over() -> None:
     c, kafka = member()
     fill(c, [record(0, "a", 0), record(1, "a", 1), record(2, "b", 2)])
     now = time.monotonic()
-    first, _ = c.take(now)
+    first, _ = await take(c, now)
     assert first is not None and first.attempt == 1
     await first.nack(5.0)
-    other, soonest = c.take(now)
+    other, soonest = await take(c, now)
     assert other is not None and total(other) == 2  # another key goes on
-    nothing, soonest = c.take(now)
+    nothing, soonest = await take(c, now)
     assert nothing is None and soonest is not None and soonest >= now + 4.9
-    again, _ = c.take(now + 6)
+    again, _ = await take(c, now + 6)
     assert again is not None and total(again) == 0 and again.attempt == 2
     await again.ack()
     assert kafka.commits == [{TP: OffsetAndMetadata(1, "")}]
 
 
-async def test_handing_over_commits_the_commit_point_with_the_delivery_counts() -> None:
+async def test_handing_over_writes_the_delivery_counts_then_commits_the_commit_point() -> None:
     c, kafka = member()
     part = fill(c, [record(5, "a", 0), record(6, "b", 1), record(7, "c", 2), record(8, "d", 3)])
     now = time.monotonic()
-    held, _ = c.take(now)
-    nacked, _ = c.take(now)
-    acked, _ = c.take(now)
+    held, _ = await take(c, now)
+    nacked, _ = await take(c, now)
+    acked, _ = await take(c, now)
     assert held is not None and nacked is not None and acked is not None
     await acked.ack()  # offset 7: 5 and 6 are still open
     await nacked.nack(30)
     await c.hand_over([part])
-    assert kafka.commits == [{TP: OffsetAndMetadata(5, "tidings-attempts:5=1,6=1")}]
+    written = c.broker._hand_over_attempts.counts  # type: ignore[attr-defined]
+    assert written[0] == {TP: "tidings-attempts:5=1,6=1,7=1,8=1"}  # counted ahead
+    assert written[-1] == {TP: "tidings-attempts:5=1,6=1"}  # the exact counts win
+    assert kafka.commits == [{TP: OffsetAndMetadata(5, "")}]
     assert c.held == 0
     await held.ack()  # too late: the next owner has it; nothing changes
     assert len(kafka.commits) == 1
@@ -418,8 +461,8 @@ async def test_handing_over_commits_the_commit_point_with_the_delivery_counts() 
 async def test_the_next_owner_counts_on_from_the_carried_attempts() -> None:
     c, _ = member()
     fill(c, [record(5, "a", 0), record(6, "b", 1)], carried=decode_attempts("tidings-attempts:5=1"))
-    first, _ = c.take(time.monotonic())
-    second, _ = c.take(time.monotonic())
+    first, _ = await take(c, time.monotonic())
+    second, _ = await take(c, time.monotonic())
     assert first is not None and second is not None
     assert (first.attempt, second.attempt) == (2, 1)
 
@@ -427,9 +470,9 @@ async def test_the_next_owner_counts_on_from_the_carried_attempts() -> None:
 async def test_replays_for_another_group_are_passed_over() -> None:
     c, kafka = member()
     fill(c, [record(0, "a", 0, replay_for="analytics"), record(1, "a", 1, replay_for="email")])
-    mine, _ = c.take(time.monotonic())
+    mine, _ = await take(c, time.monotonic())
     assert mine is not None and total(mine) == 1
-    assert c.take(time.monotonic())[0] is None
+    assert (await take(c, time.monotonic()))[0] is None
     await mine.ack()
     assert kafka.commits == [{TP: OffsetAndMetadata(2, "")}]
 
@@ -445,7 +488,7 @@ async def test_a_full_partition_is_paused_until_it_drains() -> None:
     c, kafka = member(prefetch=_BUFFER)
     part = fill(c, [record(n, f"k{n}", n) for n in range(_BUFFER)])
     assert kafka.paused == {TP}
-    taken = [c.take(time.monotonic())[0] for _ in range(_BUFFER)]
+    taken = [(await take(c, time.monotonic()))[0] for _ in range(_BUFFER)]
     for received in taken[: _BUFFER // 2 + 1]:
         assert received is not None
         await received.ack()
@@ -463,7 +506,7 @@ async def test_a_rebalance_lets_held_messages_finish_before_handing_over() -> No
     c, kafka = member()
     c.broker.session_timeout = 2.0  # waits up to half of it
     fill(c, [record(0, "a", 0), record(1, "a", 1)])
-    held, _ = c.take(time.monotonic())
+    held, _ = await take(c, time.monotonic())
     assert held is not None
     revoking = asyncio.create_task(c.revoke())
     await asyncio.sleep(0.05)
@@ -477,9 +520,10 @@ async def test_a_rebalance_hands_over_what_is_held_too_long() -> None:
     c, kafka = member()
     c.broker.session_timeout = 0.2
     fill(c, [record(0, "a", 0)])
-    held, _ = c.take(time.monotonic())
+    held, _ = await take(c, time.monotonic())
     assert held is not None
     await asyncio.wait_for(c.revoke(), 1)
-    assert kafka.commits == [{TP: OffsetAndMetadata(0, "tidings-attempts:0=1")}]
+    assert c.broker._hand_over_attempts.counts[-1] == {TP: "tidings-attempts:0=1"}  # type: ignore[attr-defined]
+    assert kafka.commits == [{TP: OffsetAndMetadata(0, "")}]
     await held.ack()
     assert len(kafka.commits) == 1

@@ -77,7 +77,9 @@ async def test_each_group_gets_every_event(broker: BrokerBase, topic: str) -> No
     for group in ("email", "analytics"):
         async with broker.subscribe(topic, group=group) as deliveries:
             got = await take(deliveries, 5)
-            assert [d.event.n for d in got] == list(range(5))  # type: ignore[attr-defined]
+            # Every event, once; keyless events promise no order (Kafka spreads them over
+            # partitions), so the order is not part of this.
+            assert sorted(d.event.n for d in got) == list(range(5))  # type: ignore[attr-defined]
             for delivery in got:
                 await delivery.ack()
 
@@ -209,7 +211,8 @@ async def test_a_group_declared_late_misses_earlier_events(broker: BrokerBase, t
         assert only.event.n == 2  # type: ignore[attr-defined]
         await only.ack()
     async with broker.subscribe(topic, group="early") as deliveries:
-        assert [d.event.n for d in await take(deliveries, 2)] == [1, 2]  # type: ignore[attr-defined]
+        got = await take(deliveries, 2)
+        assert sorted(d.event.n for d in got) == [1, 2]  # type: ignore[attr-defined]
 
 
 async def test_dead_letters_keep_the_error_attempts_and_message_and_replay(
@@ -391,10 +394,11 @@ async def test_stop_lets_the_in_flight_handler_finish(broker: BrokerBase, topic:
     await asyncio.wait_for(started.wait(), 5)
     service.stop()
     await asyncio.wait_for(runner, 5)
-    assert finished == [1]  # finished and acked; the second was never taken
+    # One finished and was acked; the other (keyless: either one) was never taken.
+    assert len(finished) == 1
     async with broker.subscribe(topic, group="svc") as deliveries:
         [left] = await take(deliveries, 1)
-        assert left.event.n == 2 and left.attempt == 1  # type: ignore[attr-defined]
+        assert {left.event.n, *finished} == {1, 2} and left.attempt == 1  # type: ignore[attr-defined]
 
 
 async def test_cancelling_run_gives_the_in_flight_handler_its_bound(

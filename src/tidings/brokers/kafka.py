@@ -5,14 +5,17 @@ A tidings topic is the Kafka topic of the same name, created on first use with `
 partitions (8) and `replication` replicas (1; use 3 in production). A message is a Kafka
 record in the CloudEvents Kafka binding's binary mode: the attributes as `ce_` headers plus
 `content-type`, the data as the value, and the ordering key as the record key. The producer
-is idempotent (`enable_idempotence=True`, so `acks=all`): a publish returns once every in-sync
-replica has the record, and a retried send is not written twice. The record key picks the
-partition with Kafka's murmur2 (as the Java client does), so one key always lands in one
-partition, in publish order. Keyless records of one `KafkaBroker` go to one partition of the
-topic picked at random when it first publishes there (`keyless=sticky`), so they too arrive in
-publish order, as on the other brokers, while several publishers spread over the partitions;
-`keyless=spread` picks a random partition per record instead (more parallel consumers for one
-publisher, no order between keyless records). A publish that
+is idempotent by default (`enable_idempotence=True`, so `acks=all`): a publish returns once
+every in-sync replica has the record, and a retried send is not written twice. A cluster that
+refuses producer ids (no IdempotentWrite ACL, some Kafka-protocol brokers such as Tansu) makes
+opening fail with an error naming `?idempotence=false`; with it, the producer still waits for
+`acks=all` but a retried send may be written twice (consumers de-duplicate by event id behind
+the inbox). The record key picks the partition with Kafka's murmur2 (as the Java client does),
+so one key always lands in one partition, in publish order. Keyless records go to a random
+partition each (`keyless=spread`, the default), so the members of a group compete for them as
+on every other broker, with no order between them (none is promised); `keyless=sticky` sends
+one publisher's keyless records of a topic to one partition picked at random, in order, but
+then to one member only. A publish that
 Kafka does not acknowledge within `publish_timeout` raises `KafkaBrokerError` (the record may
 still arrive later: at least once, never lost once acknowledged).
 
@@ -45,9 +48,11 @@ unseen).
 
 `attempt`: Kafka counts no deliveries. The member counts them, and when it gives a partition
 up (rebalance or leaving) it writes the counts of the records it handed out but did not finish
-into the commit's metadata (`tidings-attempts:<offset>=<count>,...`); the next owner reads
-them back, so a message given back arrives with the next attempt. After a crash the counts are
-lost and such messages arrive as attempt 1 again.
+to the compacted topic `<prefix>.attempts`, keyed by group and partition
+(`tidings-attempts:<offset>=<count>,...`), before it commits; the next owner reads them there,
+so a message given back arrives with the next attempt. (Not in the commit's metadata: some
+Kafka-protocol brokers, Tansu among them, drop it.) After a crash the counts are lost and such
+messages arrive as attempt 1 again.
 
 Dead letters are `DeadLetter.to_dict` JSON records in the compacted topic
 `<prefix>.dead-letters` (one partition), keyed by the dead letter's id; a message too large
@@ -72,7 +77,7 @@ import random
 import re
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -89,9 +94,14 @@ from aiokafka.errors import (  # type: ignore[import-untyped]
     CommitFailedError,
     ConsumerStoppedError,
     IllegalStateError,
+    KafkaConnectionError,
     KafkaError,
+    KafkaTimeoutError,
+    NodeNotReadyError,
+    RequestTimedOutError,
     for_code,
 )
+from aiokafka.protocol.group import LeaveGroupRequest  # type: ignore[import-untyped]
 
 from tidings.brokers.base import BrokerBase, DeadLetter, Received, next_in_key_order
 from tidings.brokers.envelope import Message
@@ -109,7 +119,7 @@ _REPLAY_HEADER = "tidings-replay-group"
 _ATTEMPTS = "tidings-attempts:"
 _DEAD_LETTER_MAX = 1_000_000  # bytes: under the default 1 MiB record limit (`message.max.bytes`,
 # the producer's `max_request_size`), with room for the key, headers and batch framing
-_METADATA_MAX = 1000  # characters of commit metadata (Kafka allows 4096 by default)
+_COUNTS_MAX = 16_000  # characters of one partition's handed-over counts (_BUFFER fit easily)
 _EXISTS, _NOT_ALLOWED = 36, (29, 31)  # CreateTopics: exists; topic or cluster not authorized
 _PREFIX = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 _OPTIONS: dict[str, type] = {
@@ -123,19 +133,34 @@ _OPTIONS: dict[str, type] = {
     "connect_timeout": float,
     "client_id": str,
     "keyless": str,
+    "idempotence": bool,
 }
 _DOWN = (KafkaError, OSError, TimeoutError)
+_UNREACHABLE = (KafkaConnectionError, KafkaTimeoutError, NodeNotReadyError, RequestTimedOutError)
 
 
 class KafkaBrokerError(BrokerError):
     """Kafka failed: unreachable within the bound, or refusing a request."""
 
 
+def _refused_idempotence(address: str, exc: BaseException) -> KafkaBrokerError:
+    """The cluster answered but gave the producer no id (InitProducerId refused)."""
+    return KafkaBrokerError(
+        f"Kafka at {address} refused an idempotent producer (InitProducerId: "
+        f"{type(exc).__name__}); if the cluster does not allow idempotent writes, open "
+        f"kafka://{address}?idempotence=false (a retried publish may then be written twice)"
+    )
+
+
 def _error(action: str, exc: BaseException) -> KafkaBrokerError:
     """The one place aiokafka's errors become ours."""
     if isinstance(exc, TimeoutError):
         return KafkaBrokerError(f"{action}: Kafka did not answer in time")
-    return KafkaBrokerError(f"{action}: {type(exc).__name__}: {exc}".rstrip(": "))
+    name, text = type(exc).__name__, str(exc)
+    text = text.removeprefix(f"{name}: ").removeprefix(name)  # aiokafka repeats it
+    if isinstance(exc, KafkaConnectionError):
+        text = f"no broker answered (refused, unknown host or unreachable): {text}"
+    return KafkaBrokerError(f"{action}: {name}: {text}".rstrip(": "))
 
 
 class KafkaBroker(BrokerBase):
@@ -147,7 +172,8 @@ class KafkaBroker(BrokerBase):
     crashed member's partitions move (10 s; Kafka allows 6-1800 s by default),
     `heartbeat_interval` (1 s), `publish_timeout` (10 s), `request_timeout` of commits, topic
     creation and dead-letter reads (30 s), `connect_timeout` (10 s), `client_id` (`tidings`),
-    `keyless` (`sticky`: one partition per topic and publisher, in order; or `spread`).
+    `keyless` (`spread`: a random partition per record; or `sticky`: one per topic and
+    publisher, in order), `idempotence` (true; false where the cluster refuses producer ids).
     Keyword-only `client_options` (TLS, SASL) go to every aiokafka client.
     """
 
@@ -168,7 +194,8 @@ class KafkaBroker(BrokerBase):
         request_timeout: float = 30.0,
         connect_timeout: float = 10.0,
         client_id: str = "tidings",
-        keyless: str = "sticky",
+        keyless: str = "spread",
+        idempotence: bool = True,
         **client_options: Any,
     ) -> None:
         super().__init__(codec=codec, source=source)
@@ -210,6 +237,7 @@ class KafkaBroker(BrokerBase):
         self.connect_timeout = connect_timeout
         self.client_id = client_id
         self.keyless = keyless
+        self.idempotence = idempotence
         self._keyless_partition: dict[str, int] = {}  # topic -> where keyless records go
         self._client_options = client_options
         self._producer: Any = None
@@ -220,8 +248,9 @@ class KafkaBroker(BrokerBase):
         self._declare_lock = asyncio.Lock()
         self._consumers: dict[str, _Consumer] = {}
         self._dead: dict[str, DeadLetter] = {}
-        self._dead_reader: Any = None
-        self._dead_lock = asyncio.Lock()
+        self._dead_table = _Table(self, self.dead_letter_topic, self._apply_dead_letter)
+        self._attempts: dict[str, str] = {}  # "<group id>|<partition>" -> encoded counts
+        self._attempts_table = _Table(self, f"{prefix}.attempts", self._apply_attempts)
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> KafkaBroker:
@@ -254,20 +283,25 @@ class KafkaBroker(BrokerBase):
     # -- lifecycle -------------------------------------------------------------------------
 
     async def _open(self) -> None:
-        self._producer = AIOKafkaProducer(
-            **self._options(),
-            enable_idempotence=True,
-            acks="all",
-            request_timeout_ms=int(self.publish_timeout * 1000),
-        )
         self._admin = AIOKafkaAdminClient(
             **self._options(), request_timeout_ms=int(self.request_timeout * 1000)
         )
+        self._producer = AIOKafkaProducer(
+            **self._options(),
+            enable_idempotence=self.idempotence,
+            acks="all",
+            request_timeout_ms=int(self.publish_timeout * 1000),
+        )
         try:
             async with asyncio.timeout(self.connect_timeout):
-                await self._producer.start()
-                await self._admin.start()
-            await self._ensure_topic(self.dead_letter_topic, dead_letters=True)
+                await self._admin.start()  # first: a cluster that answers it is reachable
+                try:
+                    await self._producer.start()
+                except KafkaError as exc:
+                    if self.idempotence and not isinstance(exc, _UNREACHABLE):
+                        raise _refused_idempotence(self.address, exc) from exc
+                    raise
+            await self._ensure_topic(self.dead_letter_topic, compacted=True)
         except BaseException as exc:
             await self._stop_clients()
             if isinstance(exc, _DOWN):
@@ -280,17 +314,18 @@ class KafkaBroker(BrokerBase):
         await self._stop_clients()
 
     async def _stop_clients(self) -> None:
-        for client in (self._dead_reader, self._producer):
-            if client is not None:
-                with contextlib.suppress(*_DOWN):
-                    async with asyncio.timeout(self.request_timeout):
-                        await client.stop()
+        for table in (self._dead_table, self._attempts_table):
+            await table.close()
+        if self._producer is not None:
+            with contextlib.suppress(*_DOWN):
+                async with asyncio.timeout(self.request_timeout):
+                    await self._producer.stop()
         if self._admin is not None:
             with contextlib.suppress(*_DOWN):
                 await self._admin.close()
-        self._dead_reader = self._producer = self._admin = None
+        self._producer = self._admin = None
 
-    async def _ensure_topic(self, topic: str, *, dead_letters: bool = False) -> None:
+    async def _ensure_topic(self, topic: str, *, compacted: bool = False) -> None:
         """Create `topic` unless this broker saw it already (it may exist: that is fine)."""
         if topic in self._topics:
             return
@@ -299,7 +334,7 @@ class KafkaBroker(BrokerBase):
                 return
             new = (
                 NewTopic(topic, 1, self.replication, topic_configs={"cleanup.policy": "compact"})
-                if dead_letters
+                if compacted
                 else NewTopic(topic, self.partitions, self.replication)
             )
             try:
@@ -392,16 +427,34 @@ class KafkaBroker(BrokerBase):
     async def _attempts_of(
         self, group_id: str, partitions: list[TopicPartition]
     ) -> dict[TopicPartition, dict[int, int]]:
-        """The delivery counts a previous owner left in the commit metadata."""
+        """The delivery counts a previous owner of `partitions` handed over."""
         try:
-            async with asyncio.timeout(self.request_timeout):
-                committed = await self._admin.list_consumer_group_offsets(
-                    group_id, partitions=partitions
-                )
-        except (*_DOWN, AttributeError) as exc:  # only the counts are lost: attempt 1 again
+            await self._attempts_table.read()
+        except KafkaBrokerError as exc:  # only the counts are lost: attempt 1 again
             log.warning("kafka broker: cannot read the attempts of %s: %s", group_id, exc)
             return {}
-        return {tp: decode_attempts(meta.metadata or "") for tp, meta in committed.items()}
+        return {
+            tp: decode_attempts(self._attempts.get(_attempts_key(group_id, tp), ""))
+            for tp in partitions
+        }
+
+    async def _hand_over_attempts(
+        self, group_id: str, counts: Mapping[TopicPartition, str]
+    ) -> None:
+        """Keep the delivery counts of unfinished records for the partitions' next owners."""
+        items: dict[str, bytes | None] = {}
+        for tp, encoded in counts.items():
+            key = _attempts_key(group_id, tp)
+            if encoded or self._attempts.get(key):
+                items[key] = encoded.encode() or None
+        if items:
+            await self._attempts_table.put_many(items)
+
+    def _apply_attempts(self, key: str, value: bytes | None) -> None:
+        if value is None:
+            self._attempts.pop(key, None)
+        else:
+            self._attempts[key] = value.decode("utf-8", "replace")
 
     async def _receive(
         self, topic: str, group: str, member: str, prefetch: int
@@ -449,44 +502,89 @@ class KafkaBroker(BrokerBase):
         )
 
     async def _drop_dead_letter(self, dead_letter_id: str) -> None:
-        await self._send(self.dead_letter_topic, [(dead_letter_id.encode(), None, [])])
+        await self._dead_table.put(dead_letter_id, None)
         self._dead.pop(dead_letter_id, None)
 
     async def _dead_letters(self) -> list[DeadLetter]:
-        async with self._dead_lock:
-            try:
-                async with asyncio.timeout(self.request_timeout):
-                    await self._read_dead_letters()
-            except _DOWN as exc:
-                raise _error("cannot read the dead letters", exc) from exc
+        await self._dead_table.read()
         return sorted(self._dead.values(), key=lambda dead: (dead.failed_at, dead.id))
 
-    async def _read_dead_letters(self) -> None:
-        """Read the dead-letter topic on from where the last listing stopped, to its end."""
-        reader = self._dead_reader
+    def _apply_dead_letter(self, key: str, value: bytes | None) -> None:
+        apply_dead_letter(self._dead, key.encode(), value)
+
+
+class _Table:
+    """A compacted topic of one partition read as a map: a record sets its key, a record
+    without a value removes it. The first read starts at the beginning, later ones go on
+    from where the last stopped, up to the end the topic had when the read began."""
+
+    def __init__(
+        self, broker: KafkaBroker, topic: str, apply: Callable[[str, bytes | None], None]
+    ) -> None:
+        self.broker = broker
+        self.topic = topic
+        self.apply = apply
+        self.reader: Any = None
+        self.positions: dict[Any, int] = {}  # TopicPartition -> the next offset to read
+        self.lock = asyncio.Lock()
+
+    async def put(self, key: str, value: bytes | None) -> None:
+        await self.put_many({key: value})
+
+    async def put_many(self, items: Mapping[str, bytes | None]) -> None:
+        """Write several keys in one round trip; this process sees them at once."""
+        await self.broker._ensure_topic(self.topic, compacted=True)
+        await self.broker._send(self.topic, [(k.encode(), v, []) for k, v in items.items()])
+        for key, value in items.items():
+            self.apply(key, value)
+
+    async def read(self) -> None:
+        async with self.lock:
+            try:
+                async with asyncio.timeout(self.broker.request_timeout):
+                    await self._read()
+            except _DOWN as exc:
+                raise _error(f"cannot read {self.topic!r}", exc) from exc
+
+    async def _read(self) -> None:
+        reader = self.reader
         if reader is None:
-            reader = self._consumer(None)
+            await self.broker._ensure_topic(self.topic, compacted=True)
+            reader = self.broker._consumer(None)
             try:
                 await reader.start()
-                numbers = await self._producer.partitions_for(self.dead_letter_topic)
-                topic = self.dead_letter_topic
-                reader.assign([TopicPartition(topic, n) for n in sorted(numbers)])
-                await reader.seek_to_beginning()
+                numbers = await self.broker._producer.partitions_for(self.topic)
+                partitions = [TopicPartition(self.topic, n) for n in sorted(numbers)]
+                reader.assign(partitions)
             except BaseException:
                 with contextlib.suppress(*_DOWN):
                     await reader.stop()
                 raise
-            self._dead_reader = reader
-        partitions = sorted(reader.assignment())
-        ends = await reader.end_offsets(partitions)
+            self.reader = reader
+            # Explicit positions: a reset to "earliest" on an empty topic can stall on
+            # some brokers, and a position we set needs no round trip to look up.
+            self.positions = {tp: 0 for tp in partitions}
+        ends = await reader.end_offsets(list(self.positions))
+        for tp, position in self.positions.items():
+            reader.seek(tp, position)
         while True:
-            behind = [tp for tp in partitions if await reader.position(tp) < ends[tp]]
+            behind = [tp for tp, at in self.positions.items() if at < ends[tp]]
             if not behind:
                 return
             batches = await reader.getmany(*behind, timeout_ms=200)
-            for records in batches.values():
+            for tp, records in batches.items():
                 for record in records:
-                    apply_dead_letter(self._dead, record.key, record.value)
+                    if record.key is not None:
+                        self.apply(record.key.decode("utf-8", "replace"), record.value)
+                # Compaction leaves gaps: where the reader stands, not the last offset + 1.
+                self.positions[tp] = await reader.position(tp)
+
+    async def close(self) -> None:
+        reader, self.reader = self.reader, None
+        if reader is not None:
+            with contextlib.suppress(*_DOWN):
+                async with asyncio.timeout(self.broker.request_timeout):
+                    await reader.stop()
 
 
 # -- a member ------------------------------------------------------------------------------
@@ -497,6 +595,7 @@ class _Entry:
     offset: int
     message: Message
     attempts: int  # deliveries so far, carried over from the previous owner
+    marked: int = 0  # deliveries the attempts table already counts (written ahead)
     holder: _KafkaReceived | None = None
     not_before: float = 0.0  # monotonic; a nacked entry waits until then
 
@@ -532,6 +631,7 @@ class _Consumer:
         self.turn = 0
         self.pump: asyncio.Task[None] | None = None
         self.leaving: asyncio.Task[None] | None = None
+        self.marking: asyncio.Task[None] | None = None
         self.commit_lock = asyncio.Lock()
         self.to_commit: dict[Any, Any] = {}  # TopicPartition -> OffsetAndMetadata
         self.committed: dict[Any, int] = {}
@@ -562,16 +662,56 @@ class _Consumer:
         if order:
             self.turn = (self.turn + 1) % len(order)
             order = order[self.turn :] + order[: self.turn]
+        unmarked = False
         for part in order:
             entry, when = next_in_key_order(part.entries, now)
-            if entry is not None:
+            if entry is not None and entry.marked <= entry.attempts:
+                unmarked = True  # this delivery is counted first (`_write_marks`)
+            elif entry is not None:
                 entry.attempts += 1
                 entry.holder = _KafkaReceived(self, part, entry)
                 self.held += 1
                 return entry.holder, None
-            if when is not None:
+            elif when is not None:
                 soonest = when if soonest is None else min(soonest, when)
+        if unmarked:
+            self._mark()  # wakes the member once written
+            return None, None
         return None, soonest
+
+    def _mark(self) -> None:
+        if self.marking is None and not self.left:
+            self.marking = asyncio.create_task(self._write_marks())
+
+    async def _write_marks(self) -> None:
+        """Count the next deliveries ahead, in one write: up to `prefetch` waiting records
+        per partition are counted one delivery more in the attempts table before any of
+        them is handed out, so a member that dies holding them does not lose the count."""
+        try:
+            plan: dict[Any, list[_Entry]] = {}
+            for part in self.partitions.values():
+                waiting = [e for e in part.entries if e.holder is None and e.marked <= e.attempts]
+                if waiting:
+                    plan[part.tp] = waiting[: self.prefetch]
+            if not plan:
+                return
+            counts = {
+                tp: encode_attempts(
+                    {e.offset: max(e.attempts, e.marked) for e in self.partitions[tp].entries}
+                    | {e.offset: e.attempts + 1 for e in entries}
+                )
+                for tp, entries in plan.items()
+            }
+            await self.broker._hand_over_attempts(self.group_id, counts)
+            for entries in plan.values():
+                for entry in entries:
+                    entry.marked = max(entry.marked, entry.attempts + 1)
+        except KafkaBrokerError as exc:
+            log.warning("kafka broker: %s cannot count deliveries: %s", self.group_id, exc)
+            await asyncio.sleep(1.0)  # the table is unreachable: do not spin
+        finally:
+            self.marking = None
+            self.wake()
 
     def finish(self, part: _Partition, entry: _Entry) -> int | None:
         """An entry was acked: forget it; the new commit point if it moved."""
@@ -652,7 +792,8 @@ class _Consumer:
             except Exception as exc:  # never drop a record: the consumer dead-letters it
                 log.warning("kafka broker: undecodable record at %s: %s", record.offset, exc)
                 message = Message(self.topic, {}, record.value or b"")
-            part.entries.append(_Entry(record.offset, message, part.carried.get(record.offset, 0)))
+            carried = part.carried.get(record.offset, 0)
+            part.entries.append(_Entry(record.offset, message, carried, carried))
         if not part.paused and len(part.entries) >= _BUFFER:
             part.paused = True
             with contextlib.suppress(KafkaError):
@@ -690,21 +831,25 @@ class _Consumer:
         """Give partitions up: commit their commit points, with the delivery counts of what
         was handed out and not finished, for the next owner."""
         offsets: dict[Any, Any] = {}
+        counts: dict[Any, str] = {}
+        if self.marking is not None:  # its counts go first; the exact ones below win
+            await asyncio.gather(self.marking, return_exceptions=True)
         for part in parts:
             part.gone = True
             for entry in part.entries:
                 if entry.holder is not None:
                     entry.holder.settled = True  # a late ack or nack changes nothing
                     self._release(entry)
+            counts[part.tp] = encode_attempts({e.offset: e.attempts for e in part.entries})
             position = part.offsets.position
-            metadata = encode_attempts({e.offset: e.attempts for e in part.entries})
-            if position is not None and (position != self.committed.get(part.tp) or metadata):
-                offsets[part.tp] = OffsetAndMetadata(position, metadata)
-        if offsets:
-            try:
+            if position is not None and position != self.committed.get(part.tp):
+                offsets[part.tp] = OffsetAndMetadata(position, "")
+        try:
+            await self.broker._hand_over_attempts(self.group_id, counts)
+            if offsets:
                 await self.commit(offsets)
-            except KafkaBrokerError as exc:
-                log.warning("kafka broker: %s could not hand over: %s", self.group_id, exc)
+        except KafkaBrokerError as exc:
+            log.warning("kafka broker: %s could not hand over: %s", self.group_id, exc)
 
     async def revoke(self) -> None:
         """A rebalance takes the partitions: let held records finish a while, then hand over."""
@@ -741,9 +886,26 @@ class _Consumer:
         if consumer is not None:
             try:
                 async with asyncio.timeout(self.broker.request_timeout):
+                    await _leave_generation_zero(consumer)
                     await consumer.stop()
             except _DOWN as exc:
                 log.warning("kafka broker: %s did not leave cleanly: %s", self.group_id, exc)
+
+
+async def _leave_generation_zero(consumer: Any) -> None:
+    """Send LeaveGroup for a member of generation 0, which aiokafka's `stop` skips.
+
+    Apache Kafka numbers a group's first generation 1, and aiokafka leaves only from
+    generation 1 on; some Kafka-protocol brokers (Tansu) start at 0, so without this a member
+    that leaves stays in the group until its session times out, and the group's next
+    rebalance waits for it."""
+    coordinator = getattr(consumer, "_coordinator", None)
+    if coordinator is None or getattr(coordinator, "generation", None) != 0:
+        return
+    if not coordinator.member_id or coordinator.coordinator_id is None:
+        return
+    with contextlib.suppress(KafkaError):
+        await coordinator._send_req(LeaveGroupRequest(coordinator.group_id, coordinator.member_id))
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -825,15 +987,15 @@ class OffsetTracker:
 
 
 def encode_attempts(attempts: Mapping[int, int]) -> str:
-    """Commit metadata carrying the delivery counts of unfinished offsets (zeros left out,
-    cut at `_METADATA_MAX` characters: the rest restart at 1)."""
+    """The handed-over delivery counts of unfinished offsets (zeros left out,
+    cut at `_COUNTS_MAX` characters: the rest restart at 1)."""
     parts: list[str] = []
     size = len(_ATTEMPTS)
     for offset, count in sorted(attempts.items()):
         if count > 0:
             part = f"{offset}={count}"
             size += len(part) + 1
-            if size > _METADATA_MAX:
+            if size > _COUNTS_MAX:
                 break
             parts.append(part)
     return _ATTEMPTS + ",".join(parts) if parts else ""
@@ -902,6 +1064,11 @@ def apply_dead_letter(dead: dict[str, DeadLetter], key: bytes | None, value: byt
         dead[dead_letter_id] = DeadLetter.from_dict(json.loads(value))
     except (ValueError, KeyError, TypeError) as exc:
         log.warning("kafka broker: skipping unreadable dead letter %s: %s", dead_letter_id, exc)
+
+
+def _attempts_key(group_id: str, tp: TopicPartition) -> str:
+    """The key of a partition's handed-over counts (group ids never contain `|`)."""
+    return f"{group_id}|{tp.topic}|{tp.partition}"
 
 
 def _servers(url: str) -> list[str]:
