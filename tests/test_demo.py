@@ -155,7 +155,7 @@ async def test_the_tour_links_each_step_to_its_cause(tmp_path: Path) -> None:
     assert tour.processes == {}  # in-process, on the memory broker
 
 
-@pytest.mark.parametrize("backend", ["redis", "rabbitmq", "nats"])
+@pytest.mark.parametrize("backend", ["redis", "rabbitmq", "nats", "kafka"])
 async def test_the_services_run_as_processes_over_a_broker(backend: str, tmp_path: Path) -> None:
     """`tidings demo --broker URL`: email and analytics as worker processes of their own."""
     require(backend)

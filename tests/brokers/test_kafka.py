@@ -1,10 +1,12 @@
 """Kafka-only behaviour that needs no Kafka: URL options, records, and a member's bookkeeping.
 
-The conformance suite runs against a real Kafka when `TIDINGS_TEST_KAFKA=host:port` is set;
-these tests check the parts that decide correctness without one: how messages become Kafka
-records and back (also against the CloudEvents SDK's Kafka binding), the contiguous commit
-point, the delivery counts carried in commit metadata, the dead-letter records, and a member's
-hand-out, ack, nack and hand-over logic on a stand-in for `AIOKafkaConsumer`.
+The conformance, fault and interop suites run the adapter against a Kafka-protocol broker
+(Tansu, started by the tests, or `TIDINGS_TEST_KAFKA=host:port`); these tests pin down the
+parts that decide correctness in isolation: how messages become Kafka records and back (also
+against the CloudEvents SDK's Kafka binding), the contiguous commit point, the encoding of
+delivery counts, the dead-letter records, and a member's hand-out, ack, nack, counting-ahead
+and hand-over logic on a stand-in for `AIOKafkaConsumer` (where every order of events can be
+set up exactly).
 """
 
 from __future__ import annotations

@@ -7,7 +7,9 @@
    loopback port (never the shared one other tests use), events are published while a member
    consumes; the server stops and starts again on the same port and data. Every publish that
    returned arrives, a publish that raised raised a `StoreError` within a bounded time (and
-   goes again after the restart), and the member reconnected by itself.
+   goes again after the restart), and the member reconnected by itself. Kafka's private
+   server is a Tansu broker keeping its log in an S3 bucket on the tests' moto (its memory
+   storage would lose every topic in a restart), killed and started again.
 
 Redelivery and retry timeouts are shortened through the broker URL, so both run in seconds.
 """

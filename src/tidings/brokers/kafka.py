@@ -364,6 +364,10 @@ class KafkaBroker(BrokerBase):
         """Send in order and wait until Kafka has them all, within `publish_timeout`."""
         try:
             async with asyncio.timeout(self.publish_timeout):
+                if len(records) == 1 and (records[0][0] is not None or self.keyless == "spread"):
+                    key, value, headers = records[0]  # the common case: no gather
+                    await (await self._producer.send(topic, value, key=key, headers=headers))
+                    return
                 sent = []
                 for key, value, headers in records:
                     partition = None
@@ -684,15 +688,21 @@ class _Consumer:
             self.marking = asyncio.create_task(self._write_marks())
 
     async def _write_marks(self) -> None:
-        """Count the next deliveries ahead, in one write: up to `prefetch` waiting records
-        per partition are counted one delivery more in the attempts table before any of
-        them is handed out, so a member that dies holding them does not lose the count."""
+        """Count the next deliveries ahead, in one write: the next `prefetch` waiting records
+        (in the order `take` visits the partitions) are counted one delivery more in the
+        attempts table before any of them is handed out, so a member that dies holding them
+        does not lose the count. (One that dies first leaves up to `prefetch` records counted
+        once more than they were delivered: the price of one write per `prefetch` records.)"""
         try:
             plan: dict[Any, list[_Entry]] = {}
-            for part in self.partitions.values():
+            budget = self.prefetch
+            order = list(self.partitions.values())
+            start = (self.turn + 1) % len(order) if order else 0
+            for part in order[start:] + order[:start]:
                 waiting = [e for e in part.entries if e.holder is None and e.marked <= e.attempts]
-                if waiting:
-                    plan[part.tp] = waiting[: self.prefetch]
+                if waiting and budget > 0:
+                    plan[part.tp] = waiting[:budget]
+                    budget -= len(plan[part.tp])
             if not plan:
                 return
             counts = {
