@@ -51,8 +51,11 @@ up (rebalance or leaving) it writes the counts of the records it handed out but 
 to the compacted topic `<prefix>.attempts`, keyed by group and partition
 (`tidings-attempts:<offset>=<count>,...`), before it commits; the next owner reads them there,
 so a message given back arrives with the next attempt. (Not in the commit's metadata: some
-Kafka-protocol brokers, Tansu among them, drop it.) After a crash the counts are lost and such
-messages arrive as attempt 1 again.
+Kafka-protocol brokers, Tansu among them, drop it.) So that a crash loses no count either, the
+member writes the counts ahead: before it hands a record out, that delivery is already in the
+table, one write covering the next `prefetch` records and sent when half of them are out
+(`_write_marks`), so handing out rarely waits for it. A member that dies thus leaves up to
+`prefetch` records counted one delivery higher than they were delivered, never lower.
 
 Dead letters are `DeadLetter.to_dict` JSON records in the compacted topic
 `<prefix>.dead-letters` (one partition), keyed by the dead letter's id; a message too large
@@ -70,7 +73,9 @@ Needs Kafka 2.4 or later (KRaft or ZooKeeper). Members' consumers reconnect by t
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
+import itertools
 import json
 import logging
 import random
@@ -612,6 +617,7 @@ class _Partition:
     offsets: OffsetTracker = field(default_factory=lambda: OffsetTracker())
     paused: bool = False
     gone: bool = False  # revoked, or its member left: acks no longer commit
+    mark_from: int = 0  # offsets from here on are not counted ahead yet
 
 
 class _Consumer:
@@ -636,6 +642,8 @@ class _Consumer:
         self.pump: asyncio.Task[None] | None = None
         self.leaving: asyncio.Task[None] | None = None
         self.marking: asyncio.Task[None] | None = None
+        self.ahead = 0  # records waiting whose next delivery is counted already
+        self.unmarked = False  # some waiting record's next delivery is not counted yet
         self.commit_lock = asyncio.Lock()
         self.to_commit: dict[Any, Any] = {}  # TopicPartition -> OffsetAndMetadata
         self.committed: dict[Any, int] = {}
@@ -675,53 +683,84 @@ class _Consumer:
                 entry.attempts += 1
                 entry.holder = _KafkaReceived(self, part, entry)
                 self.held += 1
+                self.ahead -= 1
+                if self.ahead <= self.prefetch // 2 and self.unmarked:
+                    self._mark(now)  # the next counts are written while these are handled
                 return entry.holder, None
             elif when is not None:
                 soonest = when if soonest is None else min(soonest, when)
         if unmarked:
-            self._mark()  # wakes the member once written
+            self._mark(now)  # wakes the member once written
             return None, None
         return None, soonest
 
-    def _mark(self) -> None:
+    def _mark(self, now: float) -> None:
         if self.marking is None and not self.left:
-            self.marking = asyncio.create_task(self._write_marks())
+            self.marking = asyncio.create_task(self._write_marks(now))
 
-    async def _write_marks(self) -> None:
-        """Count the next deliveries ahead, in one write: the next `prefetch` waiting records
-        (in the order `take` visits the partitions) are counted one delivery more in the
-        attempts table before any of them is handed out, so a member that dies holding them
-        does not lose the count. (One that dies first leaves up to `prefetch` records counted
-        once more than they were delivered: the price of one write per `prefetch` records.)"""
+    async def _write_marks(self, now: float) -> None:
+        """Count the next deliveries ahead, in one write: waiting records (in the order `take`
+        visits the partitions) are counted one delivery more in the attempts table before
+        any of them is handed out, topping up to `prefetch` counted ahead, so a member that
+        dies holding them does not lose the count. The write goes out when half of those
+        are handed out, so handing out rarely waits for it. (A member that dies leaves up to
+        `prefetch` records counted once more than they were delivered: the price of one
+        write per `prefetch / 2` records instead of one per record.)"""
         try:
             plan: dict[Any, list[_Entry]] = {}
-            budget = self.prefetch
             order = list(self.partitions.values())
-            start = (self.turn + 1) % len(order) if order else 0
-            for part in order[start:] + order[:start]:
-                waiting = [e for e in part.entries if e.holder is None and e.marked <= e.attempts]
-                if waiting and budget > 0:
-                    plan[part.tp] = waiting[:budget]
-                    budget -= len(plan[part.tp])
+            first = (self.turn + 1) % len(order) if order else 0
+            order = order[first:] + order[:first]
+            for part in order:  # first what `take` would hand out next: it waits for these
+                entry, _ = next_in_key_order(part.entries, now)
+                if entry is not None and entry.marked <= entry.attempts:
+                    plan[part.tp] = [entry]
+            budget = self.prefetch - self.ahead - len(plan)
+            for part in order:  # then the records after those counted so far, in order
+                chosen = plan.setdefault(part.tp, [])
+                at = bisect.bisect_left(part.entries, part.mark_from, key=_offset_of)
+                for entry in itertools.islice(part.entries, at, None):
+                    if budget <= 0:
+                        break
+                    waiting = entry.holder is None and entry.marked <= entry.attempts
+                    if waiting and entry not in chosen:
+                        chosen.append(entry)
+                        budget -= 1
+            plan = {tp: entries for tp, entries in plan.items() if entries}
+            if budget > 0:  # every waiting record is in the plan
+                self.unmarked = False
             if not plan:
                 return
             counts = {
-                tp: encode_attempts(
-                    {e.offset: max(e.attempts, e.marked) for e in self.partitions[tp].entries}
-                    | {e.offset: e.attempts + 1 for e in entries}
-                )
-                for tp, entries in plan.items()
+                tp: self._counts(self.partitions[tp], entries) for tp, entries in plan.items()
             }
             await self.broker._hand_over_attempts(self.group_id, counts)
-            for entries in plan.values():
+            for tp, entries in plan.items():
                 for entry in entries:
                     entry.marked = max(entry.marked, entry.attempts + 1)
+                part = self.partitions.get(tp)
+                if part is not None:
+                    part.mark_from = max(part.mark_from, max(e.offset for e in entries) + 1)
+                self.ahead += len(entries)
         except KafkaBrokerError as exc:
             log.warning("kafka broker: %s cannot count deliveries: %s", self.group_id, exc)
             await asyncio.sleep(1.0)  # the table is unreachable: do not spin
         finally:
             self.marking = None
             self.wake()
+
+    @staticmethod
+    def _counts(part: _Partition, planned: list[_Entry]) -> str:
+        """A partition's delivery counts once `planned` is counted ahead: the previous
+        owner's, then this member's (all below `mark_from`, or planned now)."""
+        end = max(part.mark_from, max(e.offset for e in planned) + 1)
+        counts = {offset: n for offset, n in part.carried.items() if offset >= part.mark_from}
+        for entry in part.entries:
+            if entry.offset >= end:
+                break
+            counts[entry.offset] = max(entry.attempts, entry.marked)
+        counts.update((e.offset, e.attempts + 1) for e in planned)
+        return encode_attempts(counts)
 
     def finish(self, part: _Partition, entry: _Entry) -> int | None:
         """An entry was acked: forget it; the new commit point if it moved."""
@@ -737,6 +776,7 @@ class _Consumer:
         """An entry was nacked: hand it out again after `delay`, still in key order."""
         self._release(entry)
         entry.not_before = time.monotonic() + (delay or 0.0)
+        self.unmarked = True  # its next delivery is counted ahead too
 
     def _release(self, entry: _Entry) -> None:
         if entry.holder is not None:
@@ -804,6 +844,7 @@ class _Consumer:
                 message = Message(self.topic, {}, record.value or b"")
             carried = part.carried.get(record.offset, 0)
             part.entries.append(_Entry(record.offset, message, carried, carried))
+            self.unmarked = True
         if not part.paused and len(part.entries) >= _BUFFER:
             part.paused = True
             with contextlib.suppress(KafkaError):
@@ -866,6 +907,7 @@ class _Consumer:
         self.epoch += 1
         parts = list(self.partitions.values())
         self.partitions = {}
+        self.ahead = 0  # what was counted ahead goes with the partitions
         self.wake()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self.broker.session_timeout / 2):
@@ -1074,6 +1116,10 @@ def apply_dead_letter(dead: dict[str, DeadLetter], key: bytes | None, value: byt
         dead[dead_letter_id] = DeadLetter.from_dict(json.loads(value))
     except (ValueError, KeyError, TypeError) as exc:
         log.warning("kafka broker: skipping unreadable dead letter %s: %s", dead_letter_id, exc)
+
+
+def _offset_of(entry: _Entry) -> int:
+    return entry.offset
 
 
 def _attempts_key(group_id: str, tp: TopicPartition) -> str:
