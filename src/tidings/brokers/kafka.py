@@ -738,9 +738,9 @@ class _Consumer:
             for tp, entries in plan.items():
                 for entry in entries:
                     entry.marked = max(entry.marked, entry.attempts + 1)
-                part = self.partitions.get(tp)
-                if part is not None:
-                    part.mark_from = max(part.mark_from, max(e.offset for e in entries) + 1)
+                owner = self.partitions.get(tp)
+                if owner is not None:
+                    owner.mark_from = max(owner.mark_from, max(e.offset for e in entries) + 1)
                 self.ahead += len(entries)
         except KafkaBrokerError as exc:
             log.warning("kafka broker: %s cannot count deliveries: %s", self.group_id, exc)
