@@ -34,7 +34,11 @@ never on message text.
 
 from __future__ import annotations
 
-from typing import Any
+import builtins
+import dataclasses
+import inspect
+from dataclasses import InitVar
+from typing import Any, ClassVar, TypeVar, dataclass_transform
 
 from pydantic import ValidationError
 
@@ -66,54 +70,114 @@ __all__ = [
     "WrongExpectedVersion",
 ]
 
+_E = TypeVar("_E", bound="TidingsError")
+
 
 class TidingsError(Exception):
     """Root of every error raised by tidings."""
+
+    _message: ClassVar[str] = ""
+    """The message of an error declared with `@facts`: a `str.format` template over its
+    fields and `InitVar`s (`_format` builds it; override that where a template is not enough)."""
+    _optional: ClassVar[dict[str, str]] = {}
+    """Facts the message shows only when given (not empty), each with how it is shown:
+    `{"where": " ({})"}` puts `where` in parentheses, or nothing when `where` is ""."""
+    _stored: ClassVar[tuple[str, ...]] = ()  # set by `@facts`: the fields, in order,
+    _passed: ClassVar[tuple[str, ...]] = ()  # and the `InitVar`s, in order
+
+    def __post_init__(self, *passed: Any) -> None:
+        # Run by the `__init__` that `@facts` writes, once the fields are stored; `passed` are
+        # the values of the class's `InitVar`s, which build the message but are not kept.
+        values = {name: getattr(self, name) for name in self._stored}
+        values.update(zip(self._passed, passed, strict=True))
+        super().__init__(self._format(**values))
+
+    def _format(self, **values: Any) -> str:
+        """The message (`args[0]`) from the fields and `InitVar`s in `values`."""
+        for name, shown in self._optional.items():
+            values[name] = shown.format(values[name]) if values[name] else ""
+        return self._message.format(**values)
+
+    def __reduce__(self) -> str | tuple[Any, ...]:
+        # Exceptions pickle as `cls(*args)`, which an `__init__` taking facts, not a message,
+        # cannot take: rebuild a `@facts` error from its message and stored fields instead.
+        if not dataclasses.is_dataclass(self):
+            return super().__reduce__()
+        return _restore, (type(self), self.args), self.__dict__
+
+
+@dataclass_transform(eq_default=False)
+def facts(cls: type[_E]) -> type[_E]:
+    """Declare a `TidingsError` by its facts: annotated fields (the constructor's parameters,
+    in order, kept as attributes; an `InitVar` is a parameter used in the message only) and
+    a `_message` template over them. Equality stays identity and `repr` stays the
+    exception's, as for every other error."""
+    cls = dataclasses.dataclass(eq=False, repr=False)(cls)
+    cls._stored = tuple(f.name for f in dataclasses.fields(cls))  # type: ignore[arg-type]
+    parameters = list(inspect.signature(cls.__init__).parameters)[1:]  # after self
+    cls._passed = tuple(p for p in parameters if p not in cls._stored)
+    return cls
+
+
+def _restore(cls: type[TidingsError], args: tuple[Any, ...]) -> TidingsError:
+    """Unpickle a `@facts` error: its message set as at construction, without `__init__`;
+    pickle then sets the fields from the saved `__dict__`."""
+    # The `__new__` that `cls(...)` runs is inherited along `__base__`; `cls.__new__` follows
+    # the MRO instead, which for `StoreNotFound` finds `ValueError`'s, refusing an `OSError`.
+    maker: type = cls
+    while "__new__" not in vars(maker):
+        maker = maker.__base__ or Exception
+    err: TidingsError = maker.__new__(cls, *args)
+    super(TidingsError, err).__init__(*args)
+    return err
 
 
 class ConfigurationError(TidingsError, ValueError):
     """A URL, option or installation problem found before any I/O happened."""
 
 
+@facts
 class StoreNotFound(ConfigurationError, FileNotFoundError):
     """The store's database does not exist and the caller asked not to create it."""
 
-    def __init__(self, location: str) -> None:
-        self.location = location
-        super().__init__(f"no event store at {location}")
+    location: str
+    _message = "no event store at {location}"
 
 
 class EventDefinitionError(TidingsError, TypeError):
     """An `Event` subclass is declared wrongly (bad type name or version)."""
 
 
+@facts
 class DuplicateEventType(EventDefinitionError):
     """A second class claims a (type, version) pair that is already registered."""
 
-    def __init__(self, type: str, version: int, existing: type, new: type) -> None:
-        self.type = type
-        self.version = version
-        self.existing = existing
-        self.new = new
-        super().__init__(
-            f"event type {type!r} version {version} is already registered by "
-            f"{existing.__module__}.{existing.__qualname__}; "
-            f"{new.__module__}.{new.__qualname__} cannot claim it too"
-        )
+    type: str
+    version: int
+    existing: builtins.type
+    new: builtins.type
+    _message = (
+        "event type {type!r} version {version} is already registered by "
+        "{existing.__module__}.{existing.__qualname__}; "
+        "{new.__module__}.{new.__qualname__} cannot claim it too"
+    )
 
 
 class InvalidAppend(TidingsError, ValueError):
     """Input to `append` rejected before anything was written."""
 
 
+@facts
 class NotAnEvent(InvalidAppend, TypeError):
     """`append` received something that is not an instance of a registered `Event` class."""
 
-    def __init__(self, value: Any, index: int) -> None:
-        self.value = value
-        self.index = index
-        super().__init__(
-            f"events[{index}] is {type(value).__module__}.{type(value).__qualname__}, "
+    value: Any
+    index: int
+
+    def _format(self, **values: Any) -> str:
+        kind = type(self.value)
+        return (
+            f"events[{self.index}] is {kind.__module__}.{kind.__qualname__}, "
             "not an instance of a tidings Event class declared with type=..."
         )
 
@@ -122,20 +186,21 @@ class InvalidEvents(InvalidAppend, TypeError):
     """The `events` argument of `append` is not a non-empty sequence of events."""
 
 
+@facts
 class InvalidExpectedVersion(InvalidAppend, TypeError):
     """An `expected_version` that is not an int >= 0, `NO_STREAM`, `STREAM_EXISTS` or `ANY`."""
 
-    def __init__(self, value: Any) -> None:
-        self.value = value
-        super().__init__(
-            f"expected_version must be an int >= 0, NO_STREAM, STREAM_EXISTS or ANY; got {value!r}"
-        )
+    value: Any
+    _message = (
+        "expected_version must be an int >= 0, NO_STREAM, STREAM_EXISTS or ANY; got {value!r}"
+    )
 
 
 class InvalidMetadata(InvalidAppend, TypeError):
     """Metadata that is not a `Metadata` or a mapping of str to str."""
 
 
+@facts
 class InvalidStreamId(InvalidAppend, TypeError):
     """A stream id that is not a non-empty string of at most 512 characters.
 
@@ -143,28 +208,31 @@ class InvalidStreamId(InvalidAppend, TypeError):
     one mistake to the caller, and either `except` clause catches it.
     """
 
-    def __init__(self, stream_id: Any, reason: str) -> None:
-        self.stream_id = stream_id
-        self.reason = reason
-        shown = repr(stream_id) if len(repr(stream_id)) <= 80 else repr(stream_id)[:77] + "..."
-        super().__init__(f"invalid stream id {shown}: {reason}")
+    stream_id: Any
+    reason: str
+
+    def _format(self, **values: Any) -> str:
+        shown = repr(self.stream_id)
+        shown = shown if len(shown) <= 80 else shown[:77] + "..."
+        return f"invalid stream id {shown}: {self.reason}"
 
 
+@facts
 class EventTooLarge(InvalidAppend):
     """An event whose encoded data and metadata exceed the store's `max_event_size`."""
 
-    def __init__(self, stream_id: str, index: int, type: str, size: int, limit: int) -> None:
-        self.stream_id = stream_id
-        self.index = index
-        self.type = type
-        self.size = size
-        self.limit = limit
-        super().__init__(
-            f"events[{index}] ({type}) for stream {stream_id!r} encodes to {size} bytes, "
-            f"over the limit of {limit} bytes (max_event_size)"
-        )
+    stream_id: str
+    index: int
+    type: str
+    size: int
+    limit: int
+    _message = (
+        "events[{index}] ({type}) for stream {stream_id!r} encodes to {size} bytes, "
+        "over the limit of {limit} bytes (max_event_size)"
+    )
 
 
+@facts
 class EventIdConflict(InvalidAppend):
     """An event id already stored, but not as the same events of that stream.
 
@@ -172,48 +240,46 @@ class EventIdConflict(InvalidAppend):
     that reuses their ids (another stream, or only some of them) is this error.
     """
 
-    def __init__(self, stream_id: str, event_id: Any, detail: str) -> None:
-        self.stream_id = stream_id
-        self.event_id = event_id
-        super().__init__(f"event id {event_id} for stream {stream_id!r}: {detail}")
+    stream_id: str
+    event_id: Any
+    detail: InitVar[str]
+    _message = "event id {event_id} for stream {stream_id!r}: {detail}"
 
 
+@facts
 class WrongExpectedVersion(TidingsError):
     """The stream is not at the version the writer expected (optimistic concurrency)."""
 
-    def __init__(self, stream_id: str, expected: Any, actual: int) -> None:
-        self.stream_id = stream_id
-        self.expected = expected
-        self.actual = actual
-        super().__init__(
-            f"stream {stream_id!r}: expected version {expected}, actual version {actual}"
-        )
+    stream_id: str
+    expected: Any
+    actual: int
+    _message = "stream {stream_id!r}: expected version {expected}, actual version {actual}"
 
 
+@facts
 class UnknownEventType(TidingsError, LookupError):
     """No class is registered for this event type and schema version."""
 
-    def __init__(self, type: str, version: int) -> None:
-        self.type = type
-        self.version = version
-        super().__init__(
-            f"no Event class is registered for type {type!r} version {version} "
-            "(import the module that declares it)"
-        )
+    type: str
+    version: int
+    _message = (
+        "no Event class is registered for type {type!r} version {version} "
+        "(import the module that declares it)"
+    )
 
 
+@facts
 class EventDecodeError(TidingsError, ValueError):
     """A stored event that cannot be turned back into its typed `Event`."""
 
-    def __init__(self, stream_id: str, version: int, position: int, reason: str) -> None:
-        self.stream_id = stream_id
-        self.version = version
-        self.position = position
-        self.reason = reason
-        super().__init__(
-            f"cannot decode event at position {position} "
-            f"(stream {stream_id!r}, version {version}): {reason}"
-        )
+    stream_id: str
+    version: int
+    position: int
+    reason: str
+    _message = (
+        "cannot decode event at position {position} "
+        "(stream {stream_id!r}, version {version}): {reason}"
+    )
 
 
 class InvalidCloudEvent(TidingsError, ValueError):
@@ -233,30 +299,30 @@ class StoreClosed(TidingsError, RuntimeError):
     """The store was used before `open()` / `async with`, or after `aclose()`."""
 
 
+@facts
 class AggregateNotFound(TidingsError, LookupError):
     """`Repository.get` found no events for the aggregate (at that version or moment)."""
 
-    def __init__(self, aggregate: str, aggregate_id: str, stream_id: str, detail: str = "") -> None:
-        self.aggregate = aggregate
-        self.aggregate_id = aggregate_id
-        self.stream_id = stream_id
-        where = f" {detail}" if detail else ""
-        super().__init__(
-            f"{aggregate} {aggregate_id!r} not found: stream {stream_id!r} is empty{where}"
-        )
+    aggregate: str
+    aggregate_id: str
+    stream_id: str
+    detail: InitVar[str] = ""
+    _message = "{aggregate} {aggregate_id!r} not found: stream {stream_id!r} is empty{detail}"
+    _optional: ClassVar[dict[str, str]] = {"detail": " {}"}
 
 
+@facts
 class UnhandledEvent(TidingsError, LookupError):
     """An aggregate (or projection) met an event type it has no `@on` handler for."""
 
-    def __init__(self, owner: str, type: str, where: str = "") -> None:
-        self.owner = owner
-        self.type = type
-        at = f" ({where})" if where else ""
-        super().__init__(
-            f"{owner} has no @on handler for event type {type!r}{at}; add one, or declare "
-            f"the class with ignore_unknown=True to skip types it does not handle"
-        )
+    owner: str
+    type: str
+    where: InitVar[str] = ""
+    _message = (
+        "{owner} has no @on handler for event type {type!r}{where}; add one, or declare "
+        "the class with ignore_unknown=True to skip types it does not handle"
+    )
+    _optional: ClassVar[dict[str, str]] = {"where": " ({})"}
 
 
 class InvalidCommand(ValidationError, TidingsError):
@@ -290,21 +356,20 @@ class InvalidCommand(ValidationError, TidingsError):
             )
 
 
+@facts
 class NoCommandHandler(TidingsError, LookupError):
     """A command was dispatched that no registered handler handles."""
 
-    def __init__(self, command: str) -> None:
-        self.command = command
-        super().__init__(f"no handler is registered for command {command}")
+    command: str
+    _message = "no handler is registered for command {command}"
 
 
+@facts
 class ProjectionError(TidingsError, RuntimeError):
     """A projection handler raised on a stored event; the checkpoint stays before it."""
 
-    def __init__(self, projection: str, position: int, type: str, reason: str) -> None:
-        self.projection = projection
-        self.position = position
-        self.type = type
-        super().__init__(
-            f"projection {projection!r} failed on event {type!r} at position {position}: {reason}"
-        )
+    projection: str
+    position: int
+    type: str
+    reason: InitVar[str]
+    _message = "projection {projection!r} failed on event {type!r} at position {position}: {reason}"

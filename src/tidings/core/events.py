@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING, Any, ClassVar, Optional, Self
+from typing import Any, ClassVar, Optional, Self
 from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -23,9 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tidings.core.errors import DuplicateEventType, EventDefinitionError, UnknownEventType
 from tidings.core.ids import uuid7
 from tidings.core.personal import Personal
-
-if TYPE_CHECKING:
-    from tidings.core.upcasting import Upcaster
+from tidings.core.upcast_step import Upcaster, UpcasterGap
 
 __all__ = ["Event", "TypeRegistry", "UnknownEvent", "default_registry"]
 
@@ -144,8 +142,6 @@ class TypeRegistry:
         """Refuse a gap: an upcaster whose chain reaches no registered class, or a type with
         upcasters missing the step from one of its versions below its newest class.
         `UpcasterGap` names the first missing step. Stores and brokers run it on opening."""
-        from tidings.core.upcasting import UpcasterGap
-
         for (type_, version), step in sorted(self._upcasters.items()):
             if self.chain(type_, version) is None:
                 end = step

@@ -32,40 +32,15 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from tidings.core.errors import ConfigurationError
 from tidings.core.events import TypeRegistry, default_registry
-from tidings.core.metadata import Metadata
+from tidings.core.upcast_step import Upcaster, UpcasterGap
 
 __all__ = ["Upcaster", "UpcasterGap", "upcaster"]
 
 F = TypeVar("F", bound=Callable[..., dict[str, Any]])
-
-
-class UpcasterGap(ConfigurationError):
-    """A chain of upcasters that cannot reach a registered class (a missing step)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Upcaster:
-    """One step: data of (`type`, `from_version`) to data of (`to_type`, `to_version`)."""
-
-    type: str
-    from_version: int
-    to_type: str
-    to_version: int
-    function: Callable[..., dict[str, Any]]
-    takes_metadata: bool
-
-    def __call__(self, data: dict[str, Any], metadata: Metadata) -> dict[str, Any]:
-        out = self.function(data, metadata) if self.takes_metadata else self.function(data)
-        if not isinstance(out, dict):
-            raise TypeError(
-                f"upcaster {self.function.__qualname__} returned {type(out).__name__}, not a dict"
-            )
-        return out
 
 
 def upcaster(

@@ -1,0 +1,92 @@
+"""Appending: checking, encoding and storing a batch of events, then waking subscribers.
+
+Everything about an append that does not depend on the database happens here, in this
+order, for every backend: argument checks, correlation and trace metadata, sealing personal
+fields, per-event size and duplicate checks; the backend then stores the encoded rows.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from collections.abc import Iterable, Mapping, Sequence
+
+from tidings import telemetry
+from tidings.core.codec import EncodedEvent
+from tidings.core.context import with_correlation
+from tidings.core.errors import EventIdConflict, EventTooLarge, InvalidEvents
+from tidings.core.events import Event
+from tidings.core.metadata import Metadata, MetadataLike
+from tidings.store.contracts import ANY, AppendResult, ExpectedVersion
+from tidings.store.personal import PersonalData
+from tidings.store.validation import _storable, validate_expected, validate_stream_id
+
+__all__ = ["Appending"]
+
+_NO_KEYS: dict[str, bytes] = {}  # an append without personal values: nothing to seal
+
+
+class Appending(PersonalData):
+    """`append`, and the encoding every backend stores."""
+
+    async def append(
+        self,
+        stream_id: str,
+        events: Iterable[Event],
+        expected_version: ExpectedVersion = ANY,
+        metadata: MetadataLike | None = None,
+    ) -> AppendResult:
+        stream_id = validate_stream_id(stream_id)
+        expected = validate_expected(expected_version)
+        if isinstance(events, (Event, str, bytes, Mapping)) or not isinstance(events, Iterable):
+            raise InvalidEvents(
+                f"events must be a list of Event instances, not {type(events).__name__}"
+            )
+        if not isinstance(events, Sequence):
+            events = list(events)  # a generator or set of events is fine, consumed once
+        if not events:
+            raise InvalidEvents(f"append to {stream_id!r} got no events")
+        with telemetry.append_span(self, stream_id, len(events)) as span:
+            meta = self.codec.encode_metadata(
+                telemetry.traced(with_correlation(_storable(Metadata.coerce(metadata))), span)
+            )
+            keys = await self._keys_to_seal(events)
+            encoded = self._encode(stream_id, events, len(meta.encode()) if meta else 0, keys)
+            self._check_open()
+            result = await self._append(stream_id, expected, encoded, meta)
+            telemetry.appended(self, len(encoded), span, result)
+        self._signal.notify()
+        return result
+
+    def _encode(
+        self,
+        stream_id: str,
+        events: Sequence[Event],
+        metadata_size: int,
+        keys: Mapping[str, bytes] | None = None,
+    ) -> list[EncodedEvent]:
+        encoded = []
+        seen = set()
+        for index, event in enumerate(events):
+            item = self.codec.encode(event, index, keys if keys is not None else _NO_KEYS)
+            size = item.size + metadata_size  # each event is stored with its own copy
+            if size > self.max_event_size:
+                raise EventTooLarge(stream_id, index, item.type, size, self.max_event_size)
+            if item.id in seen:
+                raise EventIdConflict(
+                    stream_id, item.id, f"events[{index}] repeats an event of this append"
+                )
+            seen.add(item.id)
+            encoded.append(item)
+        return encoded
+
+    # -- backend primitives ----------------------------------------------------------------
+
+    @abstractmethod
+    async def _append(
+        self,
+        stream_id: str,
+        expected: ExpectedVersion,
+        events: list[EncodedEvent],
+        metadata: str | None,
+    ) -> AppendResult:
+        """Store validated, encoded events atomically, checking `expected` and retries."""

@@ -1,0 +1,253 @@
+"""Snapshots, projection checkpoints and rebuilds, read-model documents, and the personal-data
+keys of the PostgreSQL store.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from datetime import datetime
+from typing import Any
+
+from tidings.core.personal import new_key
+from tidings.store.base import (
+    DocumentNotLoaded,
+    ProjectionState,
+    Snapshot,
+    advance_projection,
+    begin_rebuild,
+    swap_rebuild,
+)
+from tidings.store.postgres.connection import PostgresCore
+
+__all__ = ["PostgresPersonalData", "PostgresProjections"]
+
+
+class PostgresProjections(PostgresCore):
+    """Snapshots, checkpoints (commit, rebuild) and documents."""
+
+    # -- snapshots -------------------------------------------------------------------------
+
+    async def _save_snapshot(
+        self, stream_id: str, version: int, type: str, schema_version: int, data: str
+    ) -> None:
+        async with self._connection() as conn:
+            await conn.execute(
+                f"INSERT INTO {self._s}.tidings_snapshots (stream_id, version, type, "
+                "schema_version, recorded_at, data) VALUES ($1, $2, $3, $4, now(), $5) "
+                "ON CONFLICT (stream_id, version) DO UPDATE SET type = excluded.type, "
+                "schema_version = excluded.schema_version, recorded_at = excluded.recorded_at, "
+                "data = excluded.data",
+                stream_id,
+                version,
+                type,
+                schema_version,
+                data,
+            )
+
+    async def _read_snapshot(
+        self, stream_id: str, max_version: int | None, recorded_until: datetime | None
+    ) -> Snapshot | None:
+        async with self._connection() as conn:
+            row = await conn.fetchrow(
+                "SELECT stream_id, version, type, schema_version, recorded_at, data "
+                f"FROM {self._s}.tidings_snapshots WHERE stream_id = $1 "
+                "AND ($2::bigint IS NULL OR version <= $2) "
+                "AND ($3::timestamptz IS NULL OR recorded_at <= $3) "
+                "ORDER BY version DESC LIMIT 1",
+                stream_id,
+                max_version,
+                recorded_until,
+            )
+        return None if row is None else Snapshot(*row)
+
+    # -- projections -----------------------------------------------------------------------
+
+    async def _projection_states(self, name: str | None) -> list[ProjectionState]:
+        async with self._connection() as conn:
+            if name is None:
+                rows = await conn.fetch(f"SELECT {self._projection_columns()} ORDER BY name")
+            else:
+                rows = await conn.fetch(
+                    f"SELECT {self._projection_columns()} WHERE name = $1", name
+                )
+        return [ProjectionState(*row) for row in rows]
+
+    def _projection_columns(self) -> str:
+        return (
+            "name, generation, position, updated_at, building_generation, building_position "
+            f"FROM {self._s}.tidings_projections"
+        )
+
+    async def _locked_projection(self, conn: Any, name: str) -> ProjectionState | None:
+        row = await conn.fetchrow(
+            f"SELECT {self._projection_columns()} WHERE name = $1 FOR UPDATE", name
+        )
+        return None if row is None else ProjectionState(*row)
+
+    async def _save_projection(self, conn: Any, state: ProjectionState) -> None:
+        await conn.execute(
+            f"INSERT INTO {self._s}.tidings_projections (name, generation, position, updated_at, "
+            "building_generation, building_position) VALUES ($1, $2, $3, now(), $4, $5) "
+            "ON CONFLICT (name) DO UPDATE SET generation = excluded.generation, "
+            "position = excluded.position, updated_at = excluded.updated_at, "
+            "building_generation = excluded.building_generation, "
+            "building_position = excluded.building_position",
+            state.name,
+            state.generation,
+            state.position,
+            state.building_generation,
+            state.building_position,
+        )
+
+    @asynccontextmanager
+    async def _projection_transaction(self, name: str) -> Any:
+        """A transaction holding the projection's checkpoint row (or its absence) locked."""
+        async with self._connection() as conn, conn.transaction():
+            # Serialises first commits too, when there is no row to lock yet.
+            await conn.execute(
+                "SELECT pg_advisory_xact_lock(hashtext($1))", f"tidings:{self.schema}:{name}"
+            )
+            yield conn, await self._locked_projection(conn, name)
+
+    async def _commit_projection(
+        self,
+        name: str,
+        generation: int,
+        expected_position: int,
+        position: int,
+        writes: Mapping[str, str | None],
+    ) -> None:
+        upserts = [(key, doc) for key, doc in writes.items() if doc is not None]
+        deletes = [key for key, doc in writes.items() if doc is None]
+        async with self._projection_transaction(name) as (conn, current):
+            now = await conn.fetchval("SELECT now()")
+            state = advance_projection(current, name, generation, expected_position, position, now)
+            if upserts:
+                await conn.execute(
+                    f"INSERT INTO {self._s}.tidings_documents (projection, generation, key, doc) "
+                    "SELECT $1, $2, k, d FROM unnest($3::bytea[], $4::text[]) AS t(k, d) "
+                    "ON CONFLICT (projection, generation, key) DO UPDATE SET doc = excluded.doc",
+                    name,
+                    generation,
+                    [key for key, _ in upserts],
+                    [doc for _, doc in upserts],
+                )
+            if deletes:
+                await conn.execute(
+                    f"DELETE FROM {self._s}.tidings_documents WHERE projection = $1 "
+                    "AND generation = $2 AND key = ANY($3::bytea[])",
+                    name,
+                    generation,
+                    deletes,
+                )
+            await self._save_projection(conn, state)
+
+    async def _start_rebuild(self, name: str) -> ProjectionState:
+        async with self._projection_transaction(name) as (conn, current):
+            state = begin_rebuild(current, name, await conn.fetchval("SELECT now()"))
+            await conn.execute(  # what an aborted rebuild left behind
+                f"DELETE FROM {self._s}.tidings_documents WHERE projection = $1 "
+                "AND generation <> $2",
+                name,
+                state.generation,
+            )
+            await self._save_projection(conn, state)
+        return state
+
+    async def _finish_rebuild(self, name: str, generation: int) -> None:
+        async with self._projection_transaction(name) as (conn, current):
+            state = swap_rebuild(current, name, generation, await conn.fetchval("SELECT now()"))
+            await conn.execute(
+                f"DELETE FROM {self._s}.tidings_documents WHERE projection = $1 "
+                "AND generation <> $2",
+                name,
+                generation,
+            )
+            await self._save_projection(conn, state)
+
+    def _live_generation(self) -> str:
+        return (
+            f"coalesce($2::integer, (SELECT generation FROM {self._s}.tidings_projections "
+            "WHERE name = $1), 0)"
+        )
+
+    async def _get_documents(
+        self, name: str, generation: int | None, keys: Sequence[str]
+    ) -> dict[str, str]:
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                f"SELECT key, doc FROM {self._s}.tidings_documents WHERE projection = $1 "
+                f"AND generation = {self._live_generation()} AND key = ANY($3::bytea[])",
+                name,
+                generation,
+                list(keys),
+            )
+        return {key: doc for key, doc in rows}
+
+    async def _documents_batch(
+        self, name: str, generation: int | None, after: str, limit: int
+    ) -> list[tuple[str, str]]:
+        async with self._connection() as conn:
+            rows = await conn.fetch(
+                f"SELECT key, doc FROM {self._s}.tidings_documents WHERE projection = $1 "
+                f"AND generation = {self._live_generation()} AND key > $3 ORDER BY key LIMIT $4",
+                name,
+                generation,
+                after,
+                limit,
+            )
+        return [(key, doc) for key, doc in rows]
+
+    def _document_reader(self, name: str, generation: int) -> Callable[[str], str | None]:
+        return _DocumentCache(self, name, generation)
+
+
+class PostgresPersonalData(PostgresCore):
+    """The keys of personal data, and forgetting a subject."""
+
+    async def _subject_keys(self, subjects: set[str], create: bool) -> dict[str, bytes]:
+        wanted = sorted(subjects)
+        async with self._connection() as conn:
+            if create:
+                await conn.execute(
+                    f"INSERT INTO {self._s}.tidings_subject_keys (subject, key) "
+                    "SELECT * FROM unnest($1::text[], $2::text[]) ON CONFLICT DO NOTHING",
+                    wanted,
+                    [new_key().hex() for _ in wanted],
+                )
+            rows = await conn.fetch(
+                f"SELECT subject, key FROM {self._s}.tidings_subject_keys "
+                "WHERE subject = ANY($1::text[])",
+                wanted,
+            )
+        return {row[0]: bytes.fromhex(row[1]) for row in rows}
+
+    async def _forget(self, subject: str) -> None:
+        async with self._connection() as conn, conn.transaction():
+            await conn.execute(
+                f"DELETE FROM {self._s}.tidings_subject_keys WHERE subject = $1", subject
+            )
+            await conn.execute(f"DELETE FROM {self._s}.tidings_snapshots")
+
+
+class _DocumentCache:
+    """Document lookups for one batch: PostgreSQL can only be read with `await`, so a key not
+    loaded yet raises `DocumentNotLoaded`; the projection loads it and runs the event again."""
+
+    def __init__(self, store: PostgresProjections, name: str, generation: int) -> None:
+        self.store = store
+        self.name = name
+        self.generation = generation
+        self.loaded: dict[str, str | None] = {}
+
+    def __call__(self, key: str) -> str | None:
+        try:
+            return self.loaded[key]
+        except KeyError:
+            raise DocumentNotLoaded(key) from None
+
+    async def load(self, keys: Sequence[str]) -> None:
+        found = await self.store._get_documents(self.name, self.generation, keys)
+        for key in keys:
+            self.loaded[key] = found.get(key)

@@ -1,0 +1,204 @@
+"""The PostgreSQL store's tables, version by version, and the migration that brings a schema
+up to date when the store opens (one process migrates, the others wait).
+
+Version 1 holds the append function `tidings_append` (PL/pgSQL), which `append` calls.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tidings.core.errors import StoreNotFound
+from tidings.store.postgres.connection import PostgresCore
+
+__all__ = ["PostgresSchema"]
+
+_NO_TIMEOUT = 86_400.0  # seconds: the query_timeout of a migration (a day: none, in effect)
+
+
+def _migrations(schema: str) -> list[tuple[int, list[str]]]:
+    """The tables, version by version, in `schema` (a validated identifier)."""
+    s = f'"{schema}"'
+    return [
+        (
+            1,
+            [
+                f"CREATE SEQUENCE {s}.tidings_positions AS bigint",
+                f"""CREATE TABLE {s}.tidings_events (
+                    position       bigint      PRIMARY KEY,
+                    id             uuid        NOT NULL UNIQUE,
+                    stream_id      bytea       NOT NULL,
+                    version        bigint      NOT NULL,
+                    type           text        NOT NULL,
+                    schema_version integer     NOT NULL,
+                    recorded_at    timestamptz NOT NULL,
+                    data           text        NOT NULL,
+                    metadata       text,
+                    UNIQUE (stream_id, version)
+                )""",
+                f"""CREATE TABLE {s}.tidings_streams (
+                    stream_id bytea  PRIMARY KEY,
+                    version   bigint NOT NULL
+                )""",
+                f"""CREATE FUNCTION {s}.tidings_append(
+                    p_stream bytea, p_expected bigint, p_ids uuid[], p_types text[],
+                    p_schema_versions integer[], p_data text[], p_metadata text
+                ) RETURNS TABLE (ok boolean, version bigint, last_position bigint)
+                LANGUAGE plpgsql AS $$
+                DECLARE
+                    v_actual bigint;
+                    v_count integer := cardinality(p_ids);
+                    v_positions bigint[];
+                BEGIN
+                    -- The transaction id first: a reader's hole check relies on every writer
+                    -- holding its id before it draws a position.
+                    PERFORM pg_current_xact_id();
+                    SELECT s.version INTO v_actual FROM {s}.tidings_streams s
+                        WHERE s.stream_id = p_stream FOR UPDATE;
+                    IF NOT FOUND THEN
+                        INSERT INTO {s}.tidings_streams (stream_id, version)
+                            VALUES (p_stream, 0) ON CONFLICT DO NOTHING;
+                        SELECT s.version INTO v_actual FROM {s}.tidings_streams s
+                            WHERE s.stream_id = p_stream FOR UPDATE;
+                    END IF;
+                    -- A clash or a retry of stored events returns before drawing positions,
+                    -- so neither leaves a hole in the log.
+                    IF NOT (p_expected = -1 OR (p_expected = -2 AND v_actual > 0)
+                            OR p_expected = v_actual)
+                       OR EXISTS (SELECT 1 FROM {s}.tidings_events e WHERE e.id = ANY(p_ids))
+                    THEN
+                        RETURN QUERY SELECT false, v_actual, 0::bigint;
+                        RETURN;
+                    END IF;
+                    IF v_count = 1 THEN
+                        v_positions := ARRAY[nextval('{s}.tidings_positions')];
+                    ELSE
+                        SELECT array_agg(p ORDER BY p) INTO v_positions FROM (
+                            SELECT nextval('{s}.tidings_positions') AS p
+                            FROM generate_series(1, v_count)
+                        ) drawn;
+                    END IF;
+                    INSERT INTO {s}.tidings_events (position, id, stream_id, version, type,
+                        schema_version, recorded_at, data, metadata)
+                    SELECT v_positions[t.n], t.id, p_stream, v_actual + t.n, t.type, t.sv,
+                        now(), t.data, p_metadata
+                    FROM unnest(p_ids, p_types, p_schema_versions, p_data)
+                        WITH ORDINALITY AS t(id, type, sv, data, n);
+                    UPDATE {s}.tidings_streams SET version = v_actual + v_count
+                        WHERE stream_id = p_stream;
+                    RETURN QUERY SELECT true, v_actual + v_count, v_positions[v_count];
+                END
+                $$""",
+            ],
+        ),
+        (
+            2,
+            [
+                f"""CREATE TABLE {s}.tidings_snapshots (
+                    stream_id      bytea       NOT NULL,
+                    version        bigint      NOT NULL,
+                    type           text        NOT NULL,
+                    schema_version integer     NOT NULL,
+                    recorded_at    timestamptz NOT NULL,
+                    data           text        NOT NULL,
+                    PRIMARY KEY (stream_id, version)
+                )""",
+                f"""CREATE TABLE {s}.tidings_projections (
+                    name                text        PRIMARY KEY,
+                    generation          integer     NOT NULL,
+                    position            bigint      NOT NULL,
+                    updated_at          timestamptz NOT NULL,
+                    building_generation integer,
+                    building_position   bigint      NOT NULL DEFAULT 0
+                )""",
+                f"""CREATE TABLE {s}.tidings_documents (
+                    projection text    NOT NULL,
+                    generation integer NOT NULL,
+                    key        bytea   NOT NULL,
+                    doc        text    NOT NULL,
+                    PRIMARY KEY (projection, generation, key)
+                )""",
+            ],
+        ),
+        (
+            3,
+            [
+                f"""CREATE TABLE {s}.tidings_leases (
+                    name       text        PRIMARY KEY,
+                    owner      text        NOT NULL,
+                    expires_at timestamptz NOT NULL
+                )""",
+            ],
+        ),
+        (
+            4,
+            [
+                f"""CREATE TABLE {s}.tidings_subject_keys (
+                    subject text PRIMARY KEY,
+                    key     text NOT NULL  -- hex; this store's connections read bytea as text
+                )""",
+            ],
+        ),
+        (
+            5,
+            [  # `tidings trace`: one correlation's events without a scan of the log
+                f"""CREATE INDEX tidings_events_correlation ON {s}.tidings_events
+                    (((metadata::jsonb) ->> 'correlation_id'), position)
+                    WHERE metadata IS NOT NULL""",
+            ],
+        ),
+    ]
+
+
+async def _schema_version(conn: Any, schema: str) -> int | None:
+    exists = await conn.fetchval(
+        "SELECT 1 FROM information_schema.tables WHERE table_schema = $1 "
+        "AND table_name = 'tidings_schema'",
+        schema,
+    )
+    if not exists:
+        return None
+    found = await conn.fetchval(f'SELECT coalesce(max(version), 0) FROM "{schema}".tidings_schema')
+    return int(found)
+
+
+class PostgresSchema(PostgresCore):
+    """Creating or migrating the schema, as the store opens."""
+
+    async def _prepare(self) -> None:
+        """Create or migrate the schema: one process migrates, the others wait, then see it."""
+        assert self._pool is not None
+        async with self._pool.acquire() as conn:
+            current = await _schema_version(conn, self.schema)  # (under query_timeout)
+            migrations = _migrations(self.schema)
+            if current is not None and current >= migrations[-1][0]:
+                return
+            if not self.create:
+                raise StoreNotFound(
+                    f"PostgreSQL {self.address} schema {self.schema!r} (no tidings tables)"
+                )
+            async with conn.transaction():
+                # Another process's migration, or this one, may take long: no query_timeout.
+                await conn.execute(
+                    "SELECT pg_advisory_xact_lock(hashtext($1))",
+                    f"tidings:{self.schema}",
+                    timeout=_NO_TIMEOUT,
+                )
+                await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {self._s}", timeout=_NO_TIMEOUT)
+                await conn.execute(
+                    f"CREATE TABLE IF NOT EXISTS {self._s}.tidings_schema (version integer)",
+                    timeout=_NO_TIMEOUT,
+                )
+                current = await conn.fetchval(
+                    f"SELECT coalesce(max(version), 0) FROM {self._s}.tidings_schema",
+                    timeout=_NO_TIMEOUT,
+                )
+                for version, statements in migrations:
+                    if version > current:
+                        for statement in statements:
+                            await conn.execute(statement, timeout=_NO_TIMEOUT)
+                        await conn.execute(
+                            f"INSERT INTO {self._s}.tidings_schema (version) VALUES ($1)",
+                            version,
+                            timeout=_NO_TIMEOUT,
+                        )
