@@ -22,7 +22,6 @@ import socket
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from types import TracebackType
 from typing import Any, Self
 
 from tidings import telemetry
@@ -35,6 +34,7 @@ from tidings.core.errors import (
     TidingsError,
 )
 from tidings.core.ids import uuid7
+from tidings.core.lifecycle import AsyncResource
 from tidings.store.base import EventStore, ProjectionConflict, StoreBase
 
 __all__ = ["ProjectionRunner", "ProjectionStatus", "projection_status"]
@@ -217,7 +217,7 @@ async def _quietly(call: Any) -> Any:
         return False
 
 
-class ProjectionRunner:
+class ProjectionRunner(AsyncResource):
     """Runs projections: in the background (`async with` / `start`) or on demand (`catch_up`).
 
     Args:
@@ -300,15 +300,12 @@ class ProjectionRunner:
         finally:
             await self.stop()
 
-    async def __aenter__(self) -> Self:
+    async def open(self) -> Self:
+        """`async with runner:` starts it (`AsyncResource`)."""
         return await self.start()
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    async def aclose(self) -> None:
+        """Leaving `async with runner:` stops it."""
         await self.stop()
 
     # -- catching up and waiting -----------------------------------------------------------

@@ -1,326 +1,55 @@
-"""The `Broker` protocol, deliveries and dead letters, and what every adapter shares.
+"""`BrokerBase`: what every broker adapter shares.
 
 An adapter subclasses `BrokerBase` and implements a few primitives: publish messages
 durably, hand out `Received` messages of a topic to the members of a group (competing, one
 key in publish order), take acks and delayed nacks, and keep dead letters. Encoding,
-decoding, validation and the dead-letter records live here, so every broker behaves alike.
+validation and the dead-letter bookkeeping live here, so every broker behaves alike. The
+protocol is in `contracts`, deliveries in `delivery`, dead letters in `dead_letters` and
+key-order hand-out in `handout`; this module re-exports them.
 """
 
 from __future__ import annotations
 
-import base64
-import json
-import re
-import uuid
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from types import TracebackType
-from typing import Any, Protocol, Self, TypeVar, runtime_checkable
+from typing import Any
+from urllib.parse import urlsplit
 
 from tidings import telemetry
+from tidings.brokers.contracts import Broker as Broker
+from tidings.brokers.contracts import check_name as check_name
+from tidings.brokers.dead_letters import DeadLetter as DeadLetter
+from tidings.brokers.dead_letters import DeadLetterNotFound as DeadLetterNotFound
+from tidings.brokers.delivery import Delivery as Delivery
+from tidings.brokers.delivery import Received as Received
+from tidings.brokers.delivery import _Member
 from tidings.brokers.envelope import Message, encode
+from tidings.brokers.handout import next_in_key_order as next_in_key_order
 from tidings.core.codec import JSONCodec
 from tidings.core.context import with_correlation
-from tidings.core.errors import ConfigurationError, NotAnEvent, StoreClosed, TidingsError
+from tidings.core.errors import ConfigurationError, NotAnEvent, StoreClosed
 from tidings.core.events import Event
-from tidings.core.lifecycle import AsyncResource
+from tidings.core.lifecycle import OpenOnce
 from tidings.core.metadata import Metadata, MetadataLike
 from tidings.core.recorded import RecordedEvent
+from tidings.store.options import url_options
 
 __all__ = ["Broker", "BrokerBase", "DeadLetter", "Delivery", "Received"]
 
 
-class _Queued(Protocol):
-    """What `next_in_key_order` reads of an adapter's queued entry."""
-
-    @property
-    def message(self) -> Message: ...
-    @property
-    def not_before(self) -> float: ...  # when a nacked message may go again
-    @property
-    def holder(self) -> object: ...  # falsy while nobody has it
-
-
-E = TypeVar("E", bound=_Queued)
-
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
+def url_settings(
+    url: str, schemes: tuple[str, ...], wrong: str, known: dict[str, type], options: Any
+) -> dict[str, Any]:
+    """A broker's settings from `url`'s query, under the keyword `options`, once its scheme
+    is one of `schemes` (`wrong` begins the error for another)."""
+    if urlsplit(url).scheme.lower() not in schemes:
+        raise ConfigurationError(f"{wrong}, got {url!r}")
+    settings: dict[str, Any] = url_options(url, known) | options
+    return settings
 
 
-def check_name(kind: str, name: object) -> str:
-    """A topic or group name every broker can use: letters, digits, `.`, `_`, `-`."""
-    if not isinstance(name, str) or not _NAME.match(name):
-        raise ConfigurationError(
-            f"{kind} {name!r}: use 1-200 letters, digits, '.', '_' or '-' (not first)"
-        )
-    return name
-
-
-class Received(ABC):
-    """A message as an adapter hands it out, with the adapter's own ack and nack."""
-
-    message: Message
-    attempt: int  # 1 on the first delivery; the broker's count after redeliveries
-
-    @abstractmethod
-    async def ack(self) -> None:
-        """Done: never deliver it to this group again."""
-
-    @abstractmethod
-    async def nack(self, delay: float | None) -> None:
-        """Not done: deliver it again (to any member of the group) after `delay` seconds."""
-
-    async def terminate(self) -> None:
-        """Given up on (it is a dead letter now): never deliver it again. Brokers with a verb
-        for that (JetStream's `term`) say so; the others ack."""
-        await self.ack()
-
-
-def next_in_key_order(entries: Iterable[E], now: float) -> tuple[E | None, float | None]:
-    """The first entry that may go out now, and when to look again if none.
-
-    `entries` are in publish order, each with a `message`, a `not_before` time and a
-    `holder` (falsy when nobody has it). An entry waits while an earlier one of its key is
-    held or waiting for a retry, so one key goes out in order and never twice at once.
-    """
-    blocked: set[str] = set()
-    soonest: float | None = None
-    for entry in entries:
-        key = entry.message.key
-        if key is not None and key in blocked:
-            continue
-        if not entry.holder:
-            if entry.not_before <= now:
-                return entry, None
-            soonest = entry.not_before if soonest is None else min(soonest, entry.not_before)
-        if key is not None:
-            blocked.add(key)  # in flight or waiting: later ones of this key wait too
-    return None, soonest
-
-
-@dataclass(frozen=True, slots=True)
-class DeadLetter:
-    """A message a group gave up on: why, after how many attempts, and the original."""
-
-    id: str
-    topic: str
-    group: str
-    error: str
-    attempts: int
-    failed_at: datetime
-    message: Message
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready form: what the CLI prints and what adapters store (`from_dict` reads
-        it back). Data that is not UTF-8 is kept as `data_base64`."""
-        record: dict[str, Any] = {
-            "id": self.id,
-            "topic": self.topic,
-            "group": self.group,
-            "error": self.error,
-            "attempts": self.attempts,
-            "failed_at": self.failed_at.isoformat(),
-            "key": self.message.key,
-            "attributes": dict(self.message.attributes),
-            "headers": dict(self.message.headers),
-        }
-        try:
-            record["data"] = self.message.data.decode("utf-8")
-        except UnicodeDecodeError:
-            record["data_base64"] = base64.b64encode(self.message.data).decode("ascii")
-        return record
-
-    def to_json(self, limit: int | None = None, *, limit_name: str = "the limit") -> bytes:
-        """`to_dict` as UTF-8 JSON, within `limit` bytes when given (a broker's largest
-        record). A message too large to keep whole (one just under the limit grows as JSON)
-        is kept cut: its data, error, attribute and header values shortened until the record
-        fits, and the error says so. It is still dead-lettered, instead of failing its
-        consumer over and over."""
-        body = json.dumps(self.to_dict(), ensure_ascii=False, default=str).encode()
-        if limit is None:
-            return body
-        size, room, count = len(body), limit // 8, 64
-        note = f" [cut from {size:,} bytes to fit {limit_name} of {limit:,}]"
-        while len(body) > limit and room:
-            message = self.message
-            smaller = DeadLetter(
-                self.id,
-                self.topic,
-                self.group,
-                self.error[:room] + note,
-                self.attempts,
-                self.failed_at,
-                Message(
-                    message.topic,
-                    _cut(message.attributes, room, count),
-                    message.data[:room],
-                    message.key and message.key[:room],
-                    _cut(message.headers, room, count),
-                ),
-            )
-            body = json.dumps(smaller.to_dict(), ensure_ascii=False, default=str).encode()
-            room, count = room // 2, count // 2
-        return body
-
-    @classmethod
-    def from_dict(cls, record: Mapping[str, Any]) -> DeadLetter:
-        """The dead letter `to_dict` described."""
-        if "data_base64" in record:
-            data = base64.b64decode(record["data_base64"])
-        else:
-            data = str(record.get("data", "")).encode()
-        message = Message(
-            record["topic"],
-            dict(record.get("attributes") or {}),
-            data,
-            record.get("key"),
-            dict(record.get("headers") or {}),
-        )
-        return cls(
-            str(record["id"]),
-            record["topic"],
-            record["group"],
-            str(record["error"]),
-            int(record["attempts"]),
-            datetime.fromisoformat(record["failed_at"]),
-            message,
-        )
-
-
-def _cut(values: Mapping[str, Any], room: int, count: int) -> dict[str, Any]:
-    """The first `count` entries, names cut to 64 characters and text values to `room`."""
-    return {
-        str(k)[:64]: v[:room] if isinstance(v, str) else v for k, v in list(values.items())[:count]
-    }
-
-
-class Delivery:
-    """One message delivered to one member of a group; ack it, nack it, or dead-letter it."""
-
-    def __init__(
-        self,
-        broker: BrokerBase,
-        group: str,
-        received: Received,
-        codec: JSONCodec | None = None,
-    ) -> None:
-        self.broker = broker
-        self.codec = codec or broker.codec
-        self.group = group
-        self.received = received
-        self.message = received.message
-        self.settled = False
-        self._record: RecordedEvent[Any] | None = None
-
-    @property
-    def topic(self) -> str:
-        """The topic it was published to."""
-        return self.message.topic
-
-    @property
-    def key(self) -> str | None:
-        """Its ordering key (a relay's: the stream id); None for a keyless message."""
-        return self.message.key
-
-    @property
-    def attempt(self) -> int:
-        """1 on the first delivery to this group, more after redeliveries."""
-        return self.received.attempt
-
-    @property
-    def record(self) -> RecordedEvent[Any]:
-        """The decoded event with id, type, time and metadata; raises if it does not decode
-        (`InvalidCloudEvent`, `UnknownEventType`, `EventDecodeError`)."""
-        if self._record is None:
-            self._record = self.message.record(self.codec)
-        return self._record
-
-    @property
-    def event(self) -> Event:
-        """The typed event (see `record`)."""
-        event: Event = self.record.event
-        return event
-
-    @property
-    def metadata(self) -> Metadata:
-        """The event's correlation and causation ids and headers (see `record`)."""
-        return self.record.metadata
-
-    async def ack(self) -> None:
-        """Processed: the group will not see it again."""
-        self._settle()
-        await self.received.ack()
-
-    async def nack(self, delay: float | None = None) -> None:
-        """Not processed: the broker delivers it again after `delay` seconds (default now)."""
-        self._settle()
-        await self.received.nack(delay)
-
-    async def dead_letter(self, error: str, *, attempts: int | None = None) -> DeadLetter:
-        """Give up on it: keep it with `error` and the number of `attempts` made (default:
-        the deliveries so far) among the dead letters, then tell the broker it is finished."""
-        self._settle()
-        dead = DeadLetter(
-            str(uuid.uuid4()),
-            self.topic,
-            self.group,
-            error,
-            self.attempt if attempts is None else attempts,
-            datetime.now(UTC),
-            self.message,
-        )
-        await self.broker._add_dead_letter(dead)
-        await self.received.terminate()
-        telemetry.dead_lettered(self, error)
-        return dead
-
-    def _settle(self) -> None:
-        if self.settled:
-            raise RuntimeError(f"delivery {self.message.id} was already acked or nacked")
-        self.settled = True
-
-
-@runtime_checkable
-class Broker(Protocol):
-    """Routes events from publishers to consumer groups; see docs/brokers.md."""
-
-    async def __aenter__(self) -> Self: ...
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None: ...
-
-    async def publish(
-        self,
-        topic: str,
-        event: Event,
-        *,
-        key: str | None = None,
-        metadata: MetadataLike | None = None,
-    ) -> None: ...
-
-    async def publish_many(
-        self,
-        topic: str,
-        events: Iterable[Event],
-        *,
-        key: str | None = None,
-        metadata: MetadataLike | None = None,
-    ) -> None: ...
-
-    def subscribe(self, topic: str, *, group: str) -> Any: ...
-
-    async def dead_letters(self, topic: str | None = None) -> list[DeadLetter]: ...
-
-    async def replay(self, dead_letter_id: str) -> DeadLetter: ...
-
-
-class BrokerBase(AsyncResource, ABC):
+class BrokerBase(OpenOnce, ABC):
     """Shared behaviour of the broker adapters; see `Broker`."""
 
     #: The CloudEvents header prefix of this broker's binding (binary mode).
@@ -329,26 +58,8 @@ class BrokerBase(AsyncResource, ABC):
     def __init__(self, *, codec: JSONCodec | None = None, source: str = "tidings") -> None:
         self.codec = codec or JSONCodec()
         self.source = source
-        self._opened = False
-        self._closed = False
 
-    # -- lifecycle -------------------------------------------------------------------------
-
-    async def open(self) -> Self:
-        if self._closed:
-            raise StoreClosed(f"{type(self).__name__} was closed; open a new one")
-        if not self._opened:
-            self.codec.registry.check()  # a gap in an upcaster chain fails here, at start-up
-            await self._open()
-            self._opened = True
-        return self
-
-    async def aclose(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        if self._opened:
-            await self._close()
+    # -- lifecycle (`OpenOnce`) -------------------------------------------------------------
 
     def _check_open(self) -> None:
         if not self._opened or self._closed:
@@ -474,12 +185,6 @@ class BrokerBase(AsyncResource, ABC):
     # -- adapter primitives ----------------------------------------------------------------
 
     @abstractmethod
-    async def _open(self) -> None: ...
-
-    @abstractmethod
-    async def _close(self) -> None: ...
-
-    @abstractmethod
     async def _publish(self, topic: str, messages: list[Message]) -> None:
         """Store `messages` durably on `topic`, in order."""
 
@@ -510,32 +215,3 @@ class BrokerBase(AsyncResource, ABC):
 
     @abstractmethod
     async def _drop_dead_letter(self, dead_letter_id: str) -> None: ...
-
-
-class DeadLetterNotFound(TidingsError, LookupError):
-    """No dead letter has that id."""
-
-    def __init__(self, dead_letter_id: str) -> None:
-        self.dead_letter_id = dead_letter_id
-        super().__init__(f"no dead letter {dead_letter_id!r}")
-
-
-@dataclass
-class _Member:
-    broker: BrokerBase
-    topic: str
-    group: str
-    prefetch: int
-    codec: JSONCodec
-    name: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
-
-    async def deliveries(self) -> AsyncIterator[Delivery]:
-        await self.broker._declare(self.topic, self.group)
-        async for received in self.broker._receive(
-            self.topic, self.group, self.name, self.prefetch
-        ):
-            yield Delivery(self.broker, self.group, received, self.codec)
-
-    async def close(self) -> None:
-        if not self.broker._closed:
-            await self.broker._leave(self.topic, self.group, self.name)

@@ -15,8 +15,11 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from tidings.brokers.base import BrokerBase, DeadLetter, Received, next_in_key_order
+from tidings.brokers.base import BrokerBase
+from tidings.brokers.dead_letters import DeadLetter
+from tidings.brokers.delivery import Received
 from tidings.brokers.envelope import Message
+from tidings.brokers.handout import next_in_key_order, wait_set
 from tidings.core.codec import JSONCodec
 from tidings.core.errors import ConfigurationError
 
@@ -114,11 +117,7 @@ class MemoryBroker(BrokerBase):
             if entry is None:
                 state.changed.clear()
                 timeout = None if soonest is None else max(0.0, soonest - time.monotonic())
-                try:
-                    async with asyncio.timeout(timeout):
-                        await state.changed.wait()
-                except TimeoutError:
-                    pass
+                await wait_set(state.changed, timeout)
                 continue
             entry.holder = member
             entry.attempt += 1

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from tidings.cli.store import DEFAULT_STORE
+from tidings.cli.store import DEFAULT_STORE, store_option
 from tidings.core.codec import JSONCodec
 from tidings.core.errors import ConfigurationError
 
@@ -21,14 +21,10 @@ app = typer.Typer()
 def console(
     store: Annotated[
         list[str] | None,
-        typer.Option(
-            "--store",
-            envvar="TIDINGS_STORE",
-            show_envvar=True,
-            metavar="URL",
-            help="An event store to show; repeat it to show several (switch between them at "
+        store_option(
+            "An event store to show; repeat it to show several (switch between them at "
             "the top of the page). Never created: a missing file is an error. "
-            f"Default: {DEFAULT_STORE}.",
+            f"Default: {DEFAULT_STORE}."
         ),
     ] = None,
     broker: Annotated[

@@ -13,7 +13,6 @@ from datetime import UTC
 from typing import Annotated, Any, TypeGuard
 
 import typer
-from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
@@ -23,7 +22,13 @@ from tidings.app.projections import Projection
 from tidings.app.runner import ProjectionRunner, ProjectionStatus, projection_status
 from tidings.cli import render
 from tidings.cli.loading import import_module
-from tidings.cli.store import DEFAULT_STORE, JSONOption, StoreOption, open_for_reading
+from tidings.cli.store import (
+    DEFAULT_STORE,
+    JSONOption,
+    StoreOption,
+    open_for_reading,
+    store_option,
+)
 from tidings.core.codec import JSONCodec
 from tidings.core.errors import ConfigurationError
 from tidings.core.events import Event, TypeRegistry
@@ -89,14 +94,7 @@ def status_table(statuses: Iterable[ProjectionStatus], head: int) -> Table:
     """Every projection's checkpoint against `head`, the head of the log (the same for every
     row, so it is in the title), with any lag in red."""
     statuses = list(statuses)
-    table = Table(
-        title=Text(f"projections (head of the log: position {head})"),
-        title_justify="left",
-        box=box.SIMPLE_HEAD,
-        show_edge=False,
-        collapse_padding=True,
-        pad_edge=False,
-    )
+    table = render.compact_table(f"projections (head of the log: position {head})", show_edge=False)
     longest = max((len(item.name) for item in statuses), default=10)
     table.add_column("projection", overflow="fold", min_width=min(longest, 24))
     for header in ("gen", "position", "lag\nevents", "lag\n(s)"):
@@ -145,13 +143,9 @@ def rebuild(
     ],
     store: Annotated[
         str,
-        typer.Option(
-            "--store",
-            envvar="TIDINGS_STORE",
-            show_envvar=True,
-            metavar="URL",
-            help="The event store holding the log and the read model, e.g. sqlite:///app.db. "
-            "It is never created: a missing file is an error.",
+        store_option(
+            "The event store holding the log and the read model, e.g. sqlite:///app.db. "
+            "It is never created: a missing file is an error."
         ),
     ] = DEFAULT_STORE,
 ) -> None:

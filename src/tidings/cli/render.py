@@ -24,6 +24,7 @@ from tidings.demo.ledger import LedgerStep
 from tidings.store import StreamInfo
 
 __all__ = [
+    "compact_table",
     "error_line",
     "event_data",
     "events_table",
@@ -31,6 +32,7 @@ __all__ = [
     "ledger_table",
     "log_line",
     "record_dict",
+    "record_head",
     "stream_dict",
     "streams_table",
     "trace_tree",
@@ -49,14 +51,21 @@ def event_data(event: Event) -> dict[str, Any]:
     return event.model_dump(mode="json")
 
 
-def record_dict(record: RecordedEvent[Any]) -> dict[str, Any]:
-    """One stored event as a flat JSON-ready dict: the shape of `--json` output."""
+def record_head(record: RecordedEvent[Any]) -> dict[str, Any]:
+    """Which event, where: the leading keys of every JSON shape of a stored event."""
     return {
         "id": str(record.id),
         "stream_id": record.stream_id,
         "version": record.version,
         "position": record.position,
         "type": record.type,
+    }
+
+
+def record_dict(record: RecordedEvent[Any]) -> dict[str, Any]:
+    """One stored event as a flat JSON-ready dict: the shape of `--json` output."""
+    return {
+        **record_head(record),
         "schema_version": record.schema_version,
         "recorded_at": record.recorded_at.isoformat(),
         "data": event_data(record.event),
@@ -83,15 +92,22 @@ def _when(record: RecordedEvent[Any]) -> str:
     return record.recorded_at.astimezone(UTC).isoformat(" ", timespec="milliseconds")[:23]
 
 
-def events_table(stream_id: str, records: Iterable[RecordedEvent[Any]]) -> Table:
-    """A stream's events as a table, one row per version, data and metadata as JSON."""
-    table = Table(
-        title=Text(f"stream {stream_id}"),
+def compact_table(title: str, **options: Any) -> Table:
+    """A table titled `title` (shown as written) with a rule under the headers and no
+    padding to spare: the look of every wide CLI table."""
+    return Table(
+        title=Text(title),
         title_justify="left",
         box=box.SIMPLE_HEAD,
         collapse_padding=True,
         pad_edge=False,
+        **options,
     )
+
+
+def events_table(stream_id: str, records: Iterable[RecordedEvent[Any]]) -> Table:
+    """A stream's events as a table, one row per version, data and metadata as JSON."""
+    table = compact_table(f"stream {stream_id}")
     # Narrow terminals fold long cells instead of hiding columns; --json is for machines.
     table.add_column("version", justify="right", no_wrap=True)
     table.add_column("position", justify="right", no_wrap=True)

@@ -43,6 +43,13 @@ AppsOption = Annotated[
         "`myapp.events:REGISTRY` takes that TypeRegistry instead.",
     ),
 ]
+
+
+def _output_option(help: str) -> Any:
+    """`--output PATH` / `-o PATH`: where a command writes its document."""
+    return typer.Option("--output", "-o", metavar="PATH", help=help)
+
+
 FileOption = Annotated[
     Path,
     typer.Option("--file", metavar="PATH", help="The schema file `export` wrote."),
@@ -54,12 +61,7 @@ def export(
     apps: AppsOption,
     output: Annotated[
         Path,
-        typer.Option(
-            "--output",
-            "-o",
-            metavar="PATH",
-            help="Where to write it (`-` for standard output).",
-        ),
+        _output_option("Where to write it (`-` for standard output)."),
     ] = Path(DEFAULT_FILE),
 ) -> None:
     """Write the JSON Schema of every registered event type and version to a file to commit.
@@ -141,12 +143,9 @@ def asyncapi(
     ],
     output: Annotated[
         Path,
-        typer.Option(
-            "--output",
-            "-o",
-            metavar="PATH",
-            help="Where to write it (`-` for standard output). A .yaml or .yml name writes "
-            "YAML (needs PyYAML); anything else JSON.",
+        _output_option(
+            "Where to write it (`-` for standard output). A .yaml or .yml name writes "
+            "YAML (needs PyYAML); anything else JSON."
         ),
     ] = Path("asyncapi.json"),
     service: Annotated[

@@ -20,22 +20,34 @@ from tidings.core.codec import JSONCodec
 from tidings.core.recorded import RecordedEvent
 from tidings.store import EventStore, open_store
 
-__all__ = ["DEFAULT_STORE", "app", "events", "open_for_reading", "streams", "tail"]
+__all__ = [
+    "DEFAULT_STORE",
+    "app",
+    "events",
+    "open_for_reading",
+    "store_option",
+    "streams",
+    "tail",
+]
 
 DEFAULT_STORE = "sqlite:///./tidings.db"
 """The store the commands read when neither `--store` nor `$TIDINGS_STORE` names one."""
 
 app = typer.Typer()
 
+
+def store_option(help: str, *, show_envvar: bool = True) -> Any:
+    """`--store URL`, read from `$TIDINGS_STORE` when not given: every command's store."""
+    return typer.Option(
+        "--store", envvar="TIDINGS_STORE", show_envvar=show_envvar, metavar="URL", help=help
+    )
+
+
 StoreOption = Annotated[
     str,
-    typer.Option(
-        "--store",
-        envvar="TIDINGS_STORE",
-        show_envvar=True,
-        metavar="URL",
-        help="The event store to read, e.g. sqlite:///app.db, sqlite:////abs/path.db, "
-        "memory://. It is never created: a missing file is an error.",
+    store_option(
+        "The event store to read, e.g. sqlite:///app.db, sqlite:////abs/path.db, "
+        "memory://. It is never created: a missing file is an error."
     ),
 ]
 JSONOption = Annotated[

@@ -17,7 +17,7 @@ from rich.console import Console
 
 from tidings.app.trace import TraceStep, causation_tree
 from tidings.cli import render
-from tidings.cli.store import DEFAULT_STORE, open_for_reading
+from tidings.cli.store import DEFAULT_STORE, open_for_reading, store_option
 
 __all__ = ["app", "trace"]
 
@@ -29,12 +29,10 @@ def trace(
     correlation_id: Annotated[str, typer.Argument(metavar="CORRELATION_ID")],
     store: Annotated[
         list[str] | None,
-        typer.Option(
-            "--store",
-            envvar="TIDINGS_STORE",
-            metavar="URL",
-            help="A store to gather the events from; repeat it for every service's store. "
+        store_option(
+            "A store to gather the events from; repeat it for every service's store. "
             f"Default: $TIDINGS_STORE, else {DEFAULT_STORE}.",
+            show_envvar=False,
         ),
     ] = None,
     as_json: Annotated[

@@ -61,11 +61,7 @@ def pretty(value: Any) -> str:
 def record_json(record: RecordedEvent[Any]) -> dict[str, Any]:
     """One event as the live log sends it (the page writes it as text, never as HTML)."""
     return {
-        "id": str(record.id),
-        "stream_id": record.stream_id,
-        "version": record.version,
-        "position": record.position,
-        "type": record.type,
+        **render.record_head(record),
         "recorded_at": record.recorded_at.isoformat(timespec="milliseconds"),
         "correlation_id": record.correlation_id,
         "data": json.dumps(event_data(record), ensure_ascii=False, default=str),

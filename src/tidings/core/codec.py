@@ -101,27 +101,17 @@ class JSONCodec:
         schema_version: int,
         recorded_at: datetime,
         data: str | bytes,
-        metadata: str | None,
-    ) -> RecordedEvent[Any]:
-        """Build a `RecordedEvent` from one stored row; `EventDecodeError` names the row."""
-        row = (position, id, stream_id, version, type, schema_version, recorded_at, data, metadata)
-        return next(self.iter_rows([row]))
-
-    def build(
-        self,
-        position: int,
-        id: UUID,
-        stream_id: str,
-        version: int,
-        type: str,
-        schema_version: int,
-        recorded_at: datetime,
-        data: str | bytes,
-        metadata: Metadata,
+        metadata: str | Metadata | None,
         keys: Mapping[str, bytes] | None = None,
     ) -> RecordedEvent[Any]:
-        """`decode` for callers that hold the metadata already parsed (a received message):
-        validates the data only. Personal values open with `keys`, else read `REDACTED`."""
+        """Build a `RecordedEvent` from one stored row; `EventDecodeError` names the row.
+
+        `metadata` as stored (text or None) is parsed as `iter_rows` does; given parsed (a
+        received message) only the data is validated. Personal values open with `keys`,
+        else read `REDACTED`."""
+        if not isinstance(metadata, Metadata):
+            row = (position, id, stream_id, version, type, schema_version, recorded_at, data)
+            return next(self.iter_rows([(*row, metadata)], keys=keys))
         event: Event
         try:
             validator = self._validator(type, schema_version)
@@ -138,6 +128,8 @@ class JSONCodec:
             RecordedEvent,
             (id, stream_id, version, position, type, schema_version, recorded_at, event, metadata),
         )
+
+    build = decode  # `decode` for callers holding parsed `Metadata` (a received message)
 
     def iter_rows(
         self,

@@ -6,12 +6,11 @@ database driver.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 from typing import Any
 from urllib.parse import urlsplit
 
 from tidings.core.errors import ConfigurationError
+from tidings.core.urls import Backends, backend_class
 from tidings.store.base import (
     ANY,
     NO_STREAM,
@@ -41,8 +40,7 @@ __all__ = [
     "open_store",
 ]
 
-# scheme -> (module, class, driver module, extra that installs the driver)
-BACKENDS: dict[str, tuple[str, str, str | None, str | None]] = {
+BACKENDS: Backends = {
     "memory": ("tidings.store.memory", "MemoryEventStore", None, None),
     "sqlite": ("tidings.store.sqlite", "SQLiteEventStore", None, None),
     "postgresql": ("tidings.store.postgres", "PostgresEventStore", "asyncpg", "postgres"),
@@ -61,17 +59,11 @@ def open_store(url: str, **options: Any) -> EventStore:
             f"{url!r} is not a store URL; use sqlite:///path.db, postgresql://host/db or memory://"
         )
     scheme = urlsplit(url).scheme.lower()
-    if scheme not in BACKENDS:
-        known = ", ".join(f"{name}://" for name in BACKENDS)
-        raise ConfigurationError(f"unknown store scheme {scheme!r} in {url!r}; known: {known}")
-    module_name, class_name, driver, extra = BACKENDS[scheme]
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        if driver is not None and importlib.util.find_spec(driver) is None:
-            raise ConfigurationError(
-                f'{scheme}:// needs the {driver} driver: pip install "tidings[{extra}]"'
-            ) from exc
-        raise
-    store: EventStore = getattr(module, class_name).from_url(url, **options)
+    cls = backend_class(
+        BACKENDS,
+        scheme,
+        unknown=f"unknown store scheme {scheme!r} in {url!r}; known: ",
+        needs="driver",
+    )
+    store: EventStore = cls.from_url(url, **options)
     return store

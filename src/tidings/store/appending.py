@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
 from tidings import telemetry
 from tidings.core.codec import EncodedEvent
@@ -20,9 +21,19 @@ from tidings.store.contracts import ANY, AppendResult, ExpectedVersion
 from tidings.store.personal import PersonalData
 from tidings.store.validation import _storable, validate_expected, validate_stream_id
 
-__all__ = ["Appending"]
+__all__ = ["Appending", "EncodedAppend"]
 
 _NO_KEYS: dict[str, bytes] = {}  # an append without personal values: nothing to seal
+
+
+@dataclass(frozen=True, slots=True)
+class EncodedAppend:
+    """A checked and encoded append, as `Appending` hands it to a backend's `_append`."""
+
+    stream_id: str
+    expected: ExpectedVersion
+    events: list[EncodedEvent]
+    metadata: str | None
 
 
 class Appending(PersonalData):
@@ -52,7 +63,7 @@ class Appending(PersonalData):
             keys = await self._keys_to_seal(events)
             encoded = self._encode(stream_id, events, len(meta.encode()) if meta else 0, keys)
             self._check_open()
-            result = await self._append(stream_id, expected, encoded, meta)
+            result = await self._append(EncodedAppend(stream_id, expected, encoded, meta))
             telemetry.appended(self, len(encoded), span, result)
         self._signal.notify()
         return result
@@ -82,11 +93,5 @@ class Appending(PersonalData):
     # -- backend primitives ----------------------------------------------------------------
 
     @abstractmethod
-    async def _append(
-        self,
-        stream_id: str,
-        expected: ExpectedVersion,
-        events: list[EncodedEvent],
-        metadata: str | None,
-    ) -> AppendResult:
-        """Store validated, encoded events atomically, checking `expected` and retries."""
+    async def _append(self, batch: EncodedAppend) -> AppendResult:
+        """Store `batch`'s events atomically, checking its expected version and retries."""

@@ -21,23 +21,14 @@ have always imported from here; the code lives in the modules beside it:
 
 from __future__ import annotations
 
+from tidings.store import contracts
 from tidings.store.appending import _NO_KEYS as _NO_KEYS
 from tidings.store.appending import Appending
 from tidings.store.checkpoints import Checkpoints, ProjectionConflict, ProjectionState
 from tidings.store.checkpoints import advance_projection as advance_projection
 from tidings.store.checkpoints import begin_rebuild as begin_rebuild
 from tidings.store.checkpoints import swap_rebuild as swap_rebuild
-from tidings.store.contracts import (
-    ANY,
-    NO_STREAM,
-    STREAM_EXISTS,
-    AppendResult,
-    EventStore,
-    ExpectedVersion,
-    StreamInfo,
-    StreamState,
-)
-from tidings.store.contracts import Row as Row
+from tidings.store.contracts import *  # noqa: F403  (the protocol and its value types)
 from tidings.store.core import DEFAULT_MAX_EVENT_SIZE as DEFAULT_MAX_EVENT_SIZE
 from tidings.store.core import StoreCore
 from tidings.store.correlation import Correlation
@@ -61,21 +52,8 @@ from tidings.store.validation import type_names as type_names
 from tidings.store.validation import validate_expected as validate_expected
 from tidings.store.validation import validate_stream_id as validate_stream_id
 
-__all__ = [
-    "ANY",
-    "AppendResult",
-    "EventStore",
-    "ExpectedVersion",
-    "NO_STREAM",
-    "DocumentNotLoaded",
-    "ProjectionConflict",
-    "ProjectionState",
-    "STREAM_EXISTS",
-    "Snapshot",
-    "StoreBase",
-    "StreamInfo",
-    "StreamState",
-]
+__all__ = ["DocumentNotLoaded", "ProjectionConflict", "ProjectionState", "Snapshot", "StoreBase"]
+__all__ += contracts.__all__
 
 
 class StoreBase(

@@ -18,6 +18,7 @@ from tidings.store.core import StoreCore
 
 __all__ = [
     "Checkpoints",
+    "ProjectionCommit",
     "ProjectionConflict",
     "ProjectionState",
     "advance_projection",
@@ -59,19 +60,28 @@ class ProjectionConflict(TidingsError):
         super().__init__(f"projection {name!r}: {detail}")
 
 
+@dataclass(frozen=True, slots=True)
+class ProjectionCommit:
+    """One `commit_projection`: move `generation` from `expected_position` to `position`,
+    applying document `writes` (key to JSON, or None to delete)."""
+
+    name: str
+    generation: int
+    expected_position: int
+    position: int
+    writes: Mapping[str, str | None]
+
+
 def advance_projection(
-    current: ProjectionState | None,
-    name: str,
-    generation: int,
-    expected_position: int,
-    position: int,
-    now: datetime,
+    current: ProjectionState | None, commit: ProjectionCommit, now: datetime
 ) -> ProjectionState:
-    """The checkpoint row after a commit, or `ProjectionConflict` if the commit is stale.
+    """The checkpoint row after `commit`, or `ProjectionConflict` if the commit is stale.
 
     Backends call this inside their transaction with the row they just read, so the rule
     for what may move a checkpoint lives in one place.
     """
+    name, generation, position = commit.name, commit.generation, commit.position
+    expected_position = commit.expected_position
     if current is None:
         if generation != 1 or expected_position != 0:
             raise ProjectionConflict(name, "has no checkpoint yet; a first commit starts at 0")
@@ -136,7 +146,9 @@ class Checkpoints(StoreCore):
         rebuild swapped generations) raises `ProjectionConflict` and changes nothing.
         """
         self._check_open()
-        await self._commit_projection(name, generation, expected_position, position, writes)
+        await self._commit_projection(
+            ProjectionCommit(name, generation, expected_position, position, writes)
+        )
 
     async def start_rebuild(self, name: str) -> ProjectionState:
         """Open a fresh, empty generation for `name` to be rebuilt into beside the live one."""
@@ -155,14 +167,7 @@ class Checkpoints(StoreCore):
         """The checkpoint row of `name`, or of every projection when None."""
 
     @abstractmethod
-    async def _commit_projection(
-        self,
-        name: str,
-        generation: int,
-        expected_position: int,
-        position: int,
-        writes: Mapping[str, str | None],
-    ) -> None:
+    async def _commit_projection(self, commit: ProjectionCommit) -> None:
         """Write documents and move a checkpoint atomically; `ProjectionConflict` if moved.
 
         The first commit of a projection (no row yet) creates it at generation 1."""

@@ -10,10 +10,10 @@ from __future__ import annotations
 import enum
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Any, NamedTuple, Protocol, Self, runtime_checkable
 
 from tidings.core.events import Event
+from tidings.core.lifecycle import AsyncContext
 from tidings.core.metadata import MetadataLike
 from tidings.core.recorded import RecordedEvent
 
@@ -74,7 +74,7 @@ schema_version, recorded_at, data, metadata)`; `StoreBase` decodes it."""
 
 
 @runtime_checkable
-class EventStore(Protocol):
+class EventStore(AsyncContext, Protocol):
     """An append-only store of event streams with one global, ordered log.
 
     Streams are numbered from version 1; every event also has a global `position` that grows
@@ -88,15 +88,6 @@ class EventStore(Protocol):
     async def aclose(self) -> None:
         """Close connections; waiting subscribers raise `StoreClosed`."""
         ...
-
-    async def __aenter__(self) -> Self: ...
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None: ...
 
     async def append(
         self,

@@ -10,12 +10,12 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime
-from typing import Any, Self
+from typing import Any
 from uuid import UUID
 
 from tidings.core.codec import JSONCodec
 from tidings.core.errors import ConfigurationError, StoreClosed
-from tidings.core.lifecycle import AsyncResource
+from tidings.core.lifecycle import OpenOnce
 from tidings.core.recorded import RecordedEvent
 from tidings.store.contracts import Row
 from tidings.store.signals import AppendSignal
@@ -25,7 +25,7 @@ __all__ = ["DEFAULT_MAX_EVENT_SIZE", "StoreCore"]
 DEFAULT_MAX_EVENT_SIZE = 1024 * 1024
 
 
-class StoreCore(AsyncResource, ABC):
+class StoreCore(OpenOnce, ABC):
     """The state and lifecycle shared by every concern of a store backend."""
 
     def __init__(
@@ -41,27 +41,11 @@ class StoreCore(AsyncResource, ABC):
         self.max_event_size = max_event_size
         self.batch_size = batch_size
         self._signal = AppendSignal()
-        self._opened = False
-        self._closed = False
 
-    # -- lifecycle -------------------------------------------------------------------------
+    # -- lifecycle (`OpenOnce`) -------------------------------------------------------------
 
-    async def open(self) -> Self:
-        if self._closed:
-            raise StoreClosed(f"{type(self).__name__} was closed; open a new one")
-        if not self._opened:
-            self.codec.registry.check()  # a gap in an upcaster chain fails here, at start-up
-            await self._open()
-            self._opened = True
-        return self
-
-    async def aclose(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
+    def _closing(self) -> None:
         self._signal.notify()
-        if self._opened:
-            await self._close()
 
     def _check_open(self) -> None:
         if not self._opened or self._closed:

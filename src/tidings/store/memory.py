@@ -9,18 +9,18 @@ from __future__ import annotations
 
 import heapq
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 from uuid import UUID
 
-from tidings.core.codec import EncodedEvent, JSONCodec
+from tidings.core.codec import JSONCodec
 from tidings.core.errors import ConfigurationError, WrongExpectedVersion
 from tidings.core.personal import new_key
+from tidings.store.appending import EncodedAppend
 from tidings.store.base import (
     DEFAULT_MAX_EVENT_SIZE,
     AppendResult,
-    ExpectedVersion,
     ProjectionState,
     Row,
     Snapshot,
@@ -33,6 +33,7 @@ from tidings.store.base import (
     swap_rebuild,
     url_options,
 )
+from tidings.store.checkpoints import ProjectionCommit
 
 __all__ = ["MemoryEventStore"]
 
@@ -93,21 +94,16 @@ class MemoryEventStore(StoreBase):
     async def _close(self) -> None:
         pass
 
-    async def _append(
-        self,
-        stream_id: str,
-        expected: ExpectedVersion,
-        events: list[EncodedEvent],
-        metadata: str | None,
-    ) -> AppendResult:
+    async def _append(self, batch: EncodedAppend) -> AppendResult:
+        stream_id, events = batch.stream_id, batch.events
         # No await in here: on one event loop the whole append is atomic.
         positions = self._streams.get(stream_id, [])
         actual = len(positions)
         found = {e.id: self._located(e.id) for e in events if e.id in self._ids}
         if found:
             return resolve_duplicates(stream_id, [e.id for e in events], found)
-        if not expected_matches(expected, actual):
-            raise WrongExpectedVersion(stream_id, expected, actual)
+        if not expected_matches(batch.expected, actual):
+            raise WrongExpectedVersion(stream_id, batch.expected, actual)
         now = datetime.now(UTC)
         for offset, e in enumerate(events, start=1):
             position = len(self._log) + 1
@@ -121,7 +117,7 @@ class MemoryEventStore(StoreBase):
                     e.schema_version,
                     now,
                     e.data,
-                    metadata,
+                    batch.metadata,
                 )
             )
             positions.append(position)
@@ -200,24 +196,11 @@ class MemoryEventStore(StoreBase):
             return [state] if state else []
         return [self._projections[n] for n in sorted(self._projections)]
 
-    async def _commit_projection(
-        self,
-        name: str,
-        generation: int,
-        expected_position: int,
-        position: int,
-        writes: Mapping[str, str | None],
-    ) -> None:
-        state = advance_projection(
-            self._projections.get(name),
-            name,
-            generation,
-            expected_position,
-            position,
-            datetime.now(UTC),
-        )
-        docs = self._documents.setdefault((name, generation), {})
-        for key, doc in writes.items():
+    async def _commit_projection(self, commit: ProjectionCommit) -> None:
+        name = commit.name
+        state = advance_projection(self._projections.get(name), commit, datetime.now(UTC))
+        docs = self._documents.setdefault((name, commit.generation), {})
+        for key, doc in commit.writes.items():
             if doc is None:
                 docs.pop(key, None)
             else:

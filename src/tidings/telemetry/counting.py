@@ -24,6 +24,7 @@ from tidings.telemetry.metrics import (
     DEAD_LETTERS,
     PROCESS_DURATION,
     SENT,
+    Labels,
     _Cell,
     _labels,
     _otel_attributes,
@@ -114,20 +115,25 @@ def _send_site(broker: object, topic: str) -> tuple[_Cell, dict[str, str]]:
 # -- consumed deliveries --------------------------------------------------------------------
 
 
+def _group_labels(delivery: Any) -> Labels:
+    """The labels of the consumer group, topic and broker kind `delivery` came through."""
+    return _labels(
+        "messaging_system",
+        system_of(delivery.broker),
+        "messaging_destination_name",
+        delivery.topic,
+        "messaging_consumer_group_name",
+        delivery.group,
+    )
+
+
 class _Site:
     """The metrics of one consumer group of one topic of one kind of broker."""
 
     __slots__ = ("attributes", "consumed", "durations", "labels")
 
     def __init__(self, delivery: Any) -> None:
-        self.labels = _labels(
-            "messaging_system",
-            system_of(delivery.broker),
-            "messaging_destination_name",
-            delivery.topic,
-            "messaging_consumer_group_name",
-            delivery.group,
-        )
+        self.labels = _group_labels(delivery)
         self.attributes = _otel_attributes(self.labels)
         self.consumed = CONSUMED.cell(self.labels)
         self.durations = PROCESS_DURATION.histogram(self.labels)
@@ -238,14 +244,7 @@ def dead_lettered(delivery: Any, error: str) -> None:
 
 
 def _count_dead_letter(delivery: Any) -> None:
-    labels = _labels(
-        "messaging_system",
-        system_of(delivery.broker),
-        "messaging_destination_name",
-        delivery.topic,
-        "messaging_consumer_group_name",
-        delivery.group,
-    )
+    labels = _group_labels(delivery)
     DEAD_LETTERS.add(labels, 1)
     if metrics._meter is not None:
         metrics._meter.dead_letters.add(1, _otel_attributes(labels))

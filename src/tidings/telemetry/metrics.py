@@ -11,12 +11,11 @@ set. `observe_projections` fills the lag gauges. The meter state (`_meter`,
 from __future__ import annotations
 
 import os
-import sys
 from bisect import bisect_left
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from tidings.telemetry.naming import NAME, SCHEMA_URL, _version
+from tidings.telemetry.naming import NAME, SCHEMA_URL, _version, _when_provided
 
 _METRICS = "opentelemetry.metrics._internal"
 _ENV_METER = "OTEL_PYTHON_METER_PROVIDER" in os.environ
@@ -39,14 +38,9 @@ def enable_metrics() -> None:
 
 def meter() -> Any | None:
     """tidings' OpenTelemetry instruments when a real meter provider is set, else None."""
-    if _meter is not None:
-        return _meter
-    if _metering_off:
-        return None
-    module = sys.modules.get(_METRICS)
-    if module is None or (getattr(module, "_METER_PROVIDER", module) is None and not _ENV_METER):
-        return None
-    return _find_meter(module)
+    if _meter is not None or _metering_off:
+        return _meter  # None once a no-op provider is set for good
+    return _when_provided(_METRICS, "_METER_PROVIDER", _ENV_METER, _find_meter)
 
 
 def _find_meter(module: Any) -> Any | None:

@@ -7,6 +7,10 @@ the meter are got with, and `system_of`: the `messaging.system` of a broker or t
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
+from typing import Any
+
 NAME = "tidings"
 SCHEMA_URL = "https://opentelemetry.io/schemas/1.27.0"
 
@@ -18,6 +22,18 @@ def _version() -> str:
         return version("tidings")
     except Exception:
         return "0"
+
+
+def _when_provided(
+    api: str, provider: str, from_env: bool, find: Callable[[Any], Any | None]
+) -> Any | None:
+    """`find(module)` once the OpenTelemetry API module `api` is imported and a provider may
+    be set (in its `provider` global, or named in the environment); else None. Finding
+    the tracer and the meter, without ever importing OpenTelemetry."""
+    module = sys.modules.get(api)
+    if module is None or (getattr(module, provider, module) is None and not from_env):
+        return None  # the API is not loaded, or no provider is set: nothing can record
+    return find(module)
 
 
 _SYSTEMS = {

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from tidings.core.metadata import Metadata
-from tidings.telemetry.naming import NAME, SCHEMA_URL, _version, system_of
+from tidings.telemetry.naming import NAME, SCHEMA_URL, _version, _when_provided, system_of
 
 MAX_LINKS = 32  # links from one publish or projection span to the traces of its events
 
@@ -32,14 +32,9 @@ _otel: Any = None  # what tracing uses of the API, found with the tracer
 
 def tracer() -> Any | None:
     """tidings' tracer when a real tracer provider is set, else None (nothing to trace)."""
-    if _tracer is not None:
-        return _tracer
-    if _tracing_off:
-        return None
-    module = sys.modules.get(_TRACE)
-    if module is None or (getattr(module, "_TRACER_PROVIDER", module) is None and not _ENV_TRACER):
-        return None  # the API is not loaded, or no provider is set: nothing can record
-    return _find_tracer(module)
+    if _tracer is not None or _tracing_off:
+        return _tracer  # None once a no-op provider is set for good
+    return _when_provided(_TRACE, "_TRACER_PROVIDER", _ENV_TRACER, _find_tracer)
 
 
 def _find_tracer(module: Any) -> Any | None:
@@ -185,35 +180,30 @@ def traced(metadata: Metadata, span: Any) -> Metadata:
 
 def publish_span(broker: object, topic: str) -> Any:
     """`publish <topic>` around publishing new events; enters as the span (None untraced)."""
-    found = _tracer or (_TRACE in _modules and tracer())
-    if not found:
-        return NOTHING
-    return found.start_as_current_span(
-        f"publish {topic}", kind=_otel.producer, attributes=_publish_attributes(broker, topic)
-    )
+    return _publish_span(broker, topic, None)
 
 
 def publish_records_span(broker: object, topic: str, records: Iterable[Any]) -> Any:
     """`publish <topic>` for stored events (the outbox relay): a child of the current
     context, linked to the contexts their appends gave them."""
+    return _publish_span(broker, topic, records)
+
+
+def _publish_span(broker: object, topic: str, records: Iterable[Any] | None) -> Any:
+    """Both publish spans: linked to the records' traces when there are records."""
     found = _tracer or (_TRACE in _modules and tracer())
     if not found:
         return NOTHING
-    return found.start_as_current_span(
-        f"publish {topic}",
-        kind=_otel.producer,
-        attributes=_publish_attributes(broker, topic),
-        links=_otel.links(record.metadata.headers for record in records),
-    )
-
-
-def _publish_attributes(broker: object, topic: str) -> dict[str, Any]:
-    return {
+    attributes = {
         "messaging.system": system_of(broker),
         "messaging.destination.name": topic,
         "messaging.operation.type": "send",
         "messaging.operation.name": "publish",
     }
+    links = None if records is None else _otel.links(r.metadata.headers for r in records)
+    return found.start_as_current_span(
+        f"publish {topic}", kind=_otel.producer, attributes=attributes, links=links
+    )
 
 
 def projection_span(name: str, records: Sequence[Any], scanned_to: int) -> Any:

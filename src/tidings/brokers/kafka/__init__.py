@@ -14,31 +14,18 @@ from __future__ import annotations
 
 from tidings.brokers.kafka.broker import KafkaBroker
 from tidings.brokers.kafka.errors import KafkaBrokerError
-from tidings.brokers.kafka.member import _BUFFER, _Consumer, _Partition
-from tidings.brokers.kafka.offsets import OffsetTracker
-from tidings.brokers.kafka.records import (
-    _COUNTS_MAX,
-    apply_dead_letter,
-    dead_letter_value,
-    decode_attempts,
-    encode_attempts,
-    from_record,
-    to_record,
-)
+
+# The bookkeeping the unit tests reach for, re-exported; not part of the public API.
+from tidings.brokers.kafka.member import _BUFFER as _BUFFER
+from tidings.brokers.kafka.member import _Consumer as _Consumer
+from tidings.brokers.kafka.member import _Partition as _Partition
+from tidings.brokers.kafka.offsets import OffsetTracker as OffsetTracker
+from tidings.brokers.kafka.records import _COUNTS_MAX as _COUNTS_MAX
+from tidings.brokers.kafka.records import apply_dead_letter as apply_dead_letter
+from tidings.brokers.kafka.records import dead_letter_value as dead_letter_value
+from tidings.brokers.kafka.records import decode_attempts as decode_attempts
+from tidings.brokers.kafka.records import encode_attempts as encode_attempts
+from tidings.brokers.kafka.records import from_record as from_record
+from tidings.brokers.kafka.records import to_record as to_record
 
 __all__ = ["KafkaBroker", "KafkaBrokerError"]
-
-# The bookkeeping the unit tests reach for; not part of the public API.
-_internals = (
-    _BUFFER,
-    _COUNTS_MAX,
-    _Consumer,
-    _Partition,
-    OffsetTracker,
-    apply_dead_letter,
-    dead_letter_value,
-    decode_attempts,
-    encode_attempts,
-    from_record,
-    to_record,
-)

@@ -10,7 +10,6 @@ import re
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
-from urllib.parse import urlsplit
 
 from aiokafka import (  # type: ignore[import-untyped]
     AIOKafkaConsumer,
@@ -25,7 +24,7 @@ from aiokafka.errors import (  # type: ignore[import-untyped]
     for_code,
 )
 
-from tidings.brokers.base import BrokerBase, DeadLetter, Received
+from tidings.brokers.base import BrokerBase, DeadLetter, Received, url_settings
 from tidings.brokers.envelope import Message
 from tidings.brokers.kafka.errors import (
     _DOWN,
@@ -47,7 +46,6 @@ from tidings.brokers.kafka.records import (
 from tidings.brokers.kafka.table import _Table
 from tidings.core.codec import JSONCodec
 from tidings.core.errors import ConfigurationError
-from tidings.store.base import url_options
 
 log = logging.getLogger(__name__)
 
@@ -159,9 +157,8 @@ class KafkaBroker(BrokerBase):
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> KafkaBroker:
-        if urlsplit(url).scheme.lower() != "kafka":
-            raise ConfigurationError(f"a Kafka broker URL starts with 'kafka://', got {url!r}")
-        return cls(url, **(url_options(url, _OPTIONS) | options))
+        wrong = "a Kafka broker URL starts with 'kafka://'"
+        return cls(url, **url_settings(url, ("kafka",), wrong, _OPTIONS, options))
 
     def group_id(self, topic: str, group: str) -> str:
         """The Kafka consumer group of `group` on `topic` (names never contain `:`)."""

@@ -19,15 +19,17 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from tidings.brokers.base import BrokerBase, DeadLetter, DeadLetterNotFound, Received
+from tidings.brokers.base import BrokerBase, url_settings
+from tidings.brokers.dead_letters import DeadLetter, DeadLetterNotFound
+from tidings.brokers.delivery import Received
 from tidings.brokers.envelope import Message
+from tidings.brokers.handout import wait_set
 from tidings.brokers.nats.errors import _NATS_ERRORS, _describe
 from tidings.brokers.nats.member import _Puller
 from tidings.brokers.nats.records import _KEY_HEADER, _wire
 from tidings.brokers.nats.topology import _ALL, _ANY, _RETENTIONS, _token, _Topology
 from tidings.core.codec import JSONCodec
 from tidings.core.errors import BrokerError, ConfigurationError, InvalidCloudEvent
-from tidings.store.base import url_options
 
 __all__ = ["NATSBroker"]
 
@@ -142,9 +144,8 @@ class NATSBroker(_Topology, BrokerBase):
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> NATSBroker:
-        if urlsplit(url).scheme.lower() != "nats":
-            raise ConfigurationError(f"a NATS broker URL starts with 'nats://', got {url!r}")
-        return cls(url, **(url_options(url, _OPTIONS) | options))
+        wrong = "a NATS broker URL starts with 'nats://'"
+        return cls(url, **url_settings(url, ("nats",), wrong, _OPTIONS, options))
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -303,9 +304,7 @@ class NATSBroker(_Topology, BrokerBase):
                 continue
             await puller.pull()
             if not puller.wake.is_set():
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(puller.patience()):
-                        await puller.wake.wait()
+                await wait_set(puller.wake, puller.patience())
 
     async def _leave(self, topic: str, group: str, member: str) -> None:
         await self._leave_puller(member)

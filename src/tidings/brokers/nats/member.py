@@ -17,7 +17,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import api
 
-from tidings.brokers.base import Received
+from tidings.brokers.delivery import Received
 from tidings.brokers.envelope import Message
 from tidings.brokers.nats.errors import _NATS_ERRORS, _describe, _quietly
 from tidings.brokers.nats.records import _ack_numbers

@@ -16,8 +16,11 @@ import aio_pika
 import aio_pika.abc
 import aiormq.exceptions
 
-from tidings.brokers.base import BrokerBase, DeadLetter, Received
+from tidings.brokers.base import BrokerBase, url_settings
+from tidings.brokers.dead_letters import DeadLetter
+from tidings.brokers.delivery import Received
 from tidings.brokers.envelope import Message
+from tidings.brokers.handout import wait_set
 from tidings.brokers.rabbitmq.errors import (
     _CLOSE_TIMEOUT,
     _FAILURES,
@@ -37,7 +40,6 @@ from tidings.brokers.rabbitmq.records import (
 from tidings.brokers.rabbitmq.topology import _QUORUM, DLQ, DLQ_LOCK, DLX, _name, _Topology
 from tidings.core.codec import JSONCodec
 from tidings.core.errors import ConfigurationError
-from tidings.store.base import url_options
 
 log = logging.getLogger("tidings.brokers.rabbitmq")
 
@@ -125,9 +127,8 @@ class RabbitMQBroker(_Topology, BrokerBase):
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> RabbitMQBroker:
-        if urlsplit(url).scheme.lower() not in ("amqp", "amqps"):
-            raise ConfigurationError(f"a RabbitMQ URL starts with amqp://, got {url!r}")
-        return cls(url, **(url_options(url, _OPTIONS) | options))
+        wrong = "a RabbitMQ URL starts with amqp://"
+        return cls(url, **url_settings(url, ("amqp", "amqps"), wrong, _OPTIONS, options))
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -276,9 +277,7 @@ class RabbitMQBroker(_Topology, BrokerBase):
                 continue
             consumer.changed.clear()
             timeout = 1.0 if soonest is None else min(1.0, max(0.001, soonest - time.monotonic()))
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(timeout):
-                    await consumer.changed.wait()
+            await wait_set(consumer.changed, timeout)
 
     async def _leave(self, topic: str, group: str, member: str) -> None:
         await self._leave_member(member)

@@ -13,7 +13,7 @@ import aio_pika
 import aio_pika.abc
 import aiormq.exceptions
 
-from tidings.brokers.base import Received
+from tidings.brokers.delivery import Received
 from tidings.brokers.envelope import Message
 from tidings.brokers.rabbitmq.errors import (
     _FAILURES,

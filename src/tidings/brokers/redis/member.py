@@ -4,7 +4,6 @@ handing out in key order within `prefetch`, settling (ack, nack), and leaving.""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import time
@@ -15,8 +14,9 @@ from typing import TYPE_CHECKING, Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from tidings.brokers.base import Received, next_in_key_order
+from tidings.brokers.delivery import Received
 from tidings.brokers.envelope import Message
+from tidings.brokers.handout import next_in_key_order, wait_set
 from tidings.brokers.redis.errors import _DOWN, RedisBrokerError
 from tidings.brokers.redis.records import _ANY, _message
 
@@ -210,9 +210,7 @@ class _Members:
 
     async def _wait(self, c: _Consumer, timeout: float) -> None:
         c.changed.clear()
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout):
-                await c.changed.wait()
+        await wait_set(c.changed, timeout)
 
     async def _read(self, c: _Consumer, shards: list[int], count: int, timeout: float) -> None:
         streams: dict[Any, Any] = {self._stream(c.topic, n): ">" for n in shards}

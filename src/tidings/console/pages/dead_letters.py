@@ -42,14 +42,20 @@ async def dead_letters(request: Request) -> Response:
     )
 
 
-async def dead_letter(request: Request) -> Response:
+async def _named_letter(request: Request, *, replay: bool = False) -> DeadLetter:
+    """The dead letter the path names, replayed first when `replay`; 404 without one."""
     console: Console = request.app.state.console
     if console.broker is None:
         raise HTTPException(404, "no broker: start the console with --broker URL")
+    fetch = console.broker.replay if replay else console.broker.dead_letter
     try:
-        letter = await console.broker.dead_letter(request.path_params["id"])
+        return await fetch(request.path_params["id"])
     except DeadLetterNotFound as exc:
         raise HTTPException(404, str(exc)) from None
+
+
+async def dead_letter(request: Request) -> Response:
+    letter = await _named_letter(request)
     record = letter.to_dict()
     body: Any = record.get("data", "")
     try:
@@ -63,13 +69,7 @@ async def dead_letter(request: Request) -> Response:
 
 async def replay(request: Request) -> Response:
     await _require_token(request)
-    console: Console = request.app.state.console
-    if console.broker is None:
-        raise HTTPException(404, "no broker: start the console with --broker URL")
-    try:
-        letter = await console.broker.replay(request.path_params["id"])
-    except DeadLetterNotFound as exc:
-        raise HTTPException(404, str(exc)) from None
+    letter = await _named_letter(request, replay=True)
     return RedirectResponse(f"/dead-letters?replayed={quote(letter.id)}", status_code=303)
 
 

@@ -9,13 +9,12 @@ from typing import Any
 
 import asyncpg  # type: ignore[import-untyped]
 
-from tidings.core.codec import EncodedEvent
 from tidings.core.errors import StoreError, WrongExpectedVersion
+from tidings.store.appending import EncodedAppend
 from tidings.store.base import (
     ANY,
     STREAM_EXISTS,
     AppendResult,
-    ExpectedVersion,
     resolve_duplicates,
 )
 from tidings.store.postgres.connection import _CONNECTION_ERRORS, log
@@ -30,13 +29,8 @@ _APPEND_ATTEMPTS = 2  # a lost connection is retried once with the same ids (ide
 class PostgresAppending(PostgresSubscriptions):
     """`_append` (which announces each commit to other processes' subscribers)."""
 
-    async def _append(
-        self,
-        stream_id: str,
-        expected: ExpectedVersion,
-        events: list[EncodedEvent],
-        metadata: str | None,
-    ) -> AppendResult:
+    async def _append(self, batch: EncodedAppend) -> AppendResult:
+        stream_id, expected, events = batch.stream_id, batch.expected, batch.events
         code = expected if isinstance(expected, int) else _EXPECTED_CODES[expected]
         ids = [e.id for e in events]
         args = (
@@ -46,7 +40,7 @@ class PostgresAppending(PostgresSubscriptions):
             [e.type for e in events],
             [e.schema_version for e in events],
             [e.data for e in events],
-            metadata,
+            batch.metadata,
         )
         sql = (
             "SELECT ok, version, last_position "

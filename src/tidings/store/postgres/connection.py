@@ -124,6 +124,22 @@ class PostgresCore(StoreBase):
         except OverflowError as exc:  # a time before year 1, written around tidings
             raise StoreError(f"PostgreSQL at {self.address}: a stored value: {exc}") from exc
 
+    async def _fetch(self, sql: str, *args: Any) -> list[Any]:
+        """The rows of one query, run on a connection of its own."""
+        async with self._connection() as conn:
+            rows: list[Any] = await conn.fetch(sql, *args)
+        return rows
+
+    async def _fetchval(self, sql: str, *args: Any) -> Any:
+        """The first value of one query, run on a connection of its own."""
+        async with self._connection() as conn:
+            return await conn.fetchval(sql, *args)
+
+    async def _execute(self, sql: str, *args: Any) -> None:
+        """Run one statement on a connection of its own."""
+        async with self._connection() as conn:
+            await conn.execute(sql, *args)
+
     async def _drop_silent(self, conn: Any) -> None:
         """A query outlived `query_timeout`: its link is stalled, or its answer is lost. The
         connection is never used again, and neither is any other made before it (they

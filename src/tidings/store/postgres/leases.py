@@ -12,25 +12,23 @@ class PostgresLeases(PostgresCore):
     """`_acquire_lease` and `_release_lease`."""
 
     async def _acquire_lease(self, name: str, owner: str, ttl: float) -> bool:
-        async with self._connection() as conn:
-            holder = await conn.fetchval(
-                f"INSERT INTO {self._s}.tidings_leases (name, owner, expires_at) "
-                "VALUES ($1, $2, now() + make_interval(secs => $3)) "
-                "ON CONFLICT (name) DO UPDATE SET owner = excluded.owner, "
-                "expires_at = excluded.expires_at "
-                f"WHERE {self._s}.tidings_leases.owner = excluded.owner "
-                f"OR {self._s}.tidings_leases.expires_at < now() "
-                "RETURNING owner",
-                name,
-                owner,
-                ttl,
-            )
+        holder = await self._fetchval(
+            f"INSERT INTO {self._s}.tidings_leases (name, owner, expires_at) "
+            "VALUES ($1, $2, now() + make_interval(secs => $3)) "
+            "ON CONFLICT (name) DO UPDATE SET owner = excluded.owner, "
+            "expires_at = excluded.expires_at "
+            f"WHERE {self._s}.tidings_leases.owner = excluded.owner "
+            f"OR {self._s}.tidings_leases.expires_at < now() "
+            "RETURNING owner",
+            name,
+            owner,
+            ttl,
+        )
         return bool(holder == owner)
 
     async def _release_lease(self, name: str, owner: str) -> None:
-        async with self._connection() as conn:
-            await conn.execute(
-                f"DELETE FROM {self._s}.tidings_leases WHERE name = $1 AND owner = $2",
-                name,
-                owner,
-            )
+        await self._execute(
+            f"DELETE FROM {self._s}.tidings_leases WHERE name = $1 AND owner = $2",
+            name,
+            owner,
+        )

@@ -4,7 +4,7 @@ keys of the PostgreSQL store.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Any
@@ -18,6 +18,7 @@ from tidings.store.base import (
     begin_rebuild,
     swap_rebuild,
 )
+from tidings.store.checkpoints import ProjectionCommit
 from tidings.store.postgres.connection import PostgresCore
 
 __all__ = ["PostgresPersonalData", "PostgresProjections"]
@@ -31,19 +32,18 @@ class PostgresProjections(PostgresCore):
     async def _save_snapshot(
         self, stream_id: str, version: int, type: str, schema_version: int, data: str
     ) -> None:
-        async with self._connection() as conn:
-            await conn.execute(
-                f"INSERT INTO {self._s}.tidings_snapshots (stream_id, version, type, "
-                "schema_version, recorded_at, data) VALUES ($1, $2, $3, $4, now(), $5) "
-                "ON CONFLICT (stream_id, version) DO UPDATE SET type = excluded.type, "
-                "schema_version = excluded.schema_version, recorded_at = excluded.recorded_at, "
-                "data = excluded.data",
-                stream_id,
-                version,
-                type,
-                schema_version,
-                data,
-            )
+        await self._execute(
+            f"INSERT INTO {self._s}.tidings_snapshots (stream_id, version, type, "
+            "schema_version, recorded_at, data) VALUES ($1, $2, $3, $4, now(), $5) "
+            "ON CONFLICT (stream_id, version) DO UPDATE SET type = excluded.type, "
+            "schema_version = excluded.schema_version, recorded_at = excluded.recorded_at, "
+            "data = excluded.data",
+            stream_id,
+            version,
+            type,
+            schema_version,
+            data,
+        )
 
     async def _read_snapshot(
         self, stream_id: str, max_version: int | None, recorded_until: datetime | None
@@ -110,19 +110,13 @@ class PostgresProjections(PostgresCore):
             )
             yield conn, await self._locked_projection(conn, name)
 
-    async def _commit_projection(
-        self,
-        name: str,
-        generation: int,
-        expected_position: int,
-        position: int,
-        writes: Mapping[str, str | None],
-    ) -> None:
+    async def _commit_projection(self, commit: ProjectionCommit) -> None:
+        name, generation, writes = commit.name, commit.generation, commit.writes
         upserts = [(key, doc) for key, doc in writes.items() if doc is not None]
         deletes = [key for key, doc in writes.items() if doc is None]
         async with self._projection_transaction(name) as (conn, current):
             now = await conn.fetchval("SELECT now()")
-            state = advance_projection(current, name, generation, expected_position, position, now)
+            state = advance_projection(current, commit, now)
             if upserts:
                 await conn.execute(
                     f"INSERT INTO {self._s}.tidings_documents (projection, generation, key, doc) "
@@ -175,28 +169,26 @@ class PostgresProjections(PostgresCore):
     async def _get_documents(
         self, name: str, generation: int | None, keys: Sequence[str]
     ) -> dict[str, str]:
-        async with self._connection() as conn:
-            rows = await conn.fetch(
-                f"SELECT key, doc FROM {self._s}.tidings_documents WHERE projection = $1 "
-                f"AND generation = {self._live_generation()} AND key = ANY($3::bytea[])",
-                name,
-                generation,
-                list(keys),
-            )
+        rows = await self._fetch(
+            f"SELECT key, doc FROM {self._s}.tidings_documents WHERE projection = $1 "
+            f"AND generation = {self._live_generation()} AND key = ANY($3::bytea[])",
+            name,
+            generation,
+            list(keys),
+        )
         return {key: doc for key, doc in rows}
 
     async def _documents_batch(
         self, name: str, generation: int | None, after: str, limit: int
     ) -> list[tuple[str, str]]:
-        async with self._connection() as conn:
-            rows = await conn.fetch(
-                f"SELECT key, doc FROM {self._s}.tidings_documents WHERE projection = $1 "
-                f"AND generation = {self._live_generation()} AND key > $3 ORDER BY key LIMIT $4",
-                name,
-                generation,
-                after,
-                limit,
-            )
+        rows = await self._fetch(
+            f"SELECT key, doc FROM {self._s}.tidings_documents WHERE projection = $1 "
+            f"AND generation = {self._live_generation()} AND key > $3 ORDER BY key LIMIT $4",
+            name,
+            generation,
+            after,
+            limit,
+        )
         return [(key, doc) for key, doc in rows]
 
     def _document_reader(self, name: str, generation: int) -> Callable[[str], str | None]:

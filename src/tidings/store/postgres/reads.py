@@ -26,14 +26,13 @@ class PostgresReading(PostgresCore):
         self, stream_id: str, from_version: int, backwards: bool, limit: int
     ) -> list[Row]:
         order, compare = ("DESC", "<=") if backwards else ("ASC", ">=")
-        async with self._connection() as conn:
-            rows: list[Row] = await conn.fetch(
-                f"SELECT {_COLUMNS} FROM {self._s}.tidings_events WHERE stream_id = $1 "
-                f"AND version {compare} $2 ORDER BY version {order} LIMIT $3",
-                stream_id,
-                from_version,
-                limit,
-            )
+        rows: list[Row] = await self._fetch(
+            f"SELECT {_COLUMNS} FROM {self._s}.tidings_events WHERE stream_id = $1 "
+            f"AND version {compare} $2 ORDER BY version {order} LIMIT $3",
+            stream_id,
+            from_version,
+            limit,
+        )
         return rows
 
     async def _read_all_batch(
@@ -55,13 +54,12 @@ class PostgresReading(PostgresCore):
         return accepted, scanned
 
     async def _correlation_rows(self, correlation_id: str, limit: int) -> list[Row]:
-        async with self._connection() as conn:
-            rows = await conn.fetch(
-                f"SELECT {_COLUMNS} FROM {self._s}.tidings_events WHERE metadata IS NOT NULL "
-                "AND (metadata::jsonb) ->> 'correlation_id' = $1 ORDER BY position LIMIT $2",
-                correlation_id,
-                limit,
-            )
+        rows = await self._fetch(
+            f"SELECT {_COLUMNS} FROM {self._s}.tidings_events WHERE metadata IS NOT NULL "
+            "AND (metadata::jsonb) ->> 'correlation_id' = $1 ORDER BY position LIMIT $2",
+            correlation_id,
+            limit,
+        )
         return list(rows)
 
     async def _up_to_first_hole(
@@ -114,25 +112,22 @@ class PostgresReading(PostgresCore):
         return "closed"
 
     async def _stream_version(self, stream_id: str) -> int:
-        async with self._connection() as conn:
-            version = await conn.fetchval(
-                f"SELECT version FROM {self._s}.tidings_streams WHERE stream_id = $1", stream_id
-            )
+        version = await self._fetchval(
+            f"SELECT version FROM {self._s}.tidings_streams WHERE stream_id = $1", stream_id
+        )
         return int(version or 0)
 
     async def _streams_batch(self, after: str, limit: int) -> list[StreamInfo]:
-        async with self._connection() as conn:
-            rows = await conn.fetch(
-                f"SELECT stream_id, version FROM {self._s}.tidings_streams "
-                "WHERE stream_id > $1 AND version > 0 ORDER BY stream_id LIMIT $2",
-                after,
-                limit,
-            )
+        rows = await self._fetch(
+            f"SELECT stream_id, version FROM {self._s}.tidings_streams "
+            "WHERE stream_id > $1 AND version > 0 ORDER BY stream_id LIMIT $2",
+            after,
+            limit,
+        )
         return [StreamInfo(stream_id, version) for stream_id, version in rows]
 
     async def _last_position(self) -> int:
-        async with self._connection() as conn:
-            found = await conn.fetchval(
-                f"SELECT coalesce(max(position), 0) FROM {self._s}.tidings_events"
-            )
+        found = await self._fetchval(
+            f"SELECT coalesce(max(position), 0) FROM {self._s}.tidings_events"
+        )
         return int(found)

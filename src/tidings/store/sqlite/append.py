@@ -20,7 +20,8 @@ from uuid import UUID
 
 from tidings.core.codec import EncodedEvent
 from tidings.core.errors import StoreClosed, StoreError, TidingsError, WrongExpectedVersion
-from tidings.store.base import AppendResult, ExpectedVersion, expected_matches, resolve_duplicates
+from tidings.store.appending import EncodedAppend
+from tidings.store.base import AppendResult, expected_matches, resolve_duplicates
 from tidings.store.sqlite.connection import SQLiteCore, _as_tidings_error
 from tidings.store.sqlite.schema import _INSERT, _UPSERT_STREAM
 
@@ -50,10 +51,9 @@ class _Job:
 
 @dataclass(slots=True)
 class _Append:
-    stream_id: str
-    expected: ExpectedVersion
-    events: list[EncodedEvent]
-    metadata: str | None
+    """An append waiting for the writer thread."""
+
+    batch: EncodedAppend
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[AppendResult] = field(repr=False)
 
@@ -65,16 +65,10 @@ class SQLiteAppending(SQLiteCore):
     commits: int
     _requests: queue.SimpleQueue[_Append | _Job | None]
 
-    async def _append(
-        self,
-        stream_id: str,
-        expected: ExpectedVersion,
-        events: list[EncodedEvent],
-        metadata: str | None,
-    ) -> AppendResult:
+    async def _append(self, batch: EncodedAppend) -> AppendResult:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[AppendResult] = loop.create_future()
-        self._requests.put(_Append(stream_id, expected, events, metadata, loop, future))
+        self._requests.put(_Append(batch, loop, future))
         return await future
 
     def _write_loop(self, conn: sqlite3.Connection) -> None:
@@ -161,18 +155,19 @@ class SQLiteAppending(SQLiteCore):
         alone: bool,
     ) -> AppendResult:
         """Check and insert one append inside the open transaction, under a savepoint."""
-        stream_id = request.stream_id
+        batch = request.batch
+        stream_id = batch.stream_id
         actual = versions.get(stream_id)
         if actual is None:
             row = conn.execute(
                 "SELECT version FROM tidings_streams WHERE stream_id = ?", (stream_id,)
             ).fetchone()
             actual = row[0] if row else 0
-        if not expected_matches(request.expected, actual):
-            found = self._find_ids(conn, request.events)
+        if not expected_matches(batch.expected, actual):
+            found = self._find_ids(conn, batch.events)
             if found:
-                return resolve_duplicates(stream_id, [e.id for e in request.events], found)
-            raise WrongExpectedVersion(stream_id, request.expected, actual)
+                return resolve_duplicates(stream_id, [e.id for e in batch.events], found)
+            raise WrongExpectedVersion(stream_id, batch.expected, actual)
         rows = [
             (
                 next_position + i,
@@ -183,9 +178,9 @@ class SQLiteAppending(SQLiteCore):
                 e.schema_version,
                 now,
                 e.data,
-                request.metadata,
+                batch.metadata,
             )
-            for i, e in enumerate(request.events)
+            for i, e in enumerate(batch.events)
         ]
         # A savepoint lets one append fail without undoing the others in its group; an
         # append alone in its transaction can simply roll the transaction back.
@@ -195,18 +190,11 @@ class SQLiteAppending(SQLiteCore):
             conn.executemany(_INSERT, rows)
             conn.execute(_UPSERT_STREAM, (stream_id, actual + len(rows)))
         except sqlite3.Error as exc:
-            if not conn.in_transaction:
-                raise _TransactionLost(exc) from exc
-            if alone:
-                conn.execute("ROLLBACK")
-                conn.execute("BEGIN IMMEDIATE")
-            else:
-                conn.execute("ROLLBACK TO append")
-                conn.execute("RELEASE append")
+            _undo(conn, exc, "append", alone)
             if isinstance(exc, sqlite3.IntegrityError):  # an event id stored before
-                found = self._find_ids(conn, request.events)
+                found = self._find_ids(conn, batch.events)
                 if found:
-                    return resolve_duplicates(stream_id, [e.id for e in request.events], found)
+                    return resolve_duplicates(stream_id, [e.id for e in batch.events], found)
             raise
         if not alone:
             conn.execute("RELEASE append")
@@ -220,14 +208,7 @@ class SQLiteAppending(SQLiteCore):
         try:
             result = job.work(conn, now)
         except (TidingsError, sqlite3.Error) as exc:
-            if not conn.in_transaction:
-                raise _TransactionLost(exc) from exc
-            if alone:
-                conn.execute("ROLLBACK")
-                conn.execute("BEGIN IMMEDIATE")
-            else:
-                conn.execute("ROLLBACK TO job")
-                conn.execute("RELEASE job")
+            _undo(conn, exc, "job", alone)
             return _as_tidings_error(exc, self.path)
         if not alone:
             conn.execute("RELEASE job")
@@ -257,6 +238,20 @@ class SQLiteAppending(SQLiteCore):
             ):
                 found[UUID(bytes=raw)] = (stream_id, version, position)
         return found
+
+
+def _undo(conn: sqlite3.Connection, exc: Exception, savepoint: str, alone: bool) -> None:
+    """Undo a failed append or job: its savepoint, or the transaction it had alone.
+
+    A transaction SQLite already rolled back by itself raises `_TransactionLost`."""
+    if not conn.in_transaction:
+        raise _TransactionLost(exc) from exc
+    if alone:
+        conn.execute("ROLLBACK")
+        conn.execute("BEGIN IMMEDIATE")
+    else:
+        conn.execute(f"ROLLBACK TO {savepoint}")
+        conn.execute(f"RELEASE {savepoint}")
 
 
 def _settle(group: list[_Append | _Job], outcomes: list[Any]) -> None:

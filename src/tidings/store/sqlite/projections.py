@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -21,6 +21,7 @@ from tidings.store.base import (
     begin_rebuild,
     swap_rebuild,
 )
+from tidings.store.checkpoints import ProjectionCommit
 from tidings.store.sqlite.connection import SQLiteCore
 from tidings.store.sqlite.schema import _from_micros, _to_micros
 
@@ -81,22 +82,14 @@ class SQLiteProjections(SQLiteCore):
 
         return await self._run(work)
 
-    async def _commit_projection(
-        self,
-        name: str,
-        generation: int,
-        expected_position: int,
-        position: int,
-        writes: Mapping[str, str | None],
-    ) -> None:
+    async def _commit_projection(self, commit: ProjectionCommit) -> None:
+        name, generation, writes = commit.name, commit.generation, commit.writes
         upserts = [(name, generation, k, doc) for k, doc in writes.items() if doc is not None]
         deletes = [(name, generation, k) for k, doc in writes.items() if doc is None]
 
         def work(conn: sqlite3.Connection, now: int) -> None:
             current = _read_projection(conn, name)
-            state = advance_projection(
-                current, name, generation, expected_position, position, _from_micros(now)
-            )
+            state = advance_projection(current, commit, _from_micros(now))
             if upserts:
                 conn.executemany(_UPSERT_DOCUMENT, upserts)
             if deletes:
