@@ -14,9 +14,6 @@ JetStream enabled.
 from __future__ import annotations
 
 from tidings.brokers.nats.broker import NATSBroker
-from tidings.brokers.nats.records import _wire
+from tidings.brokers.nats.records import _wire as _wire
 
 __all__ = ["NATSBroker"]
-
-# The bookkeeping the tests reach for; not part of the public API.
-_internals = (_wire,)

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 from tidings.brokers.rabbitmq.broker import RabbitMQBroker
 from tidings.brokers.rabbitmq.errors import RabbitMQBrokerError
-from tidings.brokers.rabbitmq.records import MAX_HEADERS_SIZE
-from tidings.brokers.rabbitmq.topology import DLQ, DLQ_LOCK, DLX, _name
+from tidings.brokers.rabbitmq.records import MAX_HEADERS_SIZE as MAX_HEADERS_SIZE
+from tidings.brokers.rabbitmq.topology import DLQ as DLQ
+from tidings.brokers.rabbitmq.topology import DLQ_LOCK as DLQ_LOCK
+from tidings.brokers.rabbitmq.topology import DLX as DLX
+from tidings.brokers.rabbitmq.topology import _name as _name
 
 __all__ = ["RabbitMQBroker", "RabbitMQBrokerError"]
-
-# The names the tests reach for; not part of the public API.
-_internals = (DLQ, DLQ_LOCK, DLX, MAX_HEADERS_SIZE, _name)

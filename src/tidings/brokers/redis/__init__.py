@@ -14,9 +14,6 @@ from __future__ import annotations
 
 from tidings.brokers.redis.broker import RedisBroker
 from tidings.brokers.redis.errors import RedisBrokerError
-from tidings.brokers.redis.records import _fields
+from tidings.brokers.redis.records import _fields as _fields
 
 __all__ = ["RedisBroker", "RedisBrokerError"]
-
-# The bookkeeping the unit tests reach for; not part of the public API.
-_internals = (_fields,)
