@@ -25,7 +25,6 @@ from tidings.brokers.delivery import Delivery as Delivery
 from tidings.brokers.delivery import Received as Received
 from tidings.brokers.delivery import _Member
 from tidings.brokers.envelope import Message, encode
-from tidings.brokers.handout import next_in_key_order as next_in_key_order
 from tidings.core.codec import JSONCodec
 from tidings.core.context import with_correlation
 from tidings.core.errors import ConfigurationError, NotAnEvent, StoreClosed

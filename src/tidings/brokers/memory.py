@@ -45,7 +45,8 @@ class _Group:
 
     def next_for(self, member: str, now: float) -> tuple[_Entry | None, float | None]:
         """The first message this member may take now, and when to look again if none."""
-        return next_in_key_order(self.entries, now)
+        held = {entry for entry in self.entries if entry.holder is not None}
+        return next_in_key_order(self.entries, held, now)
 
 
 class _Received(Received):

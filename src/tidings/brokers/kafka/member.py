@@ -26,8 +26,9 @@ from aiokafka.errors import (  # type: ignore[import-untyped]
 )
 from aiokafka.protocol.group import LeaveGroupRequest  # type: ignore[import-untyped]
 
-from tidings.brokers.base import Received, next_in_key_order
+from tidings.brokers.delivery import Received
 from tidings.brokers.envelope import Message
+from tidings.brokers.handout import HandOut, next_in_key_order
 from tidings.brokers.kafka.errors import _DOWN, KafkaBrokerError, _error
 from tidings.brokers.kafka.offsets import OffsetTracker
 from tidings.brokers.kafka.records import _REPLAY_HEADER, encode_attempts, from_record
@@ -76,12 +77,11 @@ class _Consumer:
         self.prefetch = prefetch
         self.consumer: Any = None
         self.partitions: dict[Any, _Partition] = {}
-        self.held = 0
-        self.changed = asyncio.Event()  # something to hand out, or room to hand it out
+        self.handout: HandOut[Any, _Entry] = HandOut(prefetch)  # a lane per partition
+        self.changed = self.handout.changed  # something to hand out, or room to hand it out
         self.settled = asyncio.Event()  # a held record was acked or nacked
         self.left = False
         self.epoch = 0  # bumped on every revocation
-        self.turn = 0
         self.pump: asyncio.Task[None] | None = None
         self.leaving: asyncio.Task[None] | None = None
         self.marking: asyncio.Task[None] | None = None
@@ -103,29 +103,27 @@ class _Consumer:
         self.consumer.subscribe([self.topic], listener=_Listener(self))
         self.pump = asyncio.create_task(self._pump(), name=f"kafka {self.group_id}")
 
+    @property
+    def held(self) -> int:
+        return len(self.handout.holding)
+
     def wake(self) -> None:
-        self.changed.set()
+        self.handout.wake()
 
     # handing out
 
     def take(self, now: float) -> tuple[_KafkaReceived | None, float | None]:
         """The next record this member may hand out, or when to look again."""
-        if self.held >= self.prefetch:
+        if self.handout.room <= 0:
             return None, None
         soonest: float | None = None
-        order = list(self.partitions.values())
-        if order:
-            self.turn = (self.turn + 1) % len(order)
-            order = order[self.turn :] + order[: self.turn]
         unmarked = False
-        for part in order:
-            entry, when = next_in_key_order(part.entries, now)
+        for tp, entry, when in self.handout.candidates(now):
             if entry is not None and entry.marked <= entry.attempts:
                 unmarked = True  # this delivery is counted first (`_write_marks`)
             elif entry is not None:
                 entry.attempts += 1
-                entry.holder = _KafkaReceived(self, part, entry)
-                self.held += 1
+                entry.holder = _KafkaReceived(self, self.partitions[tp], self.handout.take(entry))
                 self.ahead -= 1
                 if self.ahead <= self.prefetch // 2 and self.unmarked:
                     self._mark(now)  # the next counts are written while these are handled
@@ -151,11 +149,10 @@ class _Consumer:
         write per `prefetch / 2` records instead of one per record.)"""
         try:
             plan: dict[Any, list[_Entry]] = {}
-            order = list(self.partitions.values())
-            first = (self.turn + 1) % len(order) if order else 0
-            order = order[first:] + order[:first]
+            lanes = self.handout.order(advance=False)
+            order = [self.partitions[tp] for tp in lanes[1:] + lanes[:1] if tp in self.partitions]
             for part in order:  # first what `take` would hand out next: it waits for these
-                entry, _ = next_in_key_order(part.entries, now)
+                entry, _ = next_in_key_order(part.entries, self.handout.holding, now)
                 if entry is not None and entry.marked <= entry.attempts:
                     plan[part.tp] = [entry]
             budget = self.prefetch - self.ahead - len(plan)
@@ -222,10 +219,8 @@ class _Consumer:
         self.unmarked = True  # its next delivery is counted ahead too
 
     def _release(self, entry: _Entry) -> None:
-        if entry.holder is not None:
-            entry.holder = None
-            self.held -= 1
-        self.wake()
+        entry.holder = None
+        self.handout.release(entry)
         self.settled.set()
 
     # fetching
@@ -269,6 +264,7 @@ class _Consumer:
 
     def _add(self, part: _Partition, records: Sequence[Any]) -> int | None:
         """Buffer fetched records; other groups' replays are settled at once."""
+        self.handout.lanes[part.tp] = part.entries  # the partition's lane in the hand-out
         position = None
         for record in records:
             last = part.offsets.last
@@ -350,6 +346,7 @@ class _Consumer:
         self.epoch += 1
         parts = list(self.partitions.values())
         self.partitions = {}
+        self.handout.lanes.clear()
         self.ahead = 0  # what was counted ahead goes with the partitions
         self.wake()
         with contextlib.suppress(TimeoutError):
@@ -371,6 +368,7 @@ class _Consumer:
         try:
             parts = list(self.partitions.values())
             self.partitions = {}
+            self.handout.lanes.clear()
             if parts and self.consumer is not None:
                 await self.hand_over(parts)
         finally:

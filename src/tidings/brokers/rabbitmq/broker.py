@@ -20,7 +20,6 @@ from tidings.brokers.base import BrokerBase, url_settings
 from tidings.brokers.dead_letters import DeadLetter
 from tidings.brokers.delivery import Received
 from tidings.brokers.envelope import Message
-from tidings.brokers.handout import wait_set
 from tidings.brokers.rabbitmq.errors import (
     _CLOSE_TIMEOUT,
     _FAILURES,
@@ -275,9 +274,8 @@ class RabbitMQBroker(_Topology, BrokerBase):
             if received is not None:
                 yield received
                 continue
-            consumer.changed.clear()
             timeout = 1.0 if soonest is None else min(1.0, max(0.001, soonest - time.monotonic()))
-            await wait_set(consumer.changed, timeout)
+            await consumer.handout.wait(timeout)
 
     async def _leave(self, topic: str, group: str, member: str) -> None:
         await self._leave_member(member)

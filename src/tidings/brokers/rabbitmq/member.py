@@ -1,5 +1,5 @@
 """One member of a group: consuming every queue of the group, handing out in key order,
-acking and nacking (the buffer, the held keys)."""
+acking and nacking through its hand-out (one lane per queue)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import aiormq.exceptions
 
 from tidings.brokers.delivery import Received
 from tidings.brokers.envelope import Message
+from tidings.brokers.handout import HandOut
 from tidings.brokers.rabbitmq.errors import (
     _FAILURES,
     _GONE,
@@ -79,7 +80,7 @@ class _AMQPReceived(Received):
                 _describe(exc),
             )
         finally:
-            self.member.release(self.entry)
+            self.member.settle(self.entry)
 
     async def nack(self, delay: float | None) -> None:
         self.member.requeue(self.entry, delay or 0.0)
@@ -100,10 +101,8 @@ class _Member(_Sharing):
             _Lane(str(n), broker._queue(topic, group, str(n))) for n in range(broker.shards)
         ]
         self.any = _Lane(_ANY, broker._queue(topic, group, _ANY))
-        self.buffer: list[_Entry] = []
-        self.keys: set[str] = set()  # keys of the messages in the member's hands
-        self.held = 0
-        self.changed = asyncio.Event()
+        self.handout: HandOut[str, _Entry] = HandOut(prefetch)  # a lane per queue (route)
+        self.changed = self.handout.changed
         self.check = asyncio.Event()  # look at the share of shards now
         self.stopped = False
         self.tasks: set[asyncio.Task[None]] = set()
@@ -127,10 +126,10 @@ class _Member(_Sharing):
         for task in list(self.tasks):
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
-        for entry in self.buffer:
-            if not entry.taken:
-                self.broker._returned_untaken(entry.lane.queue, entry.id)
-        self.buffer.clear()
+        for route in list(self.handout.lanes):
+            for entry in self.handout.drop(route):
+                if not entry.taken:
+                    self.broker._returned_untaken(entry.lane.queue, entry.id)
         channels = []
         for lane in [*self.shards, self.any]:
             channels.append(lane.channel)
@@ -184,68 +183,49 @@ class _Member(_Sharing):
             self.broker._returned_untaken(lane.queue, message_id)
             return
         attempt = self.broker._attempt(lane.queue, message_id, incoming)
-        self.buffer.append(_Entry(lane, incoming, message, message_id, attempt))
+        self.handout.add(lane.route, _Entry(lane, incoming, message, message_id, attempt))
         if not lane.active and lane is not self.any:
             lane.active = True
             self.check.set()
-        self.changed.set()
 
     # -- handing out -------------------------------------------------------------------------
 
     def take(self) -> tuple[_AMQPReceived | None, float | None]:
         """The next message that may go out now, or when to look again (None: on a change)."""
-        if self.held >= self.prefetch:
+        out = self.handout
+        if out.room <= 0:
             return None, None
-        now = time.monotonic()
-        blocked = set(self.keys)
+        for lane in out.lanes.values():  # its channel is gone (a reconnect): it comes again
+            lane[:] = [e for e in lane if out.held(e) or not e.stale]
         soonest: float | None = None
-        stale: list[_Entry] = []
-        chosen: _Entry | None = None
-        for entry in self.buffer:
-            key = entry.message.key
-            if entry.stale:
-                stale.append(entry)
-                continue
-            if key is not None and key in blocked:
-                continue
-            if entry.lane.giving or entry.not_before > now:
-                if not entry.lane.giving:
-                    soonest = (
-                        entry.not_before if soonest is None else min(soonest, entry.not_before)
-                    )
-                if key is not None:
-                    blocked.add(key)  # later ones of its key wait
-                continue
-            chosen = entry
-            break
-        for entry in stale:
-            self.buffer.remove(entry)
-        if chosen is None:
-            return None, soonest
-        self.buffer.remove(chosen)
-        chosen.taken = True
-        self.held += 1
-        chosen.lane.held += 1
-        if chosen.message.key is not None:
-            self.keys.add(chosen.message.key)
-        return _AMQPReceived(self, chosen), None
+        for _, entry, when in out.candidates(time.monotonic()):
+            if entry is not None and entry.lane.giving:
+                continue  # being given away: nothing more goes out of it
+            if entry is not None:
+                entry.taken = True
+                entry.lane.held += 1
+                return _AMQPReceived(self, out.take(entry)), None
+            if when is not None:
+                soonest = when if soonest is None else min(soonest, when)
+        return None, soonest
 
-    def release(self, entry: _Entry) -> None:
+    def _let_go(self, entry: _Entry) -> None:
         lane = entry.lane
-        self.held -= 1
-        lane.held -= 1
-        if entry.message.key is not None:
-            self.keys.discard(entry.message.key)
+        if self.handout.release(entry):
+            lane.held -= 1
         if lane.held <= 0:
             lane.settled.set()
-        self.changed.set()
+
+    def settle(self, entry: _Entry) -> None:
+        """Acked (or given up on): out of the member's hands and its buffer."""
+        self._let_go(entry)
+        self.handout.finish(entry.lane.route, entry)
 
     def requeue(self, entry: _Entry, delay: float) -> None:
         """Back at the head of its key, to go out again after `delay` seconds."""
-        self.release(entry)
         if self.stopped or entry.lane.channel is None:
-            return  # its channel closed: RabbitMQ delivers it again
+            self.settle(entry)  # its channel closed: RabbitMQ delivers it again
+            return
         entry.attempt += 1
-        entry.not_before = time.monotonic() + delay if delay > 0 else 0.0
-        self.buffer.insert(0, entry)
-        self.changed.set()
+        self._let_go(entry)
+        self.handout.retry(entry, delay if delay > 0 else None)

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import aio_pika
 import aio_pika.abc
 
+from tidings.brokers.handout import HandOut
 from tidings.brokers.rabbitmq.errors import _FAILURES, RabbitMQBrokerError, _close, _link_failure
 
 if TYPE_CHECKING:
@@ -42,7 +43,7 @@ class _Sharing:
     group: str
     shards: list[_Lane]
     any: _Lane
-    buffer: list[_Entry]
+    handout: HandOut[str, _Entry]
     check: asyncio.Event
     changed: asyncio.Event
     stopped: bool
@@ -86,7 +87,7 @@ class _Sharing:
                 continue
 
             def cost(lane: _Lane) -> tuple[int, int, int]:
-                mine = [e for e in self.buffer if e.lane is lane]
+                mine = self.handout.lanes.get(lane.route, [])
                 return (sum(1 for e in mine if e.not_before), lane.held, len(mine))
 
             for lane in sorted(active, key=cost)[:extra]:
@@ -115,13 +116,9 @@ class _Sharing:
                 await lane.settled.wait()
             channel, lane.channel = lane.channel, None
             lane.active = False
-            kept = []
-            for entry in self.buffer:
-                if entry.lane is not lane:
-                    kept.append(entry)
-                elif not entry.taken:
+            for entry in self.handout.drop(lane.route):
+                if not entry.taken:
                     self.broker._returned_untaken(lane.queue, entry.id)
-            self.buffer = kept
             await _close(channel)
         finally:
             lane.giving = False

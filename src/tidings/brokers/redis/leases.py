@@ -16,7 +16,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from tidings.brokers.envelope import Message
-from tidings.brokers.redis.member import _POLL, _Consumer, _Entry, _Shard
+from tidings.brokers.redis.member import _POLL, _Consumer, _Entry
 from tidings.brokers.redis.records import _ANY, _order
 
 log = logging.getLogger(__name__)
@@ -97,13 +97,12 @@ class _Leases:
         owned = {int(n) for n in result[1:]}
         for number in list(c.shards):
             if number != _ANY and number not in owned:  # the lease expired and went elsewhere
-                self._drop_shard(c, number)
+                c.handout.drop(number)
         surplus = len(owned) - c.fair
         for number in sorted(owned, reverse=True):
             if surplus <= 0:
                 break
-            shard = c.shards.get(number)
-            if shard is not None and shard.busy:
+            if c.busy(number):
                 continue
             await self._release(c, number)
             owned.discard(number)
@@ -115,7 +114,8 @@ class _Leases:
     async def _adopt(self, c: _Consumer, number: int) -> None:
         """Take a shard over: its pending entries come first, in stream order."""
         stream = self._stream(c.topic, number)
-        shard = _Shard(number)
+        shard: list[_Entry] = []
+        held = c.held()
         pending: list[dict[str, Any]] = []
         cursor = "-"
         while True:
@@ -137,9 +137,8 @@ class _Leases:
         gone: list[tuple[str, bytes]] = []
         for item, found in zip(pending, ranges, strict=True):
             entry_id: bytes = item["message_id"]
-            held = c.inflight.get(entry_id)
-            if held is not None:  # still in this member's hands (after a reconnect)
-                shard.entries.append(held)
+            if entry_id in held:  # still in this member's hands (after a reconnect)
+                shard.append(held[entry_id])
                 continue
             if not found or found[0][1].get(b"g", c.group.encode()) != c.group.encode():
                 gone.append((stream, entry_id))
@@ -153,17 +152,15 @@ class _Leases:
             )
             if entry_id in holds:
                 entry.not_before = float(holds[entry_id])
-            shard.entries.append(entry)
+            shard.append(entry)
         await self._ack_foreign(c, gone)
         c.shards[number] = shard
-        c.wake()
+        c.handout.wake()
 
     async def _release(self, c: _Consumer, number: int) -> None:
         """Hand a shard back: entries read ahead go back undelivered, then the lease."""
-        shard = c.shards.pop(number, None)
-        stream = self._stream(c.topic, number)
-        if shard is not None:
-            await self._give_back(c, stream, shard.entries, idle=False)
+        entries = c.handout.drop(number)
+        await self._give_back(c, self._stream(c.topic, number), entries, idle=False)
         await self._release_script(keys=[self._lease(c.topic, number, c.group)], args=[c.member])
 
     async def _give_back(
@@ -189,7 +186,7 @@ class _Leases:
 
     async def _autoclaim(self, c: _Consumer) -> None:
         """Take over keyless entries other members left (or died with) a lease ago."""
-        want = c.prefetch - len(c.inflight)
+        want = c.handout.room
         if want <= 0 or time.monotonic() - c.claimed < _POLL:
             return
         c.claimed = time.monotonic()
@@ -204,25 +201,21 @@ class _Leases:
             stream, c.group, items[0][0], items[-1][0], len(items) + 16, consumername=c.member
         )
         counts = {p["message_id"]: int(p["times_delivered"]) for p in pending}
-        shard = c.shards[_ANY]
+        lane = c.handout.lane(_ANY)
+        held = c.held()
         foreign: list[tuple[str, bytes]] = []
         for entry_id, fields in items:
             if fields.get(b"g", c.group.encode()) != c.group.encode():
                 foreign.append((stream, entry_id))
-            elif entry_id not in c.inflight and entry_id in counts:
+            elif entry_id not in held and entry_id in counts:
                 message = self._message(c.topic, fields)
-                shard.entries.append(
-                    _Entry(entry_id, _ANY, message, counts[entry_id], counted=True)
-                )
-        shard.entries.sort(key=lambda e: _order(e.id))
+                lane.append(_Entry(entry_id, _ANY, message, counts[entry_id], counted=True))
+        lane.sort(key=lambda e: _order(e.id))
         await self._ack_foreign(c, foreign)
-
-    def _drop_shard(self, c: _Consumer, number: int) -> None:
-        c.shards.pop(number, None)
 
     def _forget_shards(self, c: _Consumer) -> None:
         c.shards.clear()
-        c.shards[_ANY] = _Shard(_ANY)
+        c.handout.lane(_ANY)
         c.maintained = -math.inf
 
     async def _heartbeat(self, c: _Consumer) -> None:

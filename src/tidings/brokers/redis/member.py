@@ -16,7 +16,7 @@ from redis.exceptions import RedisError
 
 from tidings.brokers.delivery import Received
 from tidings.brokers.envelope import Message
-from tidings.brokers.handout import next_in_key_order, wait_set
+from tidings.brokers.handout import HandOut
 from tidings.brokers.redis.errors import _DOWN, RedisBrokerError
 from tidings.brokers.redis.records import _ANY, _message
 
@@ -33,56 +33,41 @@ class _Entry:
     message: Message
     count: int  # deliveries Redis counts
     counted: bool  # Redis already counts its next hand-out (read or auto-claimed)
-    holder: bool = False
-    not_before: float = 0.0  # wall clock
-
-
-@dataclass(eq=False)
-class _Shard:
-    number: int
-    entries: list[_Entry] = field(default_factory=list)
-
-    def next(self, now: float) -> tuple[_Entry | None, float | None]:
-        """The first entry that may go out now, and when to look again if none."""
-        return next_in_key_order(self.entries, now)
-
-    @property
-    def busy(self) -> bool:
-        return any(entry.holder for entry in self.entries)
+    not_before: float = 0.0  # wall clock: holds are kept in Redis for every member
 
 
 @dataclass(eq=False)
 class _Consumer:
+    """One member: its shards (lanes of its hand-out) and the entries read from them."""
+
     topic: str
     group: str
     member: str
     prefetch: int
-    shards: dict[int, _Shard] = field(default_factory=dict)
-    inflight: dict[bytes, _Entry] = field(default_factory=dict)
-    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    handout: HandOut[int, _Entry] = field(init=False)
     left: bool = False
     maintained: float = -math.inf
     claimed: float = -math.inf
     fair: int = 0
-    turn: int = 0
     heartbeat: asyncio.Task[None] | None = None
 
-    def wake(self) -> None:
-        self.changed.set()
+    def __post_init__(self) -> None:
+        self.handout = HandOut(self.prefetch, clock=time.time)
 
-    def next(self, now: float) -> tuple[_Entry | None, float | None]:
-        soonest: float | None = None
-        order = sorted(self.shards)
-        if order:
-            self.turn = (self.turn + 1) % len(order)
-            order = order[self.turn :] + order[: self.turn]
-        for number in order:
-            entry, when = self.shards[number].next(now)
-            if entry is not None:
-                return entry, None
-            if when is not None:
-                soonest = when if soonest is None else min(soonest, when)
-        return None, soonest
+    @property
+    def shards(self) -> dict[int, list[_Entry]]:
+        """Shard number -> its entries read ahead, in stream order (`_ANY`: keyless)."""
+        return self.handout.lanes
+
+    def held(self) -> dict[bytes, _Entry]:
+        """The entries in this member's hands, by id."""
+        return {entry.id: entry for entry in self.handout.holding}
+
+    def busy(self, number: int) -> bool:
+        return any(self.handout.held(entry) for entry in self.shards.get(number, ()))
+
+    def forget(self, entry: _Entry) -> None:
+        self.handout.finish(entry.shard, entry)
 
 
 class _Received(Received):
@@ -107,15 +92,12 @@ class _Received(Received):
         except RedisError as exc:
             raise RedisBrokerError(f"cannot ack {self.message.id} on Redis: {exc}") from exc
         finally:
-            self._forget()
+            c.forget(entry)
 
     async def nack(self, delay: float | None) -> None:
         c, entry = self.consumer, self.entry
         b = self.broker
-        entry.holder = False
-        c.inflight.pop(entry.id, None)
-        entry.not_before = time.time() + (delay or 0.0)
-        c.wake()
+        c.handout.retry(entry, delay)
         if delay:
             try:
                 await b._client.hset(
@@ -125,14 +107,6 @@ class _Received(Received):
                 )
             except RedisError as exc:
                 raise RedisBrokerError(f"cannot nack {self.message.id} on Redis: {exc}") from exc
-
-    def _forget(self) -> None:
-        c, entry = self.consumer, self.entry
-        c.inflight.pop(entry.id, None)
-        shard = c.shards.get(entry.shard)
-        if shard is not None and entry in shard.entries:
-            shard.entries.remove(entry)
-        c.wake()
 
 
 class _Members:
@@ -162,7 +136,7 @@ class _Members:
         self, topic: str, group: str, member: str, prefetch: int
     ) -> AsyncIterator[Received]:
         c = _Consumer(topic, group, member, max(1, prefetch))
-        c.shards[_ANY] = _Shard(_ANY)
+        c.handout.lane(_ANY)
         self._consumers[(topic, group, member)] = c
         c.heartbeat = asyncio.create_task(self._heartbeat(c))
         backoff = 0.05
@@ -192,25 +166,22 @@ class _Members:
         """One delivery, or None after waiting a little (the caller loops)."""
         if time.monotonic() - c.maintained >= 0.01:
             await self._maintain(c, acquire=True)
-        if len(c.inflight) >= c.prefetch:
-            await self._wait(c, _POLL)
+        out = c.handout
+        if out.room <= 0:
+            await out.wait(_POLL)
             return None
-        entry, soonest = c.next(time.time())
+        entry, soonest = out.next()
         if entry is not None:
             return await self._hand_out(c, entry)
         timeout = _POLL if soonest is None else max(0.001, min(_POLL, soonest - time.time()))
         if len(c.shards) < c.fair:
             timeout = min(timeout, 0.02)  # shards may come free any moment
-        room = [n for n, s in sorted(c.shards.items()) if len(s.entries) < _BUFFER or n == _ANY]
+        room = [n for n, lane in sorted(out.lanes.items()) if len(lane) < _BUFFER or n == _ANY]
         if room:
-            await self._read(c, room, c.prefetch - len(c.inflight), timeout)
+            await self._read(c, room, out.room, timeout)
         else:
-            await self._wait(c, timeout)
+            await out.wait(timeout)
         return None
-
-    async def _wait(self, c: _Consumer, timeout: float) -> None:
-        c.changed.clear()
-        await wait_set(c.changed, timeout)
 
     async def _read(self, c: _Consumer, shards: list[int], count: int, timeout: float) -> None:
         streams: dict[Any, Any] = {self._stream(c.topic, n): ">" for n in shards}
@@ -221,12 +192,12 @@ class _Members:
         foreign: list[tuple[str, bytes]] = []
         for stream, items in response or []:
             number = by_name[stream]
-            shard = c.shards.get(number)
+            lane = c.shards.get(number)
             for entry_id, fields in items:
                 if fields.get(b"g", c.group.encode()) != c.group.encode():
                     foreign.append((self._stream(c.topic, number), entry_id))
-                elif shard is not None:
-                    shard.entries.append(
+                elif lane is not None:
+                    lane.append(
                         _Entry(entry_id, number, self._message(c.topic, fields), 1, counted=True)
                     )
         await self._ack_foreign(c, foreign)
@@ -248,14 +219,10 @@ class _Members:
             )
             if not claimed:  # deleted from the stream meanwhile: nothing to deliver
                 await self._client.xack(self._stream(c.topic, entry.shard), c.group, entry.id)
-                shard = c.shards.get(entry.shard)
-                if shard is not None and entry in shard.entries:
-                    shard.entries.remove(entry)
+                c.forget(entry)
                 return None
             entry.count += 1
-        entry.holder = True
-        c.inflight[entry.id] = entry
-        return _Received(self, c, entry)
+        return _Received(self, c, c.handout.take(entry))
 
     async def _leave(self, topic: str, group: str, member: str) -> None:
         consumer = self._consumers.get((topic, group, member))
@@ -266,7 +233,7 @@ class _Members:
         if c.left:
             return
         c.left = True
-        c.wake()
+        c.handout.wake()
         self._consumers.pop((c.topic, c.group, c.member), None)
         if c.heartbeat is not None:
             c.heartbeat.cancel()
@@ -275,8 +242,8 @@ class _Members:
             for number in list(c.shards):
                 if number != _ANY:
                     await self._release(c, number)
-            anyway = c.shards.pop(_ANY, _Shard(_ANY)).entries
-            anyway += [e for e in c.inflight.values() if e not in anyway and e.shard == _ANY]
+            anyway = c.handout.drop(_ANY)
+            anyway += [e for e in c.handout.holding if e not in anyway and e.shard == _ANY]
             await self._give_back(c, self._stream(c.topic, _ANY), anyway, idle=True)
             await self._client.zrem(self._members(c.topic, c.group), c.member)
         except RedisError as exc:  # the leases expire by themselves

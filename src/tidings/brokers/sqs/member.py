@@ -11,11 +11,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from tidings.brokers.base import (
-    Received,
-    next_in_key_order,
-)
+from tidings.brokers.delivery import Received
 from tidings.brokers.envelope import Message
+from tidings.brokers.handout import HandOut
 from tidings.brokers.sqs.errors import _GONE, SQSBrokerError
 from tidings.brokers.sqs.records import _BATCH, _KEY_ATTRIBUTE, _decode
 from tidings.brokers.sqs.topology import _queue
@@ -39,7 +37,6 @@ class _Entry:
     message_id: str  # SQS's, the same on every receive
     receipt: str  # this receive's handle
     count: int  # ApproximateReceiveCount
-    holder: bool = False
     not_before: float = 0.0  # never set: a nacked message goes back to SQS
 
 
@@ -50,14 +47,22 @@ class _Member:
     name: str
     queue_url: str
     prefetch: int
-    entries: list[_Entry] = field(default_factory=list)  # in order of receipt
-    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    handout: HandOut[int, _Entry] = field(init=False)  # one lane: the group's queue
     receiving: asyncio.Task[None] | None = None
     heartbeat: asyncio.Task[None] | None = None
     left: bool = False
 
+    def __post_init__(self) -> None:
+        self.handout = HandOut(self.prefetch)
+
+    @property
+    def entries(self) -> list[_Entry]:
+        """What it received and has not settled or given back, in order of receipt."""
+        return self.handout.lane(0)
+
     @property
     def room(self) -> int:
+        """SQS hides what a member received: it holds at most `prefetch`, handed out or not."""
         return self.prefetch - len(self.entries)
 
 
@@ -89,7 +94,9 @@ class _SQSReceived(Received):
         back = [entry]
         if entry.message.key is not None:  # what follows of its key must wait for it
             back += [
-                e for e in member.entries if e.message.key == entry.message.key and not e.holder
+                e
+                for e in member.entries
+                if e.message.key == entry.message.key and not member.handout.held(e)
             ]
             for later in back[1:]:
                 member.entries.remove(later)
@@ -100,8 +107,7 @@ class _SQSReceived(Received):
         member = self.member
         if self.entry not in member.entries:
             return False
-        member.entries.remove(self.entry)
-        member.changed.set()
+        member.handout.finish(0, self.entry)
         return True
 
 
@@ -112,16 +118,15 @@ async def _receive(
     broker._members[member] = m
     m.heartbeat = asyncio.create_task(_keep_invisible(broker, m))
     while not (m.left or broker._closed):
-        entry, _ = next_in_key_order(m.entries, 0.0)
+        entry, _ = m.handout.next()
         if entry is not None:
-            entry.holder = True
+            m.handout.take(entry)
             attempt = max(1, entry.count - broker._untaken.get(entry.message_id, 0))
             yield _SQSReceived(broker, m, entry, attempt)
             continue
-        m.changed.clear()
         if m.receiving is None and m.room > 0:
             m.receiving = asyncio.create_task(_fetch(broker, m, min(_BATCH, m.room)))
-        await m.changed.wait()  # a cancelled wait leaves the receive running
+        await m.handout.wait(None)  # a cancelled wait leaves the receive running
 
 
 async def _fetch(broker: SQSBroker, m: _Member, count: int) -> None:
@@ -139,13 +144,14 @@ async def _fetch(broker: SQSBroker, m: _Member, count: int) -> None:
             MessageAttributeNames=[_KEY_ATTRIBUTE],
         )
         for raw in reply.get("Messages", []):
-            m.entries.append(
+            m.handout.add(
+                0,
                 _Entry(
                     _decode(m.topic, raw),
                     str(raw["MessageId"]),
                     str(raw["ReceiptHandle"]),
                     int(raw.get("Attributes", {}).get("ApproximateReceiveCount", 1)),
-                )
+                ),
             )
         if not reply.get("Messages") and not broker.wait_time and not m.left:
             await asyncio.sleep(broker.poll_interval)
@@ -159,7 +165,7 @@ async def _fetch(broker: SQSBroker, m: _Member, count: int) -> None:
             await asyncio.sleep(1.0)
     finally:
         m.receiving = None
-        m.changed.set()
+        m.handout.wake()
 
 
 async def _keep_invisible(broker: SQSBroker, m: _Member) -> None:
@@ -204,7 +210,7 @@ async def _leave_member(broker: SQSBroker, name: str) -> None:
     if m is None:
         return
     m.left = True
-    m.changed.set()
+    m.handout.wake()
     if m.heartbeat is not None:
         m.heartbeat.cancel()
         await asyncio.gather(m.heartbeat, return_exceptions=True)
@@ -212,9 +218,9 @@ async def _leave_member(broker: SQSBroker, name: str) -> None:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(broker.wait_time + broker.connect_timeout + 5):
                 await asyncio.shield(m.receiving)
-    entries, m.entries = m.entries, []
+    entries = m.handout.drop(0)
     for entry in entries:
-        if not entry.holder:
+        if not m.handout.held(entry):
             _count_untaken(broker, entry.message_id)
     if entries:  # visible again now, not after the visibility timeout
         await _set_visibility(broker, m.queue_url, entries, 0)
