@@ -34,7 +34,7 @@ from tidings.app.aggregate import Aggregate
 from tidings.app.repository import Repository
 from tidings.core.context import correlate, current_correlation
 from tidings.core.errors import ConfigurationError, InvalidCommand, NoCommandHandler
-from tidings.core.ids import uuid7
+from tidings.core.ids import own_id
 from tidings.store.base import EventStore
 
 __all__ = ["Command", "CommandBus", "CommandContext", "declared_handler", "handles"]
@@ -60,11 +60,7 @@ class Command(BaseModel):
     @property
     def command_id(self) -> UUID:
         """This request's identity (a UUIDv7): the causation id of the events it causes."""
-        private = self.__pydantic_private__
-        if private is None:
-            private = {"_id": uuid7()}
-            object.__setattr__(self, "__pydantic_private__", private)
-        return private["_id"]  # type: ignore[no-any-return]
+        return own_id(self)
 
     @classmethod
     def parse(cls, data: Any) -> Self:

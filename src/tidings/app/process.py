@@ -3,17 +3,14 @@
 ```python
 class OrderFulfilment(ProcessManager):
     correlate_by = "order_id"            # the event field naming the process instance
-    status: str = "new"
 
-    @reacts_to(OrderPlaced)
+    @reacts_to(OrderPlaced)              # a reaction: record what it decides, send commands
     def placed(self, event: OrderPlaced) -> None:
-        self.record(PaymentRequested(order_id=event.order_id))
         self.send(TakePayment(order_id=event.order_id, amount=event.total))
-
-    @on(PaymentRequested)
-    def _requested(self, event: PaymentRequested) -> None:
-        self.status = "paying"
 ```
+
+(`@on(EventType)` methods apply its own recorded events to its state, as an aggregate's do;
+the demo's `OrderFulfilment` in `tidings/demo/orders.py` is a whole one, with compensation.)
 
 A process manager is an aggregate (stream `"<category>-<process id>"`) whose commands come
 from events. `ProcessDriver(OrderFulfilment, bus)` runs it inside a `ProjectionRunner`: for

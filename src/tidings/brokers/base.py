@@ -10,10 +10,14 @@ key-order hand-out in `handout`; this module re-exports them.
 
 from __future__ import annotations
 
+import asyncio
+import inspect
+import logging
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
-from typing import Any
+from types import NoneType
+from typing import Any, get_args, get_type_hints
 from urllib.parse import urlsplit
 
 from tidings import telemetry
@@ -36,16 +40,41 @@ from tidings.store.options import url_options
 
 __all__ = ["Broker", "BrokerBase", "DeadLetter", "Delivery", "Received"]
 
+log = logging.getLogger("tidings.brokers")
+
 
 def url_settings(
-    url: str, schemes: tuple[str, ...], wrong: str, known: dict[str, type], options: Any
+    cls: type[BrokerBase], url: str, schemes: tuple[str, ...], wrong: str, options: Any
 ) -> dict[str, Any]:
     """A broker's settings from `url`'s query, under the keyword `options`, once its scheme
     is one of `schemes` (`wrong` begins the error for another)."""
     if urlsplit(url).scheme.lower() not in schemes:
         raise ConfigurationError(f"{wrong}, got {url!r}")
-    settings: dict[str, Any] = url_options(url, known) | options
+    settings: dict[str, Any] = url_options(url, option_types(cls)) | options
     return settings
+
+
+_SIMPLE = (str, int, float, bool)
+
+
+def option_types(cls: type[BrokerBase]) -> dict[str, type]:
+    """The options a URL's query may set: the keyword-only parameters of the adapter's
+    constructors (its own and its bases' up to `BrokerBase`) of type str, int, float or
+    bool (or None). What `BrokerBase` itself takes (`codec`, `source`) is not one."""
+    known: dict[str, type] = {}
+    for klass in cls.__mro__:
+        if klass is BrokerBase or not issubclass(klass, BrokerBase):
+            break
+        if "__init__" not in vars(klass):
+            continue
+        hints = get_type_hints(klass.__init__)
+        for name, parameter in inspect.signature(klass.__init__).parameters.items():
+            hint = hints.get(name)
+            kinds = [k for k in get_args(hint) or [hint] if k is not NoneType]
+            keyword = parameter.kind is parameter.KEYWORD_ONLY and name not in ("codec", "source")
+            if keyword and len(kinds) == 1 and kinds[0] in _SIMPLE:
+                known.setdefault(name, kinds[0])
+    return known
 
 
 class BrokerBase(OpenOnce, ABC):
@@ -57,6 +86,8 @@ class BrokerBase(OpenOnce, ABC):
     def __init__(self, *, codec: JSONCodec | None = None, source: str = "tidings") -> None:
         self.codec = codec or JSONCodec()
         self.source = source
+        self._departures: dict[str, Callable[[], Awaitable[None]]] = {}  # member -> its leave
+        self._leaving: dict[str, asyncio.Task[None]] = {}
 
     # -- lifecycle (`OpenOnce`) -------------------------------------------------------------
 
@@ -198,9 +229,37 @@ class BrokerBase(OpenOnce, ABC):
         """Messages for this member: competing with the group's other members, never two of
         one key at once, redelivering what departed members left unacked."""
 
-    @abstractmethod
+    def _join(self, member: str, leave: Callable[[], Awaitable[None]]) -> None:
+        """`member` consumes from now on (an adapter's `_receive` says so); `leave` gives
+        what it holds back to its group."""
+        self._departures[member] = leave
+
     async def _leave(self, topic: str, group: str, member: str) -> None:
-        """The member leaves: its unacked messages go back to the group."""
+        """The member leaves: its unacked messages go back to the group. Once, and to the
+        end even if the caller is cancelled meanwhile: a member left half-way would keep
+        what it holds until its lease, session or visibility timeout runs out."""
+        leave = self._departures.get(member)
+        if leave is None:
+            return
+        task = self._leaving.get(member)
+        if task is None:
+            task = self._leaving[member] = asyncio.ensure_future(leave())
+
+            def gone(_: object) -> None:
+                self._departures.pop(member, None)
+                self._leaving.pop(member, None)
+
+            task.add_done_callback(gone)
+        await asyncio.shield(task)
+
+    async def _leave_all(self) -> None:
+        """Every member leaves (closing the broker); a failure is logged, not raised, so
+        closing goes on."""
+        for member in list(self._departures):
+            try:
+                await self._leave("", "", member)
+            except Exception as exc:
+                log.warning("%s: member %s did not leave cleanly: %s", self, member, exc)
 
     @abstractmethod
     async def _redeliver(self, dead: DeadLetter) -> None:

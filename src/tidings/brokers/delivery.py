@@ -27,8 +27,9 @@ __all__ = ["Delivery", "Received"]
 class Received(ABC):
     """A message as an adapter hands it out, with the adapter's own ack and nack."""
 
-    message: Message
-    attempt: int  # 1 on the first delivery; the broker's count after redeliveries
+    def __init__(self, message: Message, attempt: int) -> None:
+        self.message = message
+        self.attempt = attempt  # 1 on the first delivery; the broker's count after redeliveries
 
     @abstractmethod
     async def ack(self) -> None:

@@ -51,10 +51,8 @@ class _Group:
 
 class _Received(Received):
     def __init__(self, group: _Group, entry: _Entry) -> None:
-        self.group = group
-        self.entry = entry
-        self.message = entry.message
-        self.attempt = entry.attempt
+        super().__init__(entry.message, entry.attempt)
+        self.group, self.entry = group, entry
 
     async def ack(self) -> None:
         if self.entry in self.group.entries:

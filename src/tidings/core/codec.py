@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 from uuid import UUID
 
 from pydantic_core import from_json
@@ -26,9 +25,9 @@ from tidings.core.upcasting import Upcaster
 __all__ = ["EncodedEvent", "JSONCodec"]
 
 
-@dataclass(frozen=True, slots=True)
-class EncodedEvent:
-    """An event ready to store: its id, type, schema version and JSON data."""
+class EncodedEvent(NamedTuple):
+    """An event ready to store: its id, type, schema version and JSON data (a tuple: one is
+    built per appended event)."""
 
     id: UUID
     type: str

@@ -21,7 +21,7 @@ from uuid import UUID
 from pydantic import BaseModel, ConfigDict, Field
 
 from tidings.core.errors import DuplicateEventType, EventDefinitionError, UnknownEventType
-from tidings.core.ids import uuid7
+from tidings.core.ids import own_id
 from tidings.core.personal import Personal
 from tidings.core.upcast_step import Upcaster, UpcasterGap
 
@@ -270,13 +270,7 @@ class Event(BaseModel):
     @property
     def event_id(self) -> UUID:
         """This fact's identity; the store keeps it as `RecordedEvent.id`."""
-        # Kept in pydantic's private slot, not a declared PrivateAttr: declaring one makes
-        # pydantic run Python code on every validation, which doubles the cost of decoding.
-        private = self.__pydantic_private__
-        if private is None:
-            private = {"_id": uuid7()}
-            object.__setattr__(self, "__pydantic_private__", private)
-        return private["_id"]  # type: ignore[no-any-return]
+        return own_id(self)
 
     def with_id(self, event_id: UUID) -> Self:
         """A copy of this event carrying `event_id` (for ids decided elsewhere)."""

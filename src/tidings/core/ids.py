@@ -9,9 +9,10 @@ from __future__ import annotations
 import os
 import threading
 import time
+from typing import Any
 from uuid import UUID, SafeUUID
 
-__all__ = ["uuid7", "uuid_from_bytes"]
+__all__ = ["own_id", "uuid7", "uuid_from_bytes"]
 
 _lock = threading.Lock()
 _last_ms = 0
@@ -69,3 +70,15 @@ def uuid_from_bytes(raw: bytes) -> UUID:
     _set(value, "int", _from_bytes(raw, "big"))
     _set(value, "is_safe", _UNKNOWN)
     return value
+
+
+def own_id(model: Any) -> UUID:
+    """A pydantic model's own id, a UUIDv7 fixed the first time it is asked for.
+
+    Kept in pydantic's private slot, not a declared PrivateAttr: declaring one makes pydantic
+    run Python code on every validation, which doubles the cost of decoding an event."""
+    private = model.__pydantic_private__
+    if private is None:
+        private = {"_id": uuid7()}
+        object.__setattr__(model, "__pydantic_private__", private)
+    return private["_id"]  # type: ignore[no-any-return]

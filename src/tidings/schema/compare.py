@@ -23,6 +23,25 @@ class _Side:
         return _Side(schema, self.defs)
 
 
+@dataclass(frozen=True, slots=True)
+class _Walk:
+    """One comparison under way: what it found, the pairs of models it is inside (so a
+    recursive model ends), and which side writes (the old one: backward)."""
+
+    found: list[tuple[Kind, str, str]]
+    seen: frozenset[tuple[int, int]] = frozenset()
+    old_is_writer: bool = True
+
+    def add(self, kind: Kind, path: str, message: str) -> None:
+        self.found.append((kind, path, message))
+
+    def into(self, key: tuple[int, int]) -> _Walk | None:
+        """The walk one level down into the pair `key`; None if already inside it."""
+        if key in self.seen:
+            return None
+        return _Walk(self.found, self.seen | {key}, self.old_is_writer)
+
+
 def _compare(
     type_: str,
     version: int,
@@ -34,7 +53,10 @@ def _compare(
     old = _Side(old_schema, old_schema.get("$defs", {}))
     new = _Side(new_schema, new_schema.get("$defs", {}))
     found: list[tuple[Kind, str, str]] = []
-    _compare_models(old, new, "", direction, found, set())
+    if direction == "backward":  # the new code reads what the old wrote
+        _compare_models_reading(new, old, "", _Walk(found, old_is_writer=True))
+    else:
+        _compare_models_reading(old, new, "", _Walk(found, old_is_writer=False))
     return [
         Problem(type_, version, path, message, direction, kind) for kind, path, message in found
     ]
@@ -100,14 +122,14 @@ def _value_kind(value: Any) -> str:
     return "array" if isinstance(value, list) else "map"
 
 
-def _accepts(reader: _Side, writer: _Side, seen: set[tuple[int, int]]) -> bool:
+def _accepts(reader: _Side, writer: _Side, seen: frozenset[tuple[int, int]]) -> bool:
     """Whether every value `writer` allows is one `reader` allows (structurally)."""
     return all(
         any(_accepts_one(r, w, seen) for r in _alternatives(reader)) for w in _alternatives(writer)
     )
 
 
-def _accepts_one(reader: _Side, writer: _Side, seen: set[tuple[int, int]]) -> bool:
+def _accepts_one(reader: _Side, writer: _Side, seen: frozenset[tuple[int, int]]) -> bool:
     r, w = reader.schema, writer.schema
     rk, wk = _kind(r), _kind(w)
     if rk == "any":
@@ -129,7 +151,7 @@ def _accepts_one(reader: _Side, writer: _Side, seen: set[tuple[int, int]]) -> bo
         seen = seen | {key}
         if rk == "model" and wk == "model":
             found: list[tuple[Kind, str, str]] = []
-            _compare_models_reading(reader, writer, "", found, seen)
+            _compare_models_reading(reader, writer, "", _Walk(found, seen))
             return not found
         if rk == "map":
             value_side = reader.at(r.get("additionalProperties") or {})
@@ -188,31 +210,9 @@ def _describe(side: _Side, depth: int = 0) -> str:
     return " | ".join(unique)
 
 
-def _compare_models(
-    old: _Side,
-    new: _Side,
-    prefix: str,
-    direction: Literal["backward", "forward"],
-    found: list[tuple[Kind, str, str]],
-    seen: set[tuple[int, int]],
-) -> None:
-    """The problems, field by field, of the direction's reader reading its writer."""
-    if direction == "backward":
-        _compare_models_reading(new, old, prefix, found, seen, old_is_writer=True)
-    else:
-        _compare_models_reading(old, new, prefix, found, seen, old_is_writer=False)
-
-
-def _compare_models_reading(
-    reader: _Side,
-    writer: _Side,
-    prefix: str,
-    found: list[tuple[Kind, str, str]],
-    seen: set[tuple[int, int]],
-    *,
-    old_is_writer: bool = True,
-) -> None:
+def _compare_models_reading(reader: _Side, writer: _Side, prefix: str, walk: _Walk) -> None:
     """Compare two models' fields; messages speak of the old (file) and new (code) side."""
+    old_is_writer = walk.old_is_writer
     reader, writer = _resolve(reader), _resolve(writer)
     old, new = (writer, reader) if old_is_writer else (reader, writer)
     old_fields: Mapping[str, Any] = old.schema.get("properties") or {}
@@ -222,33 +222,27 @@ def _compare_models_reading(
     reader_required, writer_required = new_required, old_required  # used when old writes
     for name in old_fields:
         if name not in new_fields:
-            found.append(
-                (
-                    "removed",
-                    prefix + name,
-                    f"field '{prefix}{name}' was removed or renamed without a version bump",
-                )
+            walk.add(
+                "removed",
+                prefix + name,
+                f"field '{prefix}{name}' was removed or renamed without a version bump",
             )
     for name in new_fields:
         if name in old_fields:
             continue
         if old_is_writer and name in new_required:
-            found.append(
-                (
-                    "added",
-                    prefix + name,
-                    f"new required field '{prefix}{name}' has no default: stored events "
-                    "lack it (give it a default, or bump the version with an upcaster)",
-                )
+            walk.add(
+                "added",
+                prefix + name,
+                f"new required field '{prefix}{name}' has no default: stored events "
+                "lack it (give it a default, or bump the version with an upcaster)",
             )
         elif not old_is_writer and old.schema.get("additionalProperties") is False:
-            found.append(
-                (
-                    "added",
-                    prefix + name,
-                    f"new field '{prefix}{name}': consumers built on the file forbid "
-                    "unknown fields (extra='forbid')",
-                )
+            walk.add(
+                "added",
+                prefix + name,
+                f"new field '{prefix}{name}': consumers built on the file forbid "
+                "unknown fields (extra='forbid')",
             )
     for name, old_field in old_fields.items():
         if name not in new_fields:
@@ -257,25 +251,16 @@ def _compare_models_reading(
         r_field = new_fields[name] if old_is_writer else old_field
         w_field = old_field if old_is_writer else new_fields[name]
         if old_is_writer and name in reader_required and name not in writer_required:
-            found.append(
-                (
-                    "required",
-                    path,
-                    f"field '{path}' became required: events written without it could no "
-                    "longer be read",
-                )
+            walk.add(
+                "required",
+                path,
+                f"field '{path}' became required: events written without it could no "
+                "longer be read",
             )
-        _compare_values(reader.at(r_field), writer.at(w_field), path, found, seen, old_is_writer)
+        _compare_values(reader.at(r_field), writer.at(w_field), path, walk)
 
 
-def _compare_values(
-    reader: _Side,
-    writer: _Side,
-    path: str,
-    found: list[tuple[Kind, str, str]],
-    seen: set[tuple[int, int]],
-    old_is_writer: bool,
-) -> None:
+def _compare_values(reader: _Side, writer: _Side, path: str, walk: _Walk) -> None:
     """Compare one field's values: into nested models and containers where both sides have
     the same single shape, as a whole type otherwise."""
     r_alts = [a for a in _alternatives(reader) if _kind(a.schema) != "null"]
@@ -286,42 +271,27 @@ def _compare_values(
         r, w = r_alts[0], w_alts[0]
         kind = _kind(r.schema)
         if kind == _kind(w.schema) and kind in ("model", "array", "map"):
-            key = (id(r.schema), id(w.schema))
-            if key in seen:
+            inner = walk.into((id(r.schema), id(w.schema)))
+            if inner is None:
                 return
-            seen = seen | {key}
             if kind == "model":
-                _compare_models_reading(r, w, path + ".", found, seen, old_is_writer=old_is_writer)
+                _compare_models_reading(r, w, path + ".", inner)
             elif kind == "array":
-                _compare_values(
-                    r.at(_items(r.schema)),
-                    w.at(_items(w.schema)),
-                    path + "[]",
-                    found,
-                    seen,
-                    old_is_writer,
-                )
+                _compare_values(r.at(_items(r.schema)), w.at(_items(w.schema)), path + "[]", inner)
             else:
-                _compare_values(
-                    r.at(r.schema.get("additionalProperties") or {}),
-                    w.at(w.schema.get("additionalProperties") or {}),
-                    path + "{}",
-                    found,
-                    seen,
-                    old_is_writer,
-                )
+                values = r.at(r.schema.get("additionalProperties") or {})
+                written = w.at(w.schema.get("additionalProperties") or {})
+                _compare_values(values, written, path + "{}", inner)
             return
-    if _accepts(reader, writer, seen):
+    if _accepts(reader, writer, walk.seen):
         return
-    old, new = (writer, reader) if old_is_writer else (reader, writer)
-    if old_is_writer:
+    old, new = (writer, reader) if walk.old_is_writer else (reader, writer)
+    if walk.old_is_writer:
         why = "the new type does not accept every stored value"
     else:
         why = "consumers built on the file do not accept every value the new type allows"
-    found.append(
-        (
-            "type",
-            path,
-            f"field '{path}' changed type from {_describe(old)} to {_describe(new)}: {why}",
-        )
+    walk.add(
+        "type",
+        path,
+        f"field '{path}' changed type from {_describe(old)} to {_describe(new)}: {why}",
     )

@@ -11,33 +11,31 @@ from urllib.parse import urlsplit
 
 from tidings.core.errors import ConfigurationError
 from tidings.core.urls import Backends, backend_class
-from tidings.store.base import (
-    ANY,
-    NO_STREAM,
-    STREAM_EXISTS,
-    AppendResult,
-    EventStore,
-    ExpectedVersion,
-    ProjectionState,
-    Snapshot,
-    StoreBase,
-    StreamInfo,
-    StreamState,
-)
+from tidings.store.base import StoreBase as StoreBase
+from tidings.store.checkpoints import ProjectionState as ProjectionState
+from tidings.store.contracts import ANY as ANY
+from tidings.store.contracts import NO_STREAM as NO_STREAM
+from tidings.store.contracts import STREAM_EXISTS as STREAM_EXISTS
+from tidings.store.contracts import AppendResult as AppendResult
+from tidings.store.contracts import EventStore as EventStore
+from tidings.store.contracts import ExpectedVersion as ExpectedVersion
+from tidings.store.contracts import StreamInfo as StreamInfo
+from tidings.store.contracts import StreamState as StreamState
+from tidings.store.snapshots import Snapshot as Snapshot
 
-__all__ = [
-    "ANY",
-    "AppendResult",
-    "EventStore",
-    "ExpectedVersion",
-    "NO_STREAM",
-    "ProjectionState",
-    "STREAM_EXISTS",
-    "Snapshot",
-    "StoreBase",
-    "StreamInfo",
-    "StreamState",
+__all__ = [  # by role: opening, the protocol, its arguments, what reads return
     "open_store",
+    "EventStore",
+    "StoreBase",
+    "ExpectedVersion",
+    "StreamState",
+    "ANY",
+    "NO_STREAM",
+    "STREAM_EXISTS",
+    "AppendResult",
+    "StreamInfo",
+    "Snapshot",
+    "ProjectionState",
 ]
 
 BACKENDS: Backends = {

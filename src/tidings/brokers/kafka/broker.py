@@ -26,6 +26,7 @@ from aiokafka.errors import (  # type: ignore[import-untyped]
 
 from tidings.brokers.base import BrokerBase, DeadLetter, Received, url_settings
 from tidings.brokers.envelope import Message
+from tidings.brokers.handout import wait_set
 from tidings.brokers.kafka.errors import (
     _DOWN,
     _UNREACHABLE,
@@ -51,19 +52,6 @@ log = logging.getLogger(__name__)
 
 _EXISTS, _NOT_ALLOWED = 36, (29, 31)  # CreateTopics: exists; topic or cluster not authorized
 _PREFIX = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
-_OPTIONS: dict[str, type] = {
-    "partitions": int,
-    "replication": int,
-    "prefix": str,
-    "session_timeout": float,
-    "heartbeat_interval": float,
-    "publish_timeout": float,
-    "request_timeout": float,
-    "connect_timeout": float,
-    "client_id": str,
-    "keyless": str,
-    "idempotence": bool,
-}
 
 
 class KafkaBroker(BrokerBase):
@@ -129,18 +117,15 @@ class KafkaBroker(BrokerBase):
         self.url = url.split("?", 1)[0]
         self.servers = _servers(self.url)
         self.address = ",".join(self.servers)
-        self.partitions = partitions
-        self.replication = replication
-        self.prefix = prefix
+        # the topics it creates
+        self.partitions, self.replication, self.prefix = partitions, replication, prefix
         self.dead_letter_topic = f"{prefix}.dead-letters"
-        self.session_timeout = session_timeout
-        self.heartbeat_interval = heartbeat_interval
-        self.publish_timeout = publish_timeout
-        self.request_timeout = request_timeout
-        self.connect_timeout = connect_timeout
-        self.client_id = client_id
-        self.keyless = keyless
-        self.idempotence = idempotence
+        # groups: how soon a crashed member's partitions move
+        self.session_timeout, self.heartbeat_interval = session_timeout, heartbeat_interval
+        # the clients and publishing
+        self.publish_timeout, self.request_timeout = publish_timeout, request_timeout
+        self.connect_timeout, self.client_id = connect_timeout, client_id
+        self.keyless, self.idempotence = keyless, idempotence
         self._keyless_partition: dict[str, int] = {}  # topic -> where keyless records go
         self._client_options = client_options
         self._producer: Any = None
@@ -149,7 +134,6 @@ class KafkaBroker(BrokerBase):
         self._topic_lock = asyncio.Lock()
         self._declared: set[tuple[str, str]] = set()
         self._declare_lock = asyncio.Lock()
-        self._consumers: dict[str, _Consumer] = {}
         self._dead: dict[str, DeadLetter] = {}
         self._dead_table = _Table(self, self.dead_letter_topic, self._apply_dead_letter)
         self._attempts: dict[str, str] = {}  # "<group id>|<partition>" -> encoded counts
@@ -158,7 +142,7 @@ class KafkaBroker(BrokerBase):
     @classmethod
     def from_url(cls, url: str, **options: Any) -> KafkaBroker:
         wrong = "a Kafka broker URL starts with 'kafka://'"
-        return cls(url, **url_settings(url, ("kafka",), wrong, _OPTIONS, options))
+        return cls(url, **url_settings(cls, url, ("kafka",), wrong, options))
 
     def group_id(self, topic: str, group: str) -> str:
         """The Kafka consumer group of `group` on `topic` (names never contain `:`)."""
@@ -211,8 +195,7 @@ class KafkaBroker(BrokerBase):
             raise
 
     async def _close(self) -> None:
-        for member in list(self._consumers):
-            await self._leave_member(member)
+        await self._leave_all()
         await self._stop_clients()
 
     async def _stop_clients(self) -> None:
@@ -366,7 +349,7 @@ class KafkaBroker(BrokerBase):
         self, topic: str, group: str, member: str, prefetch: int
     ) -> AsyncIterator[Received]:
         c = _Consumer(self, topic, group, self.group_id(topic, group), max(1, prefetch))
-        self._consumers[member] = c
+        self._join(member, c.leave)
         await c.start()
         while not (c.left or self._closed):
             c.changed.clear()  # before looking: a wake-up meanwhile is not lost
@@ -375,23 +358,7 @@ class KafkaBroker(BrokerBase):
                 yield received
                 continue
             timeout = 1.0 if soonest is None else max(0.001, soonest - time.monotonic())
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(min(timeout, 1.0)):
-                    await c.changed.wait()
-
-    async def _leave(self, topic: str, group: str, member: str) -> None:
-        await self._leave_member(member)
-
-    async def _leave_member(self, member: str) -> None:
-        """Leave once, to the end even if the caller is cancelled meanwhile (a member left
-        half-way would hold its partitions until the session times out)."""
-        consumer = self._consumers.get(member)
-        if consumer is None:
-            return
-        if consumer.leaving is None:
-            consumer.leaving = asyncio.create_task(consumer.leave())
-            consumer.leaving.add_done_callback(lambda _: self._consumers.pop(member, None))
-        await asyncio.shield(consumer.leaving)
+            await wait_set(c.changed, min(timeout, 1.0))
 
     # -- dead letters ----------------------------------------------------------------------
 

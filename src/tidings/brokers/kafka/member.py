@@ -14,22 +14,19 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from aiokafka import (  # type: ignore[import-untyped]
-    ConsumerRebalanceListener,
-    OffsetAndMetadata,
-)
+from aiokafka import OffsetAndMetadata  # type: ignore[import-untyped]
 from aiokafka.errors import (  # type: ignore[import-untyped]
     CommitFailedError,
     ConsumerStoppedError,
     IllegalStateError,
     KafkaError,
 )
-from aiokafka.protocol.group import LeaveGroupRequest  # type: ignore[import-untyped]
 
 from tidings.brokers.delivery import Received
 from tidings.brokers.envelope import Message
 from tidings.brokers.handout import HandOut, next_in_key_order
 from tidings.brokers.kafka.errors import _DOWN, KafkaBrokerError, _error
+from tidings.brokers.kafka.group import _leave_generation_zero, _Listener
 from tidings.brokers.kafka.offsets import OffsetTracker
 from tidings.brokers.kafka.records import _REPLAY_HEADER, encode_attempts, from_record
 from tidings.core.errors import BrokerError
@@ -70,12 +67,8 @@ class _Consumer:
     def __init__(
         self, broker: KafkaBroker, topic: str, group: str, group_id: str, prefetch: int
     ) -> None:
-        self.broker = broker
-        self.topic = topic
-        self.group = group
-        self.group_id = group_id
-        self.prefetch = prefetch
-        self.consumer: Any = None
+        self.broker, self.topic, self.group, self.group_id = broker, topic, group, group_id
+        self.consumer: Any = None  # the AIOKafkaConsumer, once started
         self.partitions: dict[Any, _Partition] = {}
         self.handout: HandOut[Any, _Entry] = HandOut(prefetch)  # a lane per partition
         self.changed = self.handout.changed  # something to hand out, or room to hand it out
@@ -83,7 +76,6 @@ class _Consumer:
         self.left = False
         self.epoch = 0  # bumped on every revocation
         self.pump: asyncio.Task[None] | None = None
-        self.leaving: asyncio.Task[None] | None = None
         self.marking: asyncio.Task[None] | None = None
         self.ahead = 0  # records waiting whose next delivery is counted already
         self.unmarked = False  # some waiting record's next delivery is not counted yet
@@ -125,7 +117,7 @@ class _Consumer:
                 entry.attempts += 1
                 entry.holder = _KafkaReceived(self, self.partitions[tp], self.handout.take(entry))
                 self.ahead -= 1
-                if self.ahead <= self.prefetch // 2 and self.unmarked:
+                if self.ahead <= self.handout.prefetch // 2 and self.unmarked:
                     self._mark(now)  # the next counts are written while these are handled
                 return entry.holder, None
             elif when is not None:
@@ -155,7 +147,7 @@ class _Consumer:
                 entry, _ = next_in_key_order(part.entries, self.handout.holding, now)
                 if entry is not None and entry.marked <= entry.attempts:
                     plan[part.tp] = [entry]
-            budget = self.prefetch - self.ahead - len(plan)
+            budget = self.handout.prefetch - self.ahead - len(plan)
             for part in order:  # then the records after those counted so far, in order
                 chosen = plan.setdefault(part.tp, [])
                 at = bisect.bisect_left(part.entries, part.mark_from, key=_offset_of)
@@ -385,42 +377,10 @@ class _Consumer:
                 log.warning("kafka broker: %s did not leave cleanly: %s", self.group_id, exc)
 
 
-async def _leave_generation_zero(consumer: Any) -> None:
-    """Send LeaveGroup for a member of generation 0, which aiokafka's `stop` skips.
-
-    Apache Kafka numbers a group's first generation 1, and aiokafka leaves only from
-    generation 1 on; some Kafka-protocol brokers (Tansu) start at 0, so without this a member
-    that leaves stays in the group until its session times out, and the group's next
-    rebalance waits for it."""
-    coordinator = getattr(consumer, "_coordinator", None)
-    if coordinator is None or getattr(coordinator, "generation", None) != 0:
-        return
-    if not coordinator.member_id or coordinator.coordinator_id is None:
-        return
-    with contextlib.suppress(KafkaError):
-        await coordinator._send_req(LeaveGroupRequest(coordinator.group_id, coordinator.member_id))
-
-
-class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
-    """Tells a member when Kafka takes its partitions away (or gives it new ones)."""
-
-    def __init__(self, member: _Consumer) -> None:
-        self.member = member
-
-    async def on_partitions_revoked(self, revoked: Any) -> None:
-        await self.member.revoke()
-
-    async def on_partitions_assigned(self, assigned: Any) -> None:
-        self.member.wake()  # the records come with the next fetch
-
-
 class _KafkaReceived(Received):
     def __init__(self, member: _Consumer, part: _Partition, entry: _Entry) -> None:
-        self.member = member
-        self.part = part
-        self.entry = entry
-        self.message = entry.message
-        self.attempt = entry.attempts
+        super().__init__(entry.message, entry.attempts)
+        self.member, self.part, self.entry = member, part, entry
         self.settled = False
 
     async def ack(self) -> None:

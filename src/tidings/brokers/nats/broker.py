@@ -39,22 +39,6 @@ _UNTAKEN_KEPT = 100_000  # given-back messages remembered for their attempt coun
 _PREFIX = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _DEAD_ID = re.compile(r"^[A-Za-z0-9-]{1,100}$")
 _MAX_OUTSTANDING_PINGS = 2  # unanswered pings before nats-py drops the link as stale
-_OPTIONS: dict[str, type] = {
-    "shards": int,
-    "ack_wait": float,
-    "group_expiry": float,
-    "stream": str,
-    "prefix": str,
-    "retention": str,
-    "max_age": float,
-    "dead_letter_max_age": float,
-    "max_in_flight": int,
-    "pull_expires": float,
-    "publish_timeout": float,
-    "publish_attempts": int,
-    "connect_timeout": float,
-    "ping_interval": float,
-}
 
 
 class NATSBroker(_Topology, BrokerBase):
@@ -118,21 +102,16 @@ class NATSBroker(_Topology, BrokerBase):
         self.url = url.split("?", 1)[0]
         self.servers = _servers(self.url)
         self.address = ",".join(_address(server) for server in self.servers)
-        self.shards = shards
-        self.ack_wait = ack_wait
-        self.group_expiry = group_expiry
-        self.stream = stream
-        self.dead_letter_stream = f"{stream}_DLQ"
-        self.prefix = prefix
-        self.retention = retention
-        self.max_age = max_age
-        self.dead_letter_max_age = dead_letter_max_age
-        self.max_in_flight = max_in_flight
-        self.pull_expires = pull_expires
-        self.publish_timeout = publish_timeout
-        self.publish_attempts = publish_attempts
+        # the stream: its name, subjects, how long it keeps messages
+        self.stream, self.dead_letter_stream = stream, f"{stream}_DLQ"
+        self.prefix, self.shards, self.retention = prefix, shards, retention
+        self.max_age, self.dead_letter_max_age = max_age, dead_letter_max_age
+        # the groups: redelivery, how long an unused one lives, pull requests
+        self.ack_wait, self.group_expiry, self.pull_expires = ack_wait, group_expiry, pull_expires
+        # the connection and publishing
+        self.max_in_flight, self.ping_interval = max_in_flight, ping_interval
+        self.publish_timeout, self.publish_attempts = publish_timeout, publish_attempts
         self.connect_timeout = connect_timeout
-        self.ping_interval = ping_interval
         self._lanes = [str(shard) for shard in range(shards)] + [_ANY]
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
@@ -145,7 +124,7 @@ class NATSBroker(_Topology, BrokerBase):
     @classmethod
     def from_url(cls, url: str, **options: Any) -> NATSBroker:
         wrong = "a NATS broker URL starts with 'nats://'"
-        return cls(url, **url_settings(url, ("nats",), wrong, _OPTIONS, options))
+        return cls(url, **url_settings(cls, url, ("nats",), wrong, options))
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -178,8 +157,7 @@ class NATSBroker(_Topology, BrokerBase):
             raise
 
     async def _close(self) -> None:
-        for name in list(self._pullers):
-            await self._leave_puller(name)
+        await self._leave_all()
         if self._nc is not None:
             with contextlib.suppress(*_NATS_ERRORS):
                 await self._nc.close()
@@ -294,6 +272,7 @@ class NATSBroker(_Topology, BrokerBase):
     ) -> AsyncIterator[Received]:
         puller = _Puller(self, topic, group, max(1, prefetch))
         self._pullers[member] = puller
+        self._join(member, lambda: self._leave_puller(member))
         await puller.start()
         while not (self._closed or puller.leaving):
             puller.wake.clear()
@@ -305,9 +284,6 @@ class NATSBroker(_Topology, BrokerBase):
             await puller.pull()
             if not puller.wake.is_set():
                 await wait_set(puller.wake, puller.patience())
-
-    async def _leave(self, topic: str, group: str, member: str) -> None:
-        await self._leave_puller(member)
 
     async def _leave_puller(self, member: str) -> None:
         puller = self._pullers.pop(member, None)

@@ -196,11 +196,9 @@ class _NATSReceived(Received):
     def __init__(
         self, puller: _Puller, msg: Msg, message: Message, sequence: int, attempt: int
     ) -> None:
-        self.puller = puller
-        self.msg = msg
-        self.message = message
+        super().__init__(message, attempt)
+        self.puller, self.msg = puller, msg
         self.sequence = sequence  # in the stream
-        self.attempt = attempt
         self.settled = False
 
     async def ack(self) -> None:

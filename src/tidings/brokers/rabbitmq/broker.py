@@ -22,12 +22,11 @@ from tidings.brokers.delivery import Received
 from tidings.brokers.envelope import Message
 from tidings.brokers.rabbitmq.errors import (
     _CLOSE_TIMEOUT,
-    _FAILURES,
     _GONE,
     RabbitMQBrokerError,
     _close,
     _describe,
-    _link_failure,
+    _failed,
 )
 from tidings.brokers.rabbitmq.member import _Member
 from tidings.brokers.rabbitmq.records import (
@@ -41,18 +40,6 @@ from tidings.core.codec import JSONCodec
 from tidings.core.errors import ConfigurationError
 
 log = logging.getLogger("tidings.brokers.rabbitmq")
-
-_OPTIONS: dict[str, type] = {
-    "shards": int,
-    "queue_type": str,
-    "expires": float,
-    "dead_letter_max_age": float,
-    "rebalance": float,
-    "heartbeat": int,
-    "publish_timeout": float,
-    "publish_attempts": int,
-    "connect_timeout": float,
-}
 
 
 class RabbitMQBroker(_Topology, BrokerBase):
@@ -121,13 +108,12 @@ class RabbitMQBroker(_Topology, BrokerBase):
         self._topics: set[str] = set()  # exchanges declared by this broker
         self._groups: dict[tuple[str, str], float] = {}  # declared, when (monotonic)
         self._foreign: set[str] = set()  # queues that exist with other arguments
-        self._members: dict[str, _Member] = {}
         self._returned: dict[tuple[str, str], int] = {}  # (queue, id) -> returned untaken
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> RabbitMQBroker:
         wrong = "a RabbitMQ URL starts with amqp://"
-        return cls(url, **url_settings(url, ("amqp", "amqps"), wrong, _OPTIONS, options))
+        return cls(url, **url_settings(cls, url, ("amqp", "amqps"), wrong, options))
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -152,8 +138,7 @@ class RabbitMQBroker(_Topology, BrokerBase):
             raise
 
     async def _close(self) -> None:
-        for name in list(self._members):
-            await self._leave_member(name)
+        await self._leave_all()
         admin, self._admin = self._admin, None
         await _close(admin)
         await self._close_connection()
@@ -197,7 +182,7 @@ class RabbitMQBroker(_Topology, BrokerBase):
             async with asyncio.timeout(self.publish_timeout * 2):
                 return await action(await self._admin_channel())
         except Exception as exc:
-            if not _link_failure(exc, _FAILURES):
+            if not _failed(exc):
                 raise
             await self._reset_admin()
             raise RabbitMQBrokerError(f"cannot {what} on RabbitMQ: {_describe(exc)}") from exc
@@ -246,7 +231,7 @@ class RabbitMQBroker(_Topology, BrokerBase):
                 if task is not None and task.cancelling():
                     raise asyncio.CancelledError
             except Exception as exc:
-                if not _link_failure(exc, _FAILURES):
+                if not _failed(exc):
                     raise
                 failure = exc
             if isinstance(failure, aiormq.exceptions.ChannelNotFoundEntity) and topic:
@@ -267,7 +252,7 @@ class RabbitMQBroker(_Topology, BrokerBase):
         self, topic: str, group: str, member: str, prefetch: int
     ) -> AsyncIterator[Received]:
         consumer = _Member(self, topic, group, member, max(1, prefetch))
-        self._members[member] = consumer
+        self._join(member, consumer.stop)
         await consumer.start()
         while not (consumer.stopped or self._closed):
             received, soonest = consumer.take()
@@ -276,14 +261,6 @@ class RabbitMQBroker(_Topology, BrokerBase):
                 continue
             timeout = 1.0 if soonest is None else min(1.0, max(0.001, soonest - time.monotonic()))
             await consumer.handout.wait(timeout)
-
-    async def _leave(self, topic: str, group: str, member: str) -> None:
-        await self._leave_member(member)
-
-    async def _leave_member(self, member: str) -> None:
-        consumer = self._members.pop(member, None)
-        if consumer is not None:
-            await consumer.stop()
 
     def _returned_untaken(self, queue: str, message_id: str) -> None:
         """A message a member had buffered but never handed out goes back to RabbitMQ,
@@ -333,7 +310,7 @@ class RabbitMQBroker(_Topology, BrokerBase):
                     finally:
                         await _close(lock)
             except Exception as exc:
-                if not _link_failure(exc, _FAILURES):
+                if not _failed(exc):
                     raise
                 raise RabbitMQBrokerError(
                     f"cannot read the dead letters: {_describe(exc)}"

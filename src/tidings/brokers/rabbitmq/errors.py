@@ -38,6 +38,16 @@ def _link_failure(exc: BaseException, kinds: tuple[type[BaseException], ...]) ->
     return isinstance(exc, kinds) or type(exc) is Exception
 
 
+def _failed(exc: BaseException) -> bool:
+    """Whether `exc` means the link to RabbitMQ failed (retry, or say it is unreachable)."""
+    return _link_failure(exc, _FAILURES)
+
+
+def _gone(exc: BaseException) -> bool:
+    """Whether `exc` means the channel or connection is going or gone (nothing to undo)."""
+    return _link_failure(exc, _GONE)
+
+
 def _describe(exc: BaseException | None) -> str:
     if exc is None:
         return "no answer"
@@ -52,6 +62,6 @@ async def _close(channel: aio_pika.abc.AbstractChannel | None) -> None:
         async with asyncio.timeout(_CLOSE_TIMEOUT):
             await channel.close()
     except Exception as exc:
-        if not _link_failure(exc, _GONE):
+        if not _gone(exc):
             raise
         log.debug("closing a channel failed: %s", _describe(exc))

@@ -7,6 +7,7 @@ import asyncio
 import logging
 import random
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import aio_pika
@@ -17,12 +18,11 @@ from tidings.brokers.delivery import Received
 from tidings.brokers.envelope import Message
 from tidings.brokers.handout import HandOut
 from tidings.brokers.rabbitmq.errors import (
-    _FAILURES,
-    _GONE,
     RabbitMQBrokerError,
     _close,
     _describe,
-    _link_failure,
+    _failed,
+    _gone,
 )
 from tidings.brokers.rabbitmq.shards import _Lane, _Sharing
 from tidings.brokers.rabbitmq.topology import _ANY
@@ -33,22 +33,15 @@ if TYPE_CHECKING:
 log = logging.getLogger("tidings.brokers.rabbitmq")
 
 
+@dataclass(eq=False)
 class _Entry:
-    def __init__(
-        self,
-        lane: _Lane,
-        incoming: aio_pika.abc.AbstractIncomingMessage,
-        message: Message,
-        message_id: str,
-        attempt: int,
-    ) -> None:
-        self.lane = lane
-        self.incoming = incoming
-        self.message = message
-        self.id = message_id
-        self.attempt = attempt
-        self.taken = False  # handed out at least once
-        self.not_before = 0.0  # monotonic; after a nack with a delay
+    lane: _Lane
+    incoming: aio_pika.abc.AbstractIncomingMessage
+    message: Message
+    id: str
+    attempt: int
+    taken: bool = False  # handed out at least once
+    not_before: float = 0.0  # monotonic; after a nack with a delay
 
     @property
     def stale(self) -> bool:
@@ -61,16 +54,14 @@ class _Entry:
 
 class _AMQPReceived(Received):
     def __init__(self, member: _Member, entry: _Entry) -> None:
-        self.member = member
-        self.entry = entry
-        self.message = entry.message
-        self.attempt = entry.attempt
+        super().__init__(entry.message, entry.attempt)
+        self.member, self.entry = member, entry
 
     async def ack(self) -> None:
         try:  # before releasing it: that may let a give-away close the channel
             await self.entry.incoming.ack()
         except Exception as exc:
-            if not _link_failure(exc, _GONE):
+            if not _gone(exc):
                 raise
             log.warning(
                 "%s/%s: message %s was not acked (%s); it comes again",
@@ -164,7 +155,7 @@ class _Member(_Sharing):
             if lane.channel is channel:
                 lane.channel = None
             await _close(channel)
-            if _link_failure(exc, _FAILURES):
+            if _failed(exc):
                 raise RabbitMQBrokerError(f"cannot consume {lane.queue}: {_describe(exc)}") from exc
             raise
         if self.stopped:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import zlib
 from collections.abc import Iterable, Mapping
@@ -16,7 +15,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from tidings.brokers.base import BrokerBase, DeadLetter
+from tidings.brokers.base import BrokerBase, DeadLetter, option_types
 from tidings.brokers.envelope import Message
 from tidings.brokers.redis.errors import RedisBrokerError
 from tidings.brokers.redis.leases import _MAINTAIN, _RELEASE, _Leases
@@ -64,7 +63,7 @@ class RedisBroker(_Members, _Leases, BrokerBase):
             raise ConfigurationError(f"a Redis broker URL starts with redis://, got {url!r}")
         ours: dict[str, Any] = {}
         rest: list[tuple[str, str]] = []
-        kinds: dict[str, type] = {"shards": int, "lease": float, "prefix": str}
+        kinds = option_types(cls)  # the rest of the query goes to the Redis client
         for name, raw in parse_qsl(parts.query, keep_blank_values=True):
             if name not in kinds:
                 rest.append((name, raw))
@@ -126,9 +125,7 @@ class RedisBroker(_Members, _Leases, BrokerBase):
             raise RedisBrokerError(f"cannot reach Redis at {self.url}: {exc}") from exc
 
     async def _close(self) -> None:
-        for consumer in list(self._consumers.values()):
-            with contextlib.suppress(RedisError, OSError):
-                await self._leave_consumer(consumer)
+        await self._leave_all()
         await self._client.aclose()
 
     # -- publishing ------------------------------------------------------------------------

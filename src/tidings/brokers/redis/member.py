@@ -7,7 +7,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -72,11 +72,8 @@ class _Consumer:
 
 class _Received(Received):
     def __init__(self, broker: _Members, consumer: _Consumer, entry: _Entry) -> None:
-        self.broker = broker
-        self.consumer = consumer
-        self.entry = entry
-        self.message = entry.message
-        self.attempt = entry.count
+        super().__init__(entry.message, entry.count)
+        self.broker, self.consumer, self.entry = broker, consumer, entry
 
     async def ack(self) -> None:
         c, entry = self.consumer, self.entry
@@ -127,6 +124,7 @@ class _Members:
         ) -> None: ...
         def _forget_shards(self, c: _Consumer) -> None: ...
         async def _heartbeat(self, c: _Consumer) -> None: ...
+        def _join(self, member: str, leave: Callable[[], Awaitable[None]]) -> None: ...
 
     _message = staticmethod(_message)
 
@@ -138,6 +136,7 @@ class _Members:
         c = _Consumer(topic, group, member, max(1, prefetch))
         c.handout.lane(_ANY)
         self._consumers[(topic, group, member)] = c
+        self._join(member, lambda: self._leave_consumer(c))
         c.heartbeat = asyncio.create_task(self._heartbeat(c))
         backoff = 0.05
         try:
@@ -223,11 +222,6 @@ class _Members:
                 return None
             entry.count += 1
         return _Received(self, c, c.handout.take(entry))
-
-    async def _leave(self, topic: str, group: str, member: str) -> None:
-        consumer = self._consumers.get((topic, group, member))
-        if consumer is not None:
-            await self._leave_consumer(consumer)
 
     async def _leave_consumer(self, c: _Consumer) -> None:
         if c.left:

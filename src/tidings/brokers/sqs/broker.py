@@ -21,10 +21,11 @@ from tidings.brokers.base import (
     DeadLetter,
     DeadLetterNotFound,
     Received,
+    option_types,
 )
 from tidings.brokers.envelope import Message
 from tidings.brokers.sqs.errors import _FAILURES, SQSBrokerError, _code, _describe, _refused
-from tidings.brokers.sqs.member import _MAX_VISIBILITY, _leave_member, _Member, _receive
+from tidings.brokers.sqs.member import _MAX_VISIBILITY, _Member, _receive
 from tidings.brokers.sqs.records import (
     _BATCH,
     _KEY_ATTRIBUTE,
@@ -36,7 +37,7 @@ from tidings.brokers.sqs.records import (
 )
 from tidings.brokers.sqs.topology import _digest, _ensure_bucket, _queue, _topic
 from tidings.core.codec import JSONCodec
-from tidings.core.errors import BrokerError, ConfigurationError
+from tidings.core.errors import ConfigurationError
 from tidings.store.base import url_options
 
 log = logging.getLogger("tidings.brokers.sqs")
@@ -44,21 +45,6 @@ log = logging.getLogger("tidings.brokers.sqs")
 _PREFIX = re.compile(r"^[a-z0-9][a-z0-9-]{0,23}$")
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _DEAD_ID = re.compile(r"^[A-Za-z0-9-]{1,100}$")
-_OPTIONS: dict[str, type] = {
-    "endpoint_url": str,
-    "region": str,
-    "prefix": str,
-    "visibility_timeout": int,
-    "wait_time": int,
-    "poll_interval": float,
-    "max_receives": int,
-    "bucket": str,
-    "connect_timeout": float,
-    "publish_attempts": int,
-    "access_key_id": str,
-    "secret_access_key": str,
-    "profile": str,
-}
 
 
 class SQSBroker(BrokerBase):
@@ -153,12 +139,7 @@ class SQSBroker(BrokerBase):
                 f"{url!r}: put the endpoint and region in the query "
                 f"({cls.scheme}://?endpoint_url=…&region=…), not before it"
             )
-        known = _OPTIONS | cls._extra_options()
-        return cls(url, **(url_options(url, known) | options))
-
-    @classmethod
-    def _extra_options(cls) -> dict[str, type]:
-        return {}
+        return cls(url, **(url_options(url, option_types(cls)) | options))
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -204,9 +185,7 @@ class SQSBroker(BrokerBase):
         """What opening creates beyond the clients (EventBridge: the bus)."""
 
     async def _close(self) -> None:
-        for name in list(self._members):
-            with contextlib.suppress(BrokerError):
-                await _leave_member(self, name)
+        await self._leave_all()
         if self._stack is not None:
             with contextlib.suppress(*_FAILURES):
                 await self._stack.aclose()
@@ -281,9 +260,6 @@ class SQSBroker(BrokerBase):
         self, topic: str, group: str, member: str, prefetch: int
     ) -> AsyncIterator[Received]:
         return _receive(self, topic, group, member, prefetch)
-
-    async def _leave(self, topic: str, group: str, member: str) -> None:
-        await _leave_member(self, member)
 
     # -- dead letters ----------------------------------------------------------------------
 

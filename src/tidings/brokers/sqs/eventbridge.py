@@ -35,10 +35,6 @@ class EventBridgeBroker(SQSBroker):
         if not _BUS.match(self.bus):
             raise ConfigurationError(f"bus {self.bus!r}: use 1-256 letters, digits, '.', '_', '-'")
 
-    @classmethod
-    def _extra_options(cls) -> dict[str, type]:
-        return {"bus": str}
-
     def _services(self) -> tuple[str, ...]:
         return ("sts", "sqs", "events", "s3")
 

@@ -68,11 +68,8 @@ class _Member:
 
 class _SQSReceived(Received):
     def __init__(self, broker: SQSBroker, member: _Member, entry: _Entry, attempt: int) -> None:
-        self.broker = broker
-        self.member = member
-        self.entry = entry
-        self.message = entry.message
-        self.attempt = attempt
+        super().__init__(entry.message, attempt)
+        self.broker, self.member, self.entry = broker, member, entry
 
     async def ack(self) -> None:
         if not self._release():
@@ -116,6 +113,7 @@ async def _receive(
 ) -> AsyncIterator[Received]:
     m = _Member(topic, group, member, await _queue(broker, topic, group), max(1, prefetch))
     broker._members[member] = m
+    broker._join(member, lambda: _leave_member(broker, member))
     m.heartbeat = asyncio.create_task(_keep_invisible(broker, m))
     while not (m.left or broker._closed):
         entry, _ = m.handout.next()

@@ -118,12 +118,11 @@ class PostgresReading(PostgresCore):
         return int(version or 0)
 
     async def _streams_batch(self, after: str, limit: int) -> list[StreamInfo]:
-        rows = await self._fetch(
+        query = (
             f"SELECT stream_id, version FROM {self._s}.tidings_streams "
-            "WHERE stream_id > $1 AND version > 0 ORDER BY stream_id LIMIT $2",
-            after,
-            limit,
+            "WHERE stream_id > $1 AND version > 0 ORDER BY stream_id LIMIT $2"
         )
+        rows = await self._fetch(query, after, limit)
         return [StreamInfo(stream_id, version) for stream_id, version in rows]
 
     async def _last_position(self) -> int:

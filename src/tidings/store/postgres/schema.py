@@ -16,6 +16,15 @@ __all__ = ["PostgresSchema"]
 _NO_TIMEOUT = 86_400.0  # seconds: the query_timeout of a migration (a day: none, in effect)
 
 
+# The columns an event and a snapshot share: what was recorded, where, as which type.
+_RECORDED = """stream_id      bytea       NOT NULL,
+                    version        bigint      NOT NULL,
+                    type           text        NOT NULL,
+                    schema_version integer     NOT NULL,
+                    recorded_at    timestamptz NOT NULL,
+                    data           text        NOT NULL"""
+
+
 def _migrations(schema: str) -> list[tuple[int, list[str]]]:
     """The tables, version by version, in `schema` (a validated identifier)."""
     s = f'"{schema}"'
@@ -27,12 +36,7 @@ def _migrations(schema: str) -> list[tuple[int, list[str]]]:
                 f"""CREATE TABLE {s}.tidings_events (
                     position       bigint      PRIMARY KEY,
                     id             uuid        NOT NULL UNIQUE,
-                    stream_id      bytea       NOT NULL,
-                    version        bigint      NOT NULL,
-                    type           text        NOT NULL,
-                    schema_version integer     NOT NULL,
-                    recorded_at    timestamptz NOT NULL,
-                    data           text        NOT NULL,
+                    {_RECORDED},
                     metadata       text,
                     UNIQUE (stream_id, version)
                 )""",
@@ -95,12 +99,7 @@ def _migrations(schema: str) -> list[tuple[int, list[str]]]:
             2,
             [
                 f"""CREATE TABLE {s}.tidings_snapshots (
-                    stream_id      bytea       NOT NULL,
-                    version        bigint      NOT NULL,
-                    type           text        NOT NULL,
-                    schema_version integer     NOT NULL,
-                    recorded_at    timestamptz NOT NULL,
-                    data           text        NOT NULL,
+                    {_RECORDED},
                     PRIMARY KEY (stream_id, version)
                 )""",
                 f"""CREATE TABLE {s}.tidings_projections (
