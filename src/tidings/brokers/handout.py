@@ -41,18 +41,20 @@ def next_in_key_order(
     waits while an earlier one of its key is held or waiting for a retry, so one key goes
     out in order and never twice at once.
     """
-    blocked: set[str] = set()
+    blocked: set[str] | None = None  # made when first needed: usually the first entry goes
     soonest: float | None = None
     for entry in entries:
         key = entry.message.key
-        if key is not None and key in blocked:
+        if blocked and key is not None and key in blocked:
             continue
         if entry not in held:
             if entry.not_before <= now:
                 return entry, None
             soonest = entry.not_before if soonest is None else min(soonest, entry.not_before)
-        if key is not None:
-            blocked.add(key)  # in flight or waiting: later ones of this key wait too
+        if key is not None:  # in flight or waiting: later ones of this key wait too
+            if blocked is None:
+                blocked = set()
+            blocked.add(key)
     return None, soonest
 
 
@@ -109,10 +111,13 @@ class HandOut(Generic[K, E]):
     def candidates(
         self, now: float, *, advance: bool = True
     ) -> Iterator[tuple[K, E | None, float | None]]:
-        """Each lane's next entry in key order (or when to look again), lanes taking turns."""
+        """Each non-empty lane's next entry in key order (or when to look again), lanes
+        taking turns."""
         for name in self.order(advance=advance):
-            entry, when = next_in_key_order(self.lanes[name], self.holding, now)
-            yield name, entry, when
+            entries = self.lanes[name]
+            if entries:
+                entry, when = next_in_key_order(entries, self.holding, now)
+                yield name, entry, when
 
     def next(self, now: float | None = None) -> tuple[E | None, float | None]:
         """The entry to hand out now, or when to look again (None: when something changes)."""

@@ -8,7 +8,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -103,6 +103,7 @@ class RabbitMQBroker(_Topology, BrokerBase):
         self.connect_timeout = connect_timeout
         self._connection: aio_pika.abc.AbstractRobustConnection | None = None
         self._admin: aio_pika.abc.AbstractChannel | None = None  # declares and publishes
+        self._exchanges: tuple[object, dict[str, aio_pika.abc.AbstractExchange]] = (None, {})
         self._admin_lock = asyncio.Lock()
         self._dlq_lock = asyncio.Lock()
         self._topics: set[str] = set()  # exchanges declared by this broker
@@ -171,6 +172,14 @@ class RabbitMQBroker(_Topology, BrokerBase):
                 self._admin = await self._plain_channel(confirms=True)
             return self._admin
 
+    def _exchanges_of(
+        self, channel: aio_pika.abc.AbstractChannel
+    ) -> dict[str, aio_pika.abc.AbstractExchange]:
+        """The exchanges already looked up on `channel` (a new channel starts afresh)."""
+        if self._exchanges[0] is not channel:
+            self._exchanges = (channel, {})
+        return self._exchanges[1]
+
     async def _reset_admin(self) -> None:
         admin, self._admin = self._admin, None
         await _close(admin)
@@ -210,7 +219,7 @@ class RabbitMQBroker(_Topology, BrokerBase):
                     if topic is not None and topic not in self._topics:
                         await self._declare_topic(channel, topic)
                         channel = await self._admin_channel()
-                    exchanges: dict[str, aio_pika.abc.AbstractExchange] = {}
+                    exchanges = self._exchanges_of(channel)
                     for name, _, _ in sends:
                         if name not in exchanges:
                             exchanges[name] = (
@@ -218,10 +227,14 @@ class RabbitMQBroker(_Topology, BrokerBase):
                                 if name == ""
                                 else await channel.get_exchange(name, ensure=False)
                             )
-                    results = await asyncio.gather(
-                        *(exchanges[name].publish(m, routing_key=key) for name, key, m in sends),
-                        return_exceptions=True,
-                    )
+                    if len(sends) == 1:  # the common case: no gather, which runs a task each
+                        name, key, m = sends[0]
+                        results: list[Any] = [await _outcome(exchanges[name].publish(m, key))]
+                    else:
+                        results = await asyncio.gather(
+                            *(exchanges[name].publish(m, key) for name, key, m in sends),
+                            return_exceptions=True,
+                        )
                 errors = [r for r in results if isinstance(r, BaseException)]
                 if not errors:
                     return
@@ -365,3 +378,12 @@ class RabbitMQBroker(_Topology, BrokerBase):
 
 async def _ignore(incoming: aio_pika.abc.AbstractIncomingMessage) -> None:
     pass
+
+
+async def _outcome(publishing: Awaitable[Any]) -> Any:
+    """The confirmation, or the failure as a value (what `gather(return_exceptions=True)`
+    gives for one)."""
+    try:
+        return await publishing
+    except Exception as exc:
+        return exc

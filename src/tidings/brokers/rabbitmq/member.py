@@ -16,7 +16,7 @@ import aiormq.exceptions
 
 from tidings.brokers.delivery import Received
 from tidings.brokers.envelope import Message
-from tidings.brokers.handout import HandOut
+from tidings.brokers.handout import HandOut, next_in_key_order
 from tidings.brokers.rabbitmq.errors import (
     RabbitMQBrokerError,
     _close,
@@ -186,10 +186,12 @@ class _Member(_Sharing):
         out = self.handout
         if out.room <= 0:
             return None, None
-        for lane in out.lanes.values():  # its channel is gone (a reconnect): it comes again
-            lane[:] = [e for e in lane if out.held(e) or not e.stale]
+        now = time.monotonic()
         soonest: float | None = None
-        for _, entry, when in out.candidates(time.monotonic()):
+        for route, entry, when in out.candidates(now):
+            while entry is not None and entry.stale:  # its channel is gone: it comes again
+                out.lanes[route].remove(entry)
+                entry, when = next_in_key_order(out.lanes[route], out.holding, now)
             if entry is not None and entry.lane.giving:
                 continue  # being given away: nothing more goes out of it
             if entry is not None:

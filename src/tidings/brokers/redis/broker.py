@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import zlib
 from collections.abc import Iterable, Mapping
@@ -100,12 +101,22 @@ class RedisBroker(_Members, _Leases, BrokerBase):
 
     # -- lifecycle -------------------------------------------------------------------------
 
+    def _bounded(self) -> asyncio.Timeout:
+        """One operation's bound: a reply overdue this long means the link stalled."""
+        return asyncio.timeout(self._bound)
+
     async def _open(self) -> None:
+        # A link that stalls without a reset: a reply overdue `_bound` seconds fails the
+        # operation (`_bounded`; reads block 0.1 s at most). Bounded here, once per operation,
+        # not by redis-py's socket_timeout, which wraps every write in `asyncio.wait_for`: a
+        # task per command, a tenth of a publish. `?socket_timeout=` still sets redis-py's.
+        asked = self._client_options.get("socket_timeout") or dict(
+            parse_qsl(urlsplit(self.url).query)
+        ).get("socket_timeout")
+        self._bound = float(asked or _SOCKET_TIMEOUT)
         options: dict[str, Any] = {
             "socket_connect_timeout": 5,
-            # A link that stalls without a reset: a reply overdue this long drops the
-            # connection and the command is retried on a new one. Reads block 0.1 s at most.
-            "socket_timeout": _SOCKET_TIMEOUT,
+            "socket_timeout": None,
             "retry": Retry(ExponentialBackoff(cap=1.0, base=0.05), 4),
             "retry_on_error": [RedisConnectionError, RedisTimeoutError],
             **self._client_options,
@@ -138,25 +149,28 @@ class RedisBroker(_Members, _Leases, BrokerBase):
     async def _append(self, entries: Iterable[tuple[str, Mapping[Any, Any]]]) -> None:
         entries = list(entries)
         try:
-            if len(entries) == 1:  # one XADD is atomic by itself: no MULTI/EXEC round
-                [(stream, fields)] = entries
-                await self._client.xadd(stream, dict(fields))
-                return
-            async with self._client.pipeline(transaction=True) as pipe:
-                for stream, fields in entries:
-                    pipe.xadd(stream, dict(fields))
-                await pipe.execute()
-        except RedisError as exc:
-            raise RedisBrokerError(f"cannot publish to Redis: {exc}") from exc
+            async with self._bounded():
+                if len(entries) == 1:  # one XADD is atomic by itself: no MULTI/EXEC round
+                    [(stream, fields)] = entries
+                    await self._client.xadd(stream, dict(fields))
+                    return
+                async with self._client.pipeline(transaction=True) as pipe:
+                    for stream, fields in entries:
+                        pipe.xadd(stream, dict(fields))
+                    await pipe.execute()
+        except (RedisError, TimeoutError) as exc:
+            raise RedisBrokerError(f"cannot publish to Redis: {_reason(exc)}") from exc
 
     async def _declare(self, topic: str, group: str) -> None:
         try:
-            async with self._client.pipeline(transaction=False) as pipe:
+            async with self._bounded(), self._client.pipeline(transaction=False) as pipe:
                 for shard in [_ANY, *range(self.shards)]:
                     pipe.xgroup_create(self._stream(topic, shard), group, id="$", mkstream=True)
                 results = await pipe.execute(raise_on_error=False)
-        except RedisError as exc:
-            raise RedisBrokerError(f"cannot declare {group!r} on {topic!r}: {exc}") from exc
+        except (RedisError, TimeoutError) as exc:
+            raise RedisBrokerError(
+                f"cannot declare {group!r} on {topic!r}: {_reason(exc)}"
+            ) from exc
         for result in results:
             if isinstance(result, ResponseError) and "BUSYGROUP" not in str(result):
                 raise RedisBrokerError(f"cannot declare {group!r} on {topic!r}: {result}")
@@ -171,14 +185,16 @@ class RedisBroker(_Members, _Leases, BrokerBase):
 
     async def _store_dead_letter(self, dead: DeadLetter) -> None:
         try:
-            await self._client.hset(self._dlq, dead.id, json.dumps(dead.to_dict()))
-        except RedisError as exc:
+            async with self._bounded():
+                await self._client.hset(self._dlq, dead.id, json.dumps(dead.to_dict()))
+        except (RedisError, TimeoutError) as exc:
             raise RedisBrokerError(f"cannot store dead letter {dead.id}: {exc}") from exc
 
     async def _dead_letters(self) -> list[DeadLetter]:
         try:
-            stored = await self._client.hgetall(self._dlq)
-        except RedisError as exc:
+            async with self._bounded():
+                stored = await self._client.hgetall(self._dlq)
+        except (RedisError, TimeoutError) as exc:
             raise RedisBrokerError(f"cannot read dead letters: {exc}") from exc
         out = [DeadLetter.from_dict(json.loads(raw)) for raw in stored.values()]
         out.sort(key=lambda dead: (dead.failed_at, dead.id))
@@ -186,6 +202,11 @@ class RedisBroker(_Members, _Leases, BrokerBase):
 
     async def _drop_dead_letter(self, dead_letter_id: str) -> None:
         try:
-            await self._client.hdel(self._dlq, dead_letter_id)
-        except RedisError as exc:
+            async with self._bounded():
+                await self._client.hdel(self._dlq, dead_letter_id)
+        except (RedisError, TimeoutError) as exc:
             raise RedisBrokerError(f"cannot drop dead letter {dead_letter_id}: {exc}") from exc
+
+
+def _reason(exc: BaseException) -> str:
+    return str(exc) or f"no reply within the bound ({type(exc).__name__})"

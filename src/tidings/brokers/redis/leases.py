@@ -71,6 +71,7 @@ class _Leases:
         _maintain_script: Any
         _release_script: Any
 
+        def _bounded(self) -> asyncio.Timeout: ...
         def _stream(self, topic: str, shard: int) -> str: ...
         def _lease(self, topic: str, shard: int, group: str) -> str: ...
         def _hold(self, topic: str, shard: int, group: str) -> str: ...
@@ -223,6 +224,7 @@ class _Leases:
         while not (c.left or self._closed):
             await asyncio.sleep(self.lease / 3)
             try:
-                await self._maintain(c, acquire=False)
+                async with self._bounded():
+                    await self._maintain(c, acquire=False)
             except (RedisError, OSError) as exc:
                 log.debug("redis broker: heartbeat failed: %s", exc)

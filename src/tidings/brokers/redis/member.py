@@ -79,14 +79,15 @@ class _Received(Received):
         c, entry = self.consumer, self.entry
         b = self.broker
         try:
-            if not entry.not_before:  # the common case: one command, no pipeline
-                await b._client.xack(b._stream(c.topic, entry.shard), c.group, entry.id)
-                return
-            async with b._client.pipeline(transaction=False) as pipe:
-                pipe.xack(b._stream(c.topic, entry.shard), c.group, entry.id)
-                pipe.hdel(b._hold(c.topic, entry.shard, c.group), entry.id)
-                await pipe.execute()
-        except RedisError as exc:
+            async with b._bounded():
+                if not entry.not_before:  # the common case: one command, no pipeline
+                    await b._client.xack(b._stream(c.topic, entry.shard), c.group, entry.id)
+                    return
+                async with b._client.pipeline(transaction=False) as pipe:
+                    pipe.xack(b._stream(c.topic, entry.shard), c.group, entry.id)
+                    pipe.hdel(b._hold(c.topic, entry.shard, c.group), entry.id)
+                    await pipe.execute()
+        except (RedisError, TimeoutError) as exc:
             raise RedisBrokerError(f"cannot ack {self.message.id} on Redis: {exc}") from exc
         finally:
             c.forget(entry)
@@ -97,12 +98,10 @@ class _Received(Received):
         c.handout.retry(entry, delay)
         if delay:
             try:
-                await b._client.hset(
-                    b._hold(c.topic, entry.shard, c.group),
-                    entry.id,
-                    str(entry.not_before),
-                )
-            except RedisError as exc:
+                async with b._bounded():
+                    hold = b._hold(c.topic, entry.shard, c.group)
+                    await b._client.hset(hold, entry.id, str(entry.not_before))
+            except (RedisError, TimeoutError) as exc:
                 raise RedisBrokerError(f"cannot nack {self.message.id} on Redis: {exc}") from exc
 
 
@@ -125,6 +124,7 @@ class _Members:
         def _forget_shards(self, c: _Consumer) -> None: ...
         async def _heartbeat(self, c: _Consumer) -> None: ...
         def _join(self, member: str, leave: Callable[[], Awaitable[None]]) -> None: ...
+        def _bounded(self) -> asyncio.Timeout: ...
 
     _message = staticmethod(_message)
 
@@ -145,7 +145,8 @@ class _Members:
                 if task is not None and task.cancelling():
                     raise asyncio.CancelledError  # one swallowed by a timeout race
                 try:
-                    received = await self._next(c)
+                    async with self._bounded():  # TimeoutError is an OSError: in _DOWN
+                        received = await self._next(c)
                     backoff = 0.05
                 except _DOWN as exc:
                     if c.left or self._closed:
