@@ -17,11 +17,13 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote, unquote
 
-from tidings.core.cloudevents import cloudevent_attributes, from_cloudevent
+from pydantic_core import to_json
+
+from tidings.core.cloudevents import cloudevent_attributes, event_attributes, from_cloudevent
 from tidings.core.codec import JSONCodec
 from tidings.core.errors import InvalidCloudEvent
 from tidings.core.events import Event
-from tidings.core.metadata import Metadata
+from tidings.core.metadata import EMPTY, Metadata
 from tidings.core.recorded import RecordedEvent
 
 __all__ = ["Message", "encode"]
@@ -97,10 +99,12 @@ class Message:
 
     def structured(self) -> bytes:
         """The whole CloudEvent as one JSON document (for brokers without headers)."""
+        # pydantic-core's JSON encoder (compact, UTF-8, keys in order): the same bytes as
+        # `json.dumps(..., ensure_ascii=False, separators=(",", ":"))`, several times faster.
         if self.data_is_json and self.data:  # splice the encoded data in: no second parse
-            head = json.dumps(dict(self.attributes), ensure_ascii=False, separators=(",", ":"))
+            head = to_json(self.attributes)
             comma = b"," if self.attributes else b""
-            return b"".join((head[:-1].encode(), comma, b'"data":', self.data, b"}"))
+            return b"".join((head[:-1], comma, b'"data":', self.data, b"}"))
         document = dict(self.attributes)
         try:
             document["data"] = json.loads(self.data)
@@ -182,22 +186,22 @@ def encode(
     """The message for publishing `event` (or a stored `record` of it, keeping its stream,
     version and position) to `topic`."""
     codec = codec or JSONCodec()
-    encoded = codec.encode(event if record is None else record.event)
-    if record is None:
-        record = RecordedEvent(
-            encoded.id,
-            key or topic,
-            0,
-            0,
+    if record is None:  # a new event: not in a store, no stream version or position
+        encoded = codec.encode(event)
+        document = event_attributes(
+            str(encoded.id),
             encoded.type,
-            encoded.schema_version,
+            key or topic,
             datetime.now(UTC),
-            event,
-            metadata or Metadata(),
+            encoded.schema_version,
+            metadata or EMPTY,
+            source,
         )
-    document = cloudevent_attributes(record, source=source)
-    if record.version == 0:  # not from a store: no stream version or position to carry
-        del document["streamversion"], document["position"]
+    else:
+        encoded = codec.encode(record.event)
+        document = cloudevent_attributes(record, source=source)
+        if record.version == 0:  # not from a store: no stream version or position to carry
+            del document["streamversion"], document["position"]
     if key is not None:
         document["partitionkey"] = key  # the CloudEvents partitioning extension
     return Message(topic, document, encoded.data.encode(), key, data_is_json=True)

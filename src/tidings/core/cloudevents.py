@@ -19,7 +19,7 @@ from uuid import UUID
 from tidings.core.codec import JSONCodec
 from tidings.core.errors import InvalidCloudEvent
 from tidings.core.events import UnknownEvent
-from tidings.core.metadata import Metadata
+from tidings.core.metadata import EMPTY, Metadata
 from tidings.core.recorded import RecordedEvent
 
 __all__ = ["cloudevent_attributes", "from_cloudevent", "to_cloudevent"]
@@ -60,19 +60,55 @@ def to_cloudevent(record: RecordedEvent[Any], *, source: str = "tidings") -> dic
 
 def cloudevent_attributes(record: RecordedEvent[Any], *, source: str = "tidings") -> dict[str, Any]:
     """`to_cloudevent` without `data`: for senders that encode the data themselves."""
+    ce = event_attributes(
+        str(record.id),
+        record.type,
+        record.stream_id,
+        record.recorded_at,
+        record.schema_version,
+        EMPTY,
+        source,
+    )
+    ce["streamversion"] = record.version
+    ce["position"] = record.position
+    if record.metadata:
+        _add_metadata(ce, record.metadata)
+    return ce
+
+
+def event_attributes(
+    id: str,
+    type: str,
+    subject: str,
+    time: datetime,
+    schema_version: int,
+    metadata: Metadata,
+    source: str,
+) -> dict[str, Any]:
+    """The attributes of an event not (yet) in a store: no stream version or position. A
+    publisher builds these per message, so it is kept to one dict and no intermediate."""
     ce: dict[str, Any] = {
         "specversion": SPEC_VERSION,
-        "id": str(record.id),
+        "id": id,
         "source": source,
-        "type": record.type,
-        "subject": record.stream_id,
-        "time": record.recorded_at.astimezone(UTC).isoformat().replace("+00:00", "Z"),
+        "type": type,
+        "subject": subject,
+        "time": _utc_text(time),
         "datacontenttype": "application/json",
-        "schemaversion": record.schema_version,
-        "streamversion": record.version,
-        "position": record.position,
+        "schemaversion": schema_version,
     }
-    meta = record.metadata
+    if metadata:
+        _add_metadata(ce, metadata)
+    return ce
+
+
+def _utc_text(time: datetime) -> str:
+    if time.tzinfo is not UTC:
+        time = time.astimezone(UTC)
+    return time.isoformat().replace("+00:00", "Z")
+
+
+def _add_metadata(ce: dict[str, Any], meta: Metadata) -> None:
     if meta.correlation_id is not None:
         ce["correlationid"] = meta.correlation_id
     if meta.causation_id is not None:
@@ -86,7 +122,6 @@ def cloudevent_attributes(record: RecordedEvent[Any], *, source: str = "tidings"
                 other[key] = value
         if other:
             ce["tidingsheaders"] = json.dumps(other, ensure_ascii=False, sort_keys=True)
-    return ce
 
 
 def from_cloudevent(ce: Mapping[str, Any], *, codec: JSONCodec | None = None) -> RecordedEvent[Any]:

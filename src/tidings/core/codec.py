@@ -13,7 +13,7 @@ from datetime import datetime
 from typing import Any, NamedTuple
 from uuid import UUID
 
-from pydantic_core import from_json
+from pydantic_core import from_json, to_json
 
 from tidings.core.errors import EventDecodeError, NotAnEvent, UnknownEventType
 from tidings.core.events import Event, TypeRegistry, UnknownEvent, default_registry
@@ -78,7 +78,7 @@ class JSONCodec:
         """The stored form of `metadata`: None when it is empty."""
         if not metadata:
             return None
-        return json.dumps(metadata.to_dict(), ensure_ascii=False, separators=(",", ":"))
+        return to_json(metadata.to_dict()).decode()  # compact UTF-8, as json.dumps would
 
     def decode_event(
         self, type: str, schema_version: int, data: str | bytes, metadata: Metadata = EMPTY

@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 _BUFFER = 64  # entries a member reads ahead per shard
 _POLL = 0.1  # longest block of one read, seconds: how soon acks and newcomers are seen
+_LOOK, _SETTLED_LOOK = 0.01, 0.05  # seconds between looks at the shares: moving, settled
 
 
 @dataclass(eq=False)
@@ -145,8 +146,7 @@ class _Members:
                 if task is not None and task.cancelling():
                     raise asyncio.CancelledError  # one swallowed by a timeout race
                 try:
-                    async with self._bounded():  # TimeoutError is an OSError: in _DOWN
-                        received = await self._next(c)
+                    received = await self._next(c)
                     backoff = 0.05
                 except _DOWN as exc:
                     if c.left or self._closed:
@@ -164,8 +164,12 @@ class _Members:
 
     async def _next(self, c: _Consumer) -> _Received | None:
         """One delivery, or None after waiting a little (the caller loops)."""
-        if time.monotonic() - c.maintained >= 0.01:
-            await self._maintain(c, acquire=True)
+        # Shares move while members come and go: look often until this one holds its fair
+        # share, then less (each look is a round trip).
+        settled = len(c.shards) - 1 == c.fair
+        if time.monotonic() - c.maintained >= (_SETTLED_LOOK if settled else _LOOK):
+            async with self._bounded():  # TimeoutError is an OSError: in _DOWN
+                await self._maintain(c, acquire=True)
         out = c.handout
         if out.room <= 0:
             await out.wait(_POLL)
@@ -178,7 +182,8 @@ class _Members:
             timeout = min(timeout, 0.02)  # shards may come free any moment
         room = [n for n, lane in sorted(out.lanes.items()) if len(lane) < _BUFFER or n == _ANY]
         if room:
-            await self._read(c, room, out.room, timeout)
+            async with self._bounded():
+                await self._read(c, room, out.room, timeout)
         else:
             await out.wait(timeout)
         return None
@@ -214,14 +219,19 @@ class _Members:
         if entry.counted:
             entry.counted = False
         else:
-            claimed = await self._client.xclaim(
-                self._stream(c.topic, entry.shard), c.group, c.member, 0, [entry.id]
-            )
-            if not claimed:  # deleted from the stream meanwhile: nothing to deliver
-                await self._client.xack(self._stream(c.topic, entry.shard), c.group, entry.id)
-                c.forget(entry)
-                return None
-            entry.count += 1
+            async with self._bounded():
+                return await self._claim(c, entry)
+        return _Received(self, c, c.handout.take(entry))
+
+    async def _claim(self, c: _Consumer, entry: _Entry) -> _Received | None:
+        """Hand out an entry Redis does not count yet: claimed, so its count goes up."""
+        stream = self._stream(c.topic, entry.shard)
+        claimed = await self._client.xclaim(stream, c.group, c.member, 0, [entry.id])
+        if not claimed:  # deleted from the stream meanwhile: nothing to deliver
+            await self._client.xack(stream, c.group, entry.id)
+            c.forget(entry)
+            return None
+        entry.count += 1
         return _Received(self, c, c.handout.take(entry))
 
     async def _leave_consumer(self, c: _Consumer) -> None:
