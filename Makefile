@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench lint reliability clean screenshots docs
+.PHONY: demo test bench bench-scale lint reliability clean screenshots docs
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,10 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py
+
+# How cost grows with the log, 10^5 to 10^7 events (benchmarks/scale.py); never part of `bench`.
+bench-scale: $(STAMP)
+	$(BIN)/python benchmarks/run.py --scale
 
 screenshots: $(STAMP)
 	TIDINGS_SCREENSHOTS=1 $(BIN)/python -m pytest tests/console/test_browser.py

@@ -51,6 +51,17 @@ storage, started on a free loopback port for the run and stopped at the end; or 
 a Kafka cluster): 20 publish, 21 consume and ack, against raw aiokafka doing the same (a,
 target 0.75x) and faststream's KafkaBroker (b, target 1.1x).
 
+`make bench-scale` (`run.py --scale`) runs, instead of all of the above, the scaling section
+(scale.py): how the stores' cost grows with the log, at 10^5, 10^6 and 10^7 events
+(`--scale-sizes 20000,50000` for a small run): append, read_all and subscription catch-up
+rates and the peak RSS of the process doing each, on SQLite and PostgreSQL, and two
+projections' catch-up with one worker process against two (up to `--scale-projection-max`
+events, default 10^6). It prints a table and writes benchmarks/results-scale.json and the plot
+benchmarks/scale.png (matplotlib, from the dev extra).
+
+    .venv/bin/python benchmarks/run.py --scale                             # make bench-scale
+    .venv/bin/python benchmarks/run.py --scale --scale-sizes 20000,50000   # a smoke run
+
 `--only` runs some scenarios: `sqlite` (1-8, 19), `postgres` (9-11), a broker (`redis`, `nats`,
 `rabbitmq`, `kafka`: its publish and consume rows), `brokers` (all of those), `relay` (18, on the
 brokers named, or all); e.g. `--only kafka`. Its results go to benchmarks/results-only.json
@@ -94,6 +105,7 @@ import peer_eventsourcing
 import postgres_store
 import projections
 import relay
+import scale
 import sqlite_store
 import tidings
 import upcasting
@@ -335,7 +347,51 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="where to write the results (default benchmarks/results.json, "
         "benchmarks/results-quick.json with --quick)",
     )
+    parser.add_argument(
+        "--scale",
+        action="store_true",
+        help="run the scaling section alone (scale.py; `make bench-scale`): append, read_all, "
+        "subscription and projection catch-up rates and peak RSS against the log's size; "
+        "results go to benchmarks/results-scale.json and benchmarks/scale.png",
+    )
+    parser.add_argument(
+        "--scale-sizes",
+        default=None,
+        metavar="N,N,...",
+        help=f"with --scale: the store's sizes in events, growing, multiples of {scale.BATCH:,} "
+        f"(default {scale.DEFAULT_SIZES})",
+    )
+    parser.add_argument(
+        "--scale-projection-max",
+        type=int,
+        default=scale.PROJECTION_MAX,
+        metavar="N",
+        help="with --scale: the largest size at which the projection catch-up runs (default "
+        f"{scale.PROJECTION_MAX:,}: at 10^7 it takes several minutes per backend)",
+    )
+    parser.add_argument(
+        "--plot",
+        default=os.path.join(HERE, "scale.png"),
+        metavar="PATH",
+        help="with --scale: where to write the plot (default benchmarks/scale.png)",
+    )
     args = parser.parse_args(argv)
+    if args.scale:
+        if args.quick or args.only is not None:
+            parser.error("--scale runs by itself; use --scale-sizes for a small run")
+        sizes = [
+            s.strip().replace("_", "")
+            for s in (args.scale_sizes or scale.DEFAULT_SIZES).split(",")
+            if s.strip()
+        ]
+        try:
+            args.scale_sizes = sorted({int(s) for s in sizes})
+        except ValueError:
+            parser.error(f"--scale-sizes takes numbers of events, not {args.scale_sizes!r}")
+        if not args.scale_sizes or any(n < 1 or n % scale.BATCH for n in args.scale_sizes):
+            parser.error(f"--scale-sizes: positive multiples of {scale.BATCH:,}")
+    elif args.scale_sizes is not None:
+        parser.error("--scale-sizes goes with --scale")
     for name in ("events", "rounds", "read_rounds"):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -981,8 +1037,92 @@ def _git_commit() -> str | None:
         return None
 
 
+def scale_main(args: argparse.Namespace) -> int:
+    """`--scale` (`make bench-scale`): the scaling section alone (scale.py)."""
+    json_path = args.json or os.path.join(HERE, "results-scale.json")
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=160)
+    server: postgres_store.Server | str = (
+        "skipped with --postgres none"
+        if args.postgres.lower() == "none"
+        else postgres_store.connect(args.postgres)
+    )
+    started = time.perf_counter()
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        refresh_per_second=4,
+    )
+    pg_extra: dict[str, Any] = {}
+    try:
+        with (
+            tempfile.TemporaryDirectory(prefix="tidings-bench-scale-", dir=args.dir) as directory,
+            progress,
+        ):
+            path = os.path.join(directory, "scale.db")
+            backends = [scale.Backend("sqlite", sqlite_store._url(path), path=path)]
+            if isinstance(server, postgres_store.Server):
+                schema = server.schema("scale")
+                backends.append(scale.Backend("postgres", server.dsn, {"schema": schema}))
+                pg_extra = scale.postgres_settings(server.dsn)
+            else:
+                backends.append(scale.Backend("postgres", skipped=server))
+            results = scale.measure(
+                args.scale_sizes, backends, Phases(progress).phase, args.scale_projection_max
+            )
+    finally:
+        if isinstance(server, postgres_store.Server):
+            server.drop_all()
+    seconds = time.perf_counter() - started
+
+    env = environment(server)
+    if env["postgresql"] is not None:
+        env["postgresql"] = {**env["postgresql"], **pg_extra}
+    env["memory_mib"] = scale.memory_mib()
+    skipped = {b.key: b.skipped for b in backends if b.skipped is not None}
+    sizes = ", ".join(f"{n:,}" for n in args.scale_sizes)
+    title = (
+        f"How cost grows: tidings {env['tidings']}, SQLite {env['sqlite']}"
+        + (f", PostgreSQL {env['postgresql']['server_version']}" if env["postgresql"] else "")
+        + f"; Python {env['python']}, {env['cpus']} CPUs; sizes {sizes}; one round each"
+    )
+    console.print(scale.table(results, skipped, title))
+    scale.plot(results, args.plot, title)
+    if skipped:
+        console.print("[yellow]Skipped:[/] " + "; ".join(f"{k}: {r}" for k, r in skipped.items()))
+    console.print(
+        f"Took {seconds:.0f} s. Results written to {os.path.relpath(json_path)}, plot to "
+        f"{os.path.relpath(args.plot)}."
+    )
+    result = {
+        "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "run": "scale",
+        "sizes": args.scale_sizes,
+        "projection_max": args.scale_projection_max,
+        "seconds": round(seconds, 1),
+        "environment": env,
+        "durability": (
+            "SQLite: journal_mode=WAL, synchronous=FULL; PostgreSQL: the server's settings "
+            "(environment.postgresql)"
+        ),
+        "method": scale.METHOD,
+        "results": results,
+        "skipped": skipped,
+    }
+    with open(json_path, "w") as fh:
+        json.dump(result, fh, indent=2)
+        fh.write("\n")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.scale:
+        return scale_main(args)
     sizes = QUICK if args.quick else FULL
     for option, size in (
         ("events", "read_events"),

@@ -61,8 +61,11 @@ class Message:
         """The attributes as broker headers (`ce-id`, `ce-type`, ...) plus `content-type`.
 
         `ce-` headers are percent-encoded as the HTTP binding says (the SDKs do so)."""
-        escape = _escape if prefix == "ce-" else str
-        headers = {f"{prefix}{name}": escape(value) for name, value in self.attributes.items()}
+        values = [str(value) for value in self.attributes.values()]
+        if prefix == "ce-" and _NEEDS_ESCAPE.search("".join(values)):  # one look for all
+            values = [_escape(value) for value in values]
+        named = zip(self.attributes, values, strict=True)
+        headers = {f"{prefix}{name}": value for name, value in named}
         headers.pop(f"{prefix}datacontenttype", None)
         headers["content-type"] = str(self.attributes.get("datacontenttype", "application/json"))
         return headers
