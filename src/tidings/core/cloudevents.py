@@ -19,7 +19,7 @@ from uuid import UUID
 from tidings.core.codec import JSONCodec
 from tidings.core.errors import InvalidCloudEvent
 from tidings.core.events import UnknownEvent
-from tidings.core.metadata import EMPTY, Metadata
+from tidings.core.metadata import Metadata
 from tidings.core.recorded import RecordedEvent
 
 __all__ = ["cloudevent_attributes", "from_cloudevent", "to_cloudevent"]
@@ -60,17 +60,18 @@ def to_cloudevent(record: RecordedEvent[Any], *, source: str = "tidings") -> dic
 
 def cloudevent_attributes(record: RecordedEvent[Any], *, source: str = "tidings") -> dict[str, Any]:
     """`to_cloudevent` without `data`: for senders that encode the data themselves."""
-    ce = event_attributes(
-        str(record.id),
-        record.type,
-        record.stream_id,
-        record.recorded_at,
-        record.schema_version,
-        EMPTY,
-        source,
-    )
-    ce["streamversion"] = record.version
-    ce["position"] = record.position
+    ce: dict[str, Any] = {
+        "specversion": SPEC_VERSION,
+        "id": str(record.id),
+        "source": source,
+        "type": record.type,
+        "subject": record.stream_id,
+        "time": _utc_text(record.recorded_at),
+        "datacontenttype": "application/json",
+        "schemaversion": record.schema_version,
+        "streamversion": record.version,
+        "position": record.position,
+    }
     if record.metadata:
         _add_metadata(ce, record.metadata)
     return ce
