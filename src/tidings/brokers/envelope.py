@@ -140,7 +140,9 @@ class Message:
             raw = b""
         else:
             data = document.pop("data")
-            raw = data.encode() if isinstance(data, str) else json.dumps(data).encode()
+            raw = (
+                data.encode() if isinstance(data, str) else to_json(data, inf_nan_mode="constants")
+            )
         key = key or _key(document.get("partitionkey"))
         return cls(topic, document, raw, key, dict(headers or {}))
 
