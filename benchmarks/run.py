@@ -1037,6 +1037,18 @@ def _git_commit() -> str | None:
         return None
 
 
+def _progress(console: Console) -> Progress:
+    """The progress bars every section of the bench shows."""
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        refresh_per_second=4,
+    )
+
+
 def scale_main(args: argparse.Namespace) -> int:
     """`--scale` (`make bench-scale`): the scaling section alone (scale.py)."""
     json_path = args.json or os.path.join(HERE, "results-scale.json")
@@ -1049,14 +1061,7 @@ def scale_main(args: argparse.Namespace) -> int:
         else postgres_store.connect(args.postgres)
     )
     started = time.perf_counter()
-    progress = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        refresh_per_second=4,
-    )
+    progress = _progress(console)
     pg_extra: dict[str, Any] = {}
     try:
         with (
@@ -1154,14 +1159,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     targets = {key: brokers.connect(key, getattr(args, key)) for key in selection.servers}
     started = time.perf_counter()
-    progress = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        refresh_per_second=4,
-    )
+    progress = _progress(console)
     try:
         with (
             tempfile.TemporaryDirectory(prefix="tidings-bench-", dir=args.dir) as directory,

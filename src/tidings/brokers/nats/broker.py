@@ -230,21 +230,23 @@ class NATSBroker(_Topology, BrokerBase):
             await self._send(subject, body, headers)
 
     async def _send(self, subject: str, body: bytes, headers: dict[str, str]) -> None:
-        """Publish and wait for the stream's ack; retried (same message id) a few times."""
+        """Publish and wait for the stream's ack; retried (same message id) a few times.
+
+        A request (`js.publish`), not `publish_async` with its ack awaited: nats-py 2.x
+        raises some of JetStream's error replies (400: headers over 64 KB) inside the async
+        publish's reply handler instead of setting them on the future, which then never
+        resolves, so a refused message would read as a timeout."""
         _, js = self._connection()
         delay = 0.05
-        stream = self.stream if subject.startswith(f"{self.prefix}.") else None
         for attempt in range(1, self.publish_attempts + 1):
-            # The async publish with its ack awaited under `asyncio.timeout`: the same
-            # promise as `js.publish` (stored, or an error), without the request's inbox and
-            # `asyncio.wait_for`, which runs a task of its own per message.
-            future: asyncio.Future[Any] | None = None
             try:
-                async with asyncio.timeout(self.publish_timeout):
-                    future = await js.publish_async(
-                        subject, body, stream=stream, headers=dict(headers)
-                    )
-                    await future
+                await js.publish(
+                    subject,
+                    body,
+                    timeout=self.publish_timeout,
+                    stream=self.stream if subject.startswith(f"{self.prefix}.") else None,
+                    headers=dict(headers),
+                )
                 return
             except nats.js.errors.APIError as exc:
                 raise BrokerError(f"NATS refused the message on {subject}: {exc}") from exc
@@ -262,9 +264,6 @@ class NATSBroker(_Topology, BrokerBase):
                 if isinstance(exc, nats.js.errors.NoStreamResponseError):
                     with contextlib.suppress(BrokerError):
                         await self._ensure_streams()  # deleted under us, or JetStream restarting
-            finally:
-                if future is not None:
-                    future.cancel()  # not answered in time: free its slot in nats' window
 
     # -- groups and members ----------------------------------------------------------------
 
