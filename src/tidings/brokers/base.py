@@ -235,9 +235,13 @@ class BrokerBase(OpenOnce, ABC):
         self._departures[member] = leave
 
     async def _leave(self, topic: str, group: str, member: str) -> None:
-        """The member leaves: its unacked messages go back to the group. Once, and to the
-        end even if the caller is cancelled meanwhile: a member left half-way would keep
-        what it holds until its lease, session or visibility timeout runs out."""
+        """The member leaves: its unacked messages go back to the group."""
+        await self._depart(member)
+
+    async def _depart(self, member: str) -> None:
+        """`member`'s leave, once, and to the end even if the caller is cancelled meanwhile:
+        a member left half-way would keep what it holds until its lease, session or
+        visibility timeout runs out."""
         leave = self._departures.get(member)
         if leave is None:
             return
@@ -257,7 +261,7 @@ class BrokerBase(OpenOnce, ABC):
         closing goes on."""
         for member in list(self._departures):
             try:
-                await self._leave("", "", member)
+                await self._depart(member)
             except Exception as exc:
                 log.warning("%s: member %s did not leave cleanly: %s", self, member, exc)
 

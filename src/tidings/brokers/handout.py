@@ -86,10 +86,6 @@ class HandOut(Generic[K, E]):
         """How many more entries may be handed out before some are settled."""
         return self.prefetch - len(self.holding)
 
-    @property
-    def buffered(self) -> int:
-        return sum(len(entries) for entries in self.lanes.values())
-
     def lane(self, name: K) -> list[E]:
         """A lane's entries (a new, empty lane if it has none yet)."""
         return self.lanes.setdefault(name, [])

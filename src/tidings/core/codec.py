@@ -218,12 +218,10 @@ class JSONCodec:
 class _Upcasting:
     """Decodes an old version: parse, run the upcasters, validate as the newest class."""
 
-    __slots__ = ("calls", "steps", "type", "validate", "version")
+    __slots__ = ("steps", "type", "validate", "version")
 
     def __init__(self, steps: list[Upcaster], cls: type[Event]) -> None:
         self.steps = steps
-        # The steps' functions themselves: one call per step, not one through the `Upcaster`.
-        self.calls = [(step.function, step.takes_metadata) for step in steps]
         self.validate = cls.__pydantic_validator__.validate_python
         self.type: str = cls.__event_type__  # type: ignore[assignment]
         self.version = cls.__event_version__
@@ -232,11 +230,8 @@ class _Upcasting:
         return self.upcast_value(from_json(data), metadata)
 
     def upcast_value(self, value: Any, metadata: Metadata) -> Event:
-        for function, takes_metadata in self.calls:
-            value = function(value, metadata) if takes_metadata else function(value)
-            if value.__class__ is not dict and not isinstance(value, dict):
-                name = getattr(function, "__qualname__", repr(function))
-                raise TypeError(f"upcaster {name} returned {type(value).__name__}, not a dict")
+        for step in self.steps:
+            value = step(value, metadata)
         return self.validate(value, strict=False)  # type: ignore[no-any-return]
 
 

@@ -188,14 +188,14 @@ class RedisBroker(_Members, _Leases, BrokerBase):
             async with self._bounded():
                 await self._client.hset(self._dlq, dead.id, json.dumps(dead.to_dict()))
         except (RedisError, TimeoutError) as exc:
-            raise RedisBrokerError(f"cannot store dead letter {dead.id}: {exc}") from exc
+            raise RedisBrokerError(f"cannot store dead letter {dead.id}: {_reason(exc)}") from exc
 
     async def _dead_letters(self) -> list[DeadLetter]:
         try:
             async with self._bounded():
                 stored = await self._client.hgetall(self._dlq)
         except (RedisError, TimeoutError) as exc:
-            raise RedisBrokerError(f"cannot read dead letters: {exc}") from exc
+            raise RedisBrokerError(f"cannot read dead letters: {_reason(exc)}") from exc
         out = [DeadLetter.from_dict(json.loads(raw)) for raw in stored.values()]
         out.sort(key=lambda dead: (dead.failed_at, dead.id))
         return out
@@ -205,7 +205,9 @@ class RedisBroker(_Members, _Leases, BrokerBase):
             async with self._bounded():
                 await self._client.hdel(self._dlq, dead_letter_id)
         except (RedisError, TimeoutError) as exc:
-            raise RedisBrokerError(f"cannot drop dead letter {dead_letter_id}: {exc}") from exc
+            raise RedisBrokerError(
+                f"cannot drop dead letter {dead_letter_id}: {_reason(exc)}"
+            ) from exc
 
 
 def _reason(exc: BaseException) -> str:
