@@ -54,8 +54,17 @@ SETTINGS = ("server_version", "fsync", "synchronous_commit", "wal_sync_method", 
 def _append_sql(schema: str) -> str:
     return (
         "SELECT ok, version, last_position "
-        f'FROM "{schema}".tidings_append($1, $2, $3, $4, $5, $6, $7)'
+        f'FROM "{schema}".tidings_append($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)'
     )
+
+
+def _plain_locks(schema: str) -> tuple[list[int], list[bool]]:
+    """The advisory keys tidings takes for one untagged event of the workload's type, with no
+    condition: the raw side passes the same (worked out once, as a raw client would)."""
+    from tidings.core.codec import EncodedEvent
+    from tidings.store.postgres.append import _locks
+
+    return _locks(schema, [EncodedEvent(uuid.uuid4(), EVENT_TYPE, SCHEMA_VERSION, "{}", 2)], None)
 
 
 @dataclass(frozen=True)
@@ -185,6 +194,7 @@ async def _single_round(
     async with open_store(server.store_url(raw_schema)):
         pass  # tidings' migrations make the raw side's tables and append function
     sql = _append_sql(raw_schema)
+    locks, exclusive = _plain_locks(raw_schema)
     events = [item.event for item in items]  # what a caller holds
     try:
         async with open_store(server.store_url(ours_schema)) as store:
@@ -217,6 +227,11 @@ async def _single_round(
                             [SCHEMA_VERSION],
                             [encode(item.data)],
                             None,
+                            [None],
+                            locks,
+                            exclusive,
+                            None,
+                            0,
                         )
                         if not ok:
                             raise SystemExit(f"scenario 9: raw append to {stream} refused")

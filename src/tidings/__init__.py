@@ -5,6 +5,7 @@ The public API lives here; import from `tidings`, not from its modules.
 
 from tidings.app.aggregate import Aggregate
 from tidings.app.commands import Command, CommandBus, CommandContext, handles
+from tidings.app.decisions import Decision, DecisionModel, DecisionProjection, DecisionState
 from tidings.app.handlers import on
 from tidings.app.inbox import Inbox, PostgresInbox, SQLiteInbox, open_inbox
 from tidings.app.outbox import OutboxRelay, Route, routes
@@ -20,6 +21,7 @@ from tidings.core.codec import JSONCodec
 from tidings.core.context import Correlation, caused_by, correlate, current_correlation
 from tidings.core.errors import (
     AggregateNotFound,
+    AppendConditionFailed,
     BrokerError,
     ConfigurationError,
     DuplicateEventType,
@@ -49,6 +51,7 @@ from tidings.core.events import Event, TypeRegistry, UnknownEvent, default_regis
 from tidings.core.ids import uuid7
 from tidings.core.metadata import Metadata
 from tidings.core.personal import REDACTED, Personal
+from tidings.core.query import AppendCondition, Query, QueryItem
 from tidings.core.recorded import RecordedEvent
 from tidings.core.upcasting import Upcaster, UpcasterGap, upcaster
 from tidings.store import (
@@ -72,6 +75,8 @@ __all__ = [
     "ANY",
     "Aggregate",
     "AggregateNotFound",
+    "AppendCondition",
+    "AppendConditionFailed",
     "AppendResult",
     "Broker",
     "BrokerError",
@@ -83,6 +88,10 @@ __all__ = [
     "Contract",
     "Correlation",
     "DeadLetter",
+    "Decision",
+    "DecisionModel",
+    "DecisionProjection",
+    "DecisionState",
     "Delivery",
     "DuplicateEventType",
     "Event",
@@ -115,6 +124,8 @@ __all__ = [
     "ProjectionRunner",
     "ProjectionState",
     "ProjectionStatus",
+    "Query",
+    "QueryItem",
     "REDACTED",
     "ReadModel",
     "RecordedEvent",

@@ -38,9 +38,10 @@ from tidings import (
     StoreNotFound,
     WrongExpectedVersion,
 )
-from tidings.core.codec import JSONCodec
+from tidings.core.codec import TAG_SEPARATOR, JSONCodec
 from tidings.store import postgres
 from tidings.store.postgres import PostgresEventStore
+from tidings.store.postgres.append import _locks
 
 pytestmark = pytest.mark.postgres
 
@@ -85,9 +86,10 @@ async def raw_append(conn: Any, url: str, stream_id: str, events: list[Event]) -
     """Append through the store's SQL function on `conn` (in whatever transaction it has open),
     as another writer would; returns the last position drawn."""
     encoded = [JSONCodec().encode(event, index) for index, event in enumerate(events)]
+    locks, exclusive = _locks(schema_of(url), encoded, None)
     ok, _version, position = await conn.fetchrow(
         f'SELECT ok, version, last_position FROM "{schema_of(url)}".tidings_append('
-        "$1, $2, $3, $4, $5, $6, $7)",
+        "$1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
         stream_id.encode(),  # stream ids are UTF-8 bytea; a raw connection has no codec for it
         -1,  # ANY
         [e.id for e in encoded],
@@ -95,6 +97,11 @@ async def raw_append(conn: Any, url: str, stream_id: str, events: list[Event]) -
         [e.schema_version for e in encoded],
         [e.data for e in encoded],
         None,
+        [TAG_SEPARATOR.join(e.tags) or None for e in encoded],
+        locks,
+        exclusive,
+        None,
+        0,
     )
     assert ok
     return int(position)
@@ -311,7 +318,9 @@ async def test_reader_waits_at_an_uncommitted_position(pg_url: str, outcome: str
         later = [Note(text=str(i)) for i in range(4, 7)]
         for event in later:  # they commit first, with higher positions
             await store.append("after", [event])
-        assert await store.last_position() == 6
+        # The newest position everything below which is readable: the open hole holds it
+        # back (a DCB decision reading up to it must not miss position 3 when it commits).
+        assert await store.last_position() == 2
 
         await asyncio.sleep(1.0)  # consumers keep looking while the hole is open
         assert positions(subscribed) == positions(polled) == [1, 2]
@@ -334,6 +343,7 @@ async def test_reader_waits_at_an_uncommitted_position(pg_url: str, outcome: str
         )
         await store.append("after", [Note(text="7")])
         expected.append(7)
+        assert await store.last_position() == 7  # the hole is settled: held back no more
         await until(
             lambda: len(subscribed) == len(polled) == len(expected), 5, "the last event", consumers
         )

@@ -34,6 +34,7 @@ class EncodedEvent(NamedTuple):
     schema_version: int
     data: str
     size: int
+    tags: tuple[str, ...] = ()
 
 
 class JSONCodec:
@@ -59,18 +60,25 @@ class JSONCodec:
             text = event.raw
             if text is None:
                 text = json.dumps(event.data, ensure_ascii=False, separators=(",", ":"))
-            return EncodedEvent(event.event_id, event.type, event.version, text, len(text.encode()))
+            size = len(text.encode())
+            return EncodedEvent(event.event_id, event.type, event.version, text, size, event.tags)
         if not isinstance(event, Event) or event.__event_type__ is None:
             raise NotAnEvent(event, index)
+        tags = tuple(dict.fromkeys(event.event_tags())) if event.__tagged__ else ()
         if event.__personal__:
             text = json.dumps(_sealed(event, keys), ensure_ascii=False, separators=(",", ":"))
             size = len(text.encode())
             return EncodedEvent(
-                event.event_id, event.__event_type__, event.__event_version__, text, size
+                event.event_id, event.__event_type__, event.__event_version__, text, size, tags
             )
         raw = event.__pydantic_serializer__.to_json(event)
         return EncodedEvent(
-            event.event_id, event.__event_type__, event.__event_version__, raw.decode(), len(raw)
+            event.event_id,
+            event.__event_type__,
+            event.__event_version__,
+            raw.decode(),
+            len(raw),
+            tags,
         )
 
     @staticmethod
@@ -123,9 +131,21 @@ class JSONCodec:
         except Exception as exc:
             raise EventDecodeError(stream_id, version, position, _reason(exc)) from exc
         _set_private(event, "__pydantic_private__", {"_id": id})  # see Event.event_id
+        tags = tuple(dict.fromkeys(event.event_tags())) if event.__tagged__ else ()
         return _new_record(
             RecordedEvent,
-            (id, stream_id, version, position, type, schema_version, recorded_at, event, metadata),
+            (
+                id,
+                stream_id,
+                version,
+                position,
+                type,
+                schema_version,
+                recorded_at,
+                event,
+                metadata,
+                tags,
+            ),
         )
 
     build = decode  # `decode` for callers holding parsed `Metadata` (a received message)
@@ -155,7 +175,15 @@ class JSONCodec:
         metadata = EMPTY
         event: Event
         personal = self.registry.personal  # no personal classes: no sealed values to look for
-        for position, raw_id, stream_id, version, type_, schema_version, at, data, meta in rows:
+        for row in rows:
+            if len(row) == 10:
+                position, raw_id, stream_id, version, type_, schema_version, at, data, meta, raw = (
+                    row
+                )
+                tags = () if raw is None else _tags_of(raw)
+            else:  # a row without tags (built by hand, or by an older caller)
+                position, raw_id, stream_id, version, type_, schema_version, at, data, meta = row
+                tags = ()
             try:
                 if stream_id.__class__ is not str or version.__class__ is not int:
                     raise ValueError("a stored stream id is text and its version a whole number")
@@ -175,6 +203,8 @@ class JSONCodec:
                     )
                 else:  # the common case: the stored JSON straight into its class
                     event = validator.validate_json(data)
+                    if tags and validator.__class__ is _RawValidator:
+                        event = event.model_copy(update={"tags": tags})
                 if at != last_at:
                     last_time = at if time_of is None else time_of(at)
                     last_at = at
@@ -194,6 +224,7 @@ class JSONCodec:
                     last_time,
                     event,
                     metadata,
+                    tags,
                 ),
             )
 
@@ -299,6 +330,18 @@ class _RawValidator:
 
 
 _new_record = tuple.__new__
+
+TAG_SEPARATOR = "\x1f"
+"""Joins an event's tags where a store keeps them as one text (no tag holds a control
+character)."""
+
+
+def _tags_of(raw: Any) -> tuple[str, ...]:
+    """Stored tags as a tuple: text joined by `TAG_SEPARATOR`, or a list (PostgreSQL)."""
+    if raw.__class__ is str:
+        return tuple(raw.split(TAG_SEPARATOR))
+    return tuple(raw)
+
 
 _set_private = object.__setattr__
 

@@ -15,6 +15,7 @@ TidingsError
 │   ├── EventTooLarge                      encoded size over the store's limit
 │   └── EventIdConflict                    an event id already stored elsewhere
 ├── WrongExpectedVersion                   optimistic concurrency clash
+├── AppendConditionFailed                  an event matching a DCB append condition's query
 ├── UnknownEventType (LookupError)         no class registered for (type, version)
 ├── EventDecodeError (ValueError)          a stored row that cannot be decoded
 ├── InvalidCloudEvent (ValueError)         a message that is not a CloudEvent we can read
@@ -44,6 +45,7 @@ from pydantic import ValidationError
 
 __all__ = [
     "AggregateNotFound",
+    "AppendConditionFailed",
     "BrokerError",
     "ConfigurationError",
     "DuplicateEventType",
@@ -254,6 +256,31 @@ class WrongExpectedVersion(TidingsError):
     expected: Any
     actual: int
     _message = "stream {stream_id!r}: expected version {expected}, actual version {actual}"
+
+
+@facts
+class AppendConditionFailed(TidingsError):
+    """An event matching the append condition's query is stored after its `after` position
+    (a dynamic consistency boundary: the decision was made on stale facts). Nothing was
+    stored; read again and decide again."""
+
+    stream_id: str
+    after: int | None
+    position: int
+    type: str
+    _message = (
+        "append to {stream_id!r} refused: the event at position {position} ({type}) matches "
+        "the append condition's query{since}"
+    )
+
+    def _format(self, **values: Any) -> str:
+        after = values["after"]
+        values["since"] = (
+            " (after=None: no matching event may exist)"
+            if after is None
+            else (f" and is after position {after}")
+        )
+        return super()._format(**values)
 
 
 @facts

@@ -5,6 +5,10 @@ class Deposited(Event, type="account.deposited", version=1):
     amount: int
 ```
 
+`tags=("account:{account}",)` adds templates rendered from the event's fields with
+`str.format`: the tags a dynamic consistency boundary selects events by (`tidings.Query`),
+stored with the event and read back as `RecordedEvent.tags`.
+
 Declaring the class registers `("account.deposited", 1)` in a `TypeRegistry` (the default
 one unless `registry=` says otherwise), which is how stored and published events find their
 class again. A class declared without `type=` is an abstract base: it can be subclassed but not
@@ -14,6 +18,7 @@ stored.
 from __future__ import annotations
 
 import re
+import string
 from collections.abc import Iterable, Iterator
 from typing import Any, ClassVar, Optional, Self
 from uuid import UUID
@@ -192,6 +197,37 @@ default_registry = TypeRegistry()
 """The registry every `Event` class joins unless it is declared with `registry=`."""
 
 
+def _tag_templates(cls: type[Event], templates: tuple[str, ...]) -> None:
+    """Refuse a tag template that names no field of the class, a positional `{}`, or a
+    personal field (a tag is stored in the clear, for the index)."""
+    for template in templates:
+        try:
+            parts = list(string.Formatter().parse(template))
+        except ValueError as exc:
+            raise EventDefinitionError(
+                f"{cls.__qualname__}: tag template {template!r} is not a format string ({exc})"
+            ) from None
+        for _, field, _, _ in parts:
+            if field is None:
+                continue
+            name = re.split(r"[.\[]", field, maxsplit=1)[0]
+            if not name or name.isdigit():
+                raise EventDefinitionError(
+                    f"{cls.__qualname__}: tag template {template!r} must name fields, "
+                    "as in 'course:{course}'"
+                )
+            if name not in cls.model_fields:
+                raise EventDefinitionError(
+                    f"{cls.__qualname__}: tag template {template!r} names {name!r}, which is "
+                    f"not a field (fields: {', '.join(cls.model_fields) or 'none'})"
+                )
+            if name in cls.__personal__:
+                raise EventDefinitionError(
+                    f"{cls.__qualname__}: tag template {template!r} names the personal field "
+                    f"{name!r}; tags are stored in the clear, so they cannot hold one"
+                )
+
+
 def _personal_fields(cls: type[Event]) -> dict[str, str]:
     """The class's `Personal` fields, checked: each a `str` (or `str | None`) whose subject
     is another, non-personal field of the class."""
@@ -231,6 +267,10 @@ class Event(BaseModel):
     __event_registry__: ClassVar[TypeRegistry | None] = None
     __personal__: ClassVar[dict[str, str]] = {}
     """Personal fields and the field naming each one's data subject (see `Personal`)."""
+    __event_tags__: ClassVar[tuple[str, ...]] = ()
+    """The class's tag templates (`tags=`), inherited unless a subclass declares its own."""
+    __tagged__: ClassVar[bool] = False
+    """Whether instances may have tags (templates, or an overridden `event_tags`)."""
 
     def __init_subclass__(
         cls,
@@ -238,9 +278,18 @@ class Event(BaseModel):
         type: str | None = None,
         version: int = 1,
         registry: TypeRegistry | None = None,
+        tags: Iterable[str] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init_subclass__(**kwargs)
+        if tags is not None:
+            if isinstance(tags, str) or not all(isinstance(t, str) and t for t in tags):
+                raise EventDefinitionError(
+                    f"{cls.__qualname__}: tags= takes a tuple of templates such as "
+                    f"('course:{{course}}',), not {tags!r}"
+                )
+            cls.__event_tags__ = tuple(tags)
+        cls.__tagged__ = bool(cls.__event_tags__) or cls.event_tags is not Event.event_tags
         if type is None:
             cls.__event_type__ = None  # an abstract base; never inherit a concrete name
             cls.__event_version__ = 0
@@ -264,6 +313,7 @@ class Event(BaseModel):
         # Runs once pydantic has built the fields, so the registry only ever sees whole classes.
         super().__pydantic_init_subclass__(**kwargs)
         cls.__personal__ = _personal_fields(cls)
+        _tag_templates(cls, cls.__event_tags__)
         if cls.__event_registry__ is not None:
             cls.__event_registry__.register(cls)
 
@@ -271,6 +321,16 @@ class Event(BaseModel):
     def event_id(self) -> UUID:
         """This fact's identity; the store keeps it as `RecordedEvent.id`."""
         return own_id(self)
+
+    def event_tags(self) -> tuple[str, ...]:
+        """The tags stored with this event: the class's `tags=` templates rendered with
+        `str.format` from its fields, in declared order. Override to compute them otherwise
+        (return strings; the store refuses empty, over-long or control-character tags)."""
+        templates = self.__event_tags__
+        if not templates:
+            return ()
+        values = self.__dict__
+        return tuple(template.format_map(values) for template in templates)
 
     def with_id(self, event_id: UUID) -> Self:
         """A copy of this event carrying `event_id` (for ids decided elsewhere)."""
@@ -301,6 +361,11 @@ class UnknownEvent(Event):
     raw: str | None = Field(default=None, exclude=True, repr=False)
     """The data's JSON text as it was read, passed on unchanged when the event is written
     again (a relay copies events without re-encoding them); None when built by hand."""
+    tags: tuple[str, ...] = ()
+    """The tags it was stored with, kept when it is written again."""
+
+    def event_tags(self) -> tuple[str, ...]:
+        return self.tags
 
     def __eq__(self, other: object) -> bool:  # the same event whether read or built
         if not isinstance(other, UnknownEvent):

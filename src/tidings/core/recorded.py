@@ -20,7 +20,8 @@ class RecordedEvent(NamedTuple, Generic[E]):
     `version` counts from 1 within `stream_id`; `position` is the event's place in the store's
     global log, strictly increasing in commit order. `recorded_at` is timezone-aware UTC.
     `id` is the event's id (`event.event_id`); `type` and `schema_version` are as stored,
-    or as upcast (the newest class's); `metadata` holds the correlation and causation ids.
+    or as upcast (the newest class's); `metadata` holds the correlation and causation ids;
+    `tags` are the tags it was stored with (see `Event.event_tags`), in declared order.
     Immutable; a named tuple because reading a million events builds a million of these.
     """
 
@@ -33,6 +34,7 @@ class RecordedEvent(NamedTuple, Generic[E]):
     recorded_at: datetime
     event: E
     metadata: Metadata
+    tags: tuple[str, ...] = ()
 
     @property
     def correlation_id(self) -> str | None:

@@ -10,20 +10,46 @@ from __future__ import annotations
 from abc import abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from tidings import telemetry
 from tidings.core.codec import EncodedEvent
 from tidings.core.context import with_correlation
-from tidings.core.errors import EventIdConflict, EventTooLarge, InvalidEvents
+from tidings.core.errors import (
+    AppendConditionFailed,
+    EventIdConflict,
+    EventTooLarge,
+    InvalidEvents,
+)
 from tidings.core.events import Event
 from tidings.core.metadata import Metadata, MetadataLike
+from tidings.core.query import AppendCondition, Selection
 from tidings.store.contracts import ANY, AppendResult, ExpectedVersion
 from tidings.store.personal import PersonalData
-from tidings.store.validation import _storable, validate_expected, validate_stream_id
+from tidings.store.validation import (
+    _int64,
+    _storable,
+    validate_expected,
+    validate_stream_id,
+    validate_tags,
+)
 
-__all__ = ["Appending", "EncodedAppend"]
+__all__ = ["Appending", "Condition", "EncodedAppend"]
 
 _NO_KEYS: dict[str, bytes] = {}  # an append without personal values: nothing to seal
+
+
+class Condition(NamedTuple):
+    """An `AppendCondition` as a backend checks it: no event that `selection` selects (None:
+    any event) may be stored after `after` (0 when the caller said None)."""
+
+    selection: Selection | None
+    after: int
+    asked: int | None  # the caller's `after`, for the error
+
+    def failed(self, stream_id: str, position: int, type: str) -> AppendConditionFailed:
+        """The error for a conflicting event at `position` of `type`."""
+        return AppendConditionFailed(stream_id, self.asked, position, type)
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +60,7 @@ class EncodedAppend:
     expected: ExpectedVersion
     events: list[EncodedEvent]
     metadata: str | None
+    condition: Condition | None = None
 
 
 class Appending(PersonalData):
@@ -45,9 +72,12 @@ class Appending(PersonalData):
         events: Iterable[Event],
         expected_version: ExpectedVersion = ANY,
         metadata: MetadataLike | None = None,
+        *,
+        condition: AppendCondition | None = None,
     ) -> AppendResult:
         stream_id = validate_stream_id(stream_id)
         expected = validate_expected(expected_version)
+        checked = self._condition(condition)
         if isinstance(events, (Event, str, bytes, Mapping)) or not isinstance(events, Iterable):
             raise InvalidEvents(
                 f"events must be a list of Event instances, not {type(events).__name__}"
@@ -63,7 +93,7 @@ class Appending(PersonalData):
             keys = await self._keys_to_seal(events)
             encoded = self._encode(stream_id, events, len(meta.encode()) if meta else 0, keys)
             self._check_open()
-            result = await self._append(EncodedAppend(stream_id, expected, encoded, meta))
+            result = await self._append(EncodedAppend(stream_id, expected, encoded, meta, checked))
             telemetry.appended(self, len(encoded), span, result)
         self._signal.notify()
         return result
@@ -82,6 +112,8 @@ class Appending(PersonalData):
             size = item.size + metadata_size  # each event is stored with its own copy
             if size > self.max_event_size:
                 raise EventTooLarge(stream_id, index, item.type, size, self.max_event_size)
+            if item.tags:
+                validate_tags(item.tags, stream_id, index, item.type)
             if item.id in seen:
                 raise EventIdConflict(
                     stream_id, item.id, f"events[{index}] repeats an event of this append"
@@ -89,6 +121,15 @@ class Appending(PersonalData):
             seen.add(item.id)
             encoded.append(item)
         return encoded
+
+    def _condition(self, condition: AppendCondition | None) -> Condition | None:
+        if condition is None:
+            return None
+        if not isinstance(condition, AppendCondition):
+            raise TypeError(f"condition= takes an AppendCondition, not {condition!r}")
+        after = condition.after
+        selection = Selection.of(condition.query, self.codec.registry)
+        return Condition(selection, 0 if after is None else _int64(after), after)
 
     # -- backend primitives ----------------------------------------------------------------
 

@@ -15,6 +15,7 @@ from typing import Any, NamedTuple, Protocol, Self, runtime_checkable
 from tidings.core.events import Event
 from tidings.core.lifecycle import AsyncContext
 from tidings.core.metadata import MetadataLike
+from tidings.core.query import AppendCondition, Query
 from tidings.core.recorded import RecordedEvent
 
 __all__ = [
@@ -70,7 +71,7 @@ class StreamInfo(NamedTuple):
 
 Row = Sequence[Any]
 """A stored event as a backend reads it: `(position, id, stream_id, version, type,
-schema_version, recorded_at, data, metadata)`; `StoreBase` decodes it."""
+schema_version, recorded_at, data, metadata, tags)`; `StoreBase` decodes it."""
 
 
 @runtime_checkable
@@ -95,13 +96,18 @@ class EventStore(AsyncContext, Protocol):
         events: Iterable[Event],
         expected_version: ExpectedVersion = ANY,
         metadata: MetadataLike | None = None,
+        *,
+        condition: AppendCondition | None = None,
     ) -> AppendResult:
         """Append `events` to `stream_id` atomically: all are stored or none.
 
         `expected_version` is the version the writer last saw (`NO_STREAM` is 0), or `ANY`, or
-        `STREAM_EXISTS`; a clash raises `WrongExpectedVersion`. Re-appending events whose ids
-        are already stored, in this stream and in this order, stores nothing and returns the
-        original result, whatever `expected_version` says (a safe retry).
+        `STREAM_EXISTS`; a clash raises `WrongExpectedVersion`. `condition` (a dynamic
+        consistency boundary) also requires that no event matching its query is stored after
+        its position, else `AppendConditionFailed`; checked and written atomically, and both
+        must hold. Re-appending events whose ids are already stored, in this stream and in
+        this order, stores nothing and returns the original result, whatever
+        `expected_version` or `condition` say (a safe retry).
         """
         ...
 
@@ -129,13 +135,16 @@ class EventStore(AsyncContext, Protocol):
         *,
         limit: int | None = None,
         types: Iterable[type[Event] | str] | None = None,
+        query: Query | None = None,
         keep_unknown: bool = False,
     ) -> AsyncIterator[RecordedEvent[Any]]:
         """The global log after position `after` (exclusive), in position order.
 
         `types` keeps only those event types (classes or type names; older names that
-        upcasters rename to them too). Reading again from the last position seen never skips
-        an event committed since, nor repeats one. `keep_unknown` as for `read_stream`.
+        upcasters rename to them too); `query` only the events it matches, by type and tags
+        (read through an index; both filters must hold when both are given). Reading again
+        from the last position seen never skips an event committed since, nor repeats one.
+        `keep_unknown` as for `read_stream`.
         """
         ...
 
@@ -144,6 +153,7 @@ class EventStore(AsyncContext, Protocol):
         after: int = 0,
         *,
         types: Iterable[type[Event] | str] | None = None,
+        query: Query | None = None,
         keep_unknown: bool = False,
     ) -> AsyncIterator[RecordedEvent[Any]]:
         """Like `read_all`, but once caught up it waits for new events instead of ending.
@@ -162,5 +172,9 @@ class EventStore(AsyncContext, Protocol):
         ...
 
     async def last_position(self) -> int:
-        """The position of the newest event in the global log, 0 when empty."""
+        """The position of the newest event in the global log, 0 when empty.
+
+        Every event at or below it is readable: an event still being committed below a newer
+        one (PostgreSQL draws positions before commit) holds it back, so a decision that reads
+        up to it and appends with `AppendCondition(query, after=it)` misses nothing."""
         ...

@@ -17,6 +17,7 @@ from uuid import UUID
 from tidings.core.codec import JSONCodec
 from tidings.core.errors import ConfigurationError, WrongExpectedVersion
 from tidings.core.personal import new_key
+from tidings.core.query import Selection
 from tidings.store.appending import EncodedAppend
 from tidings.store.base import (
     DEFAULT_MAX_EVENT_SIZE,
@@ -48,6 +49,7 @@ class _Row(NamedTuple):
     recorded_at: datetime
     data: str
     metadata: str | None
+    tags: tuple[str, ...]
 
 
 class MemoryEventStore(StoreBase):
@@ -104,6 +106,11 @@ class MemoryEventStore(StoreBase):
             return resolve_duplicates(stream_id, [e.id for e in events], found)
         if not expected_matches(batch.expected, actual):
             raise WrongExpectedVersion(stream_id, batch.expected, actual)
+        condition = batch.condition
+        if condition is not None:
+            for row in self._log[condition.after :]:
+                if condition.selection is None or condition.selection.matches(row.type, row.tags):
+                    raise condition.failed(stream_id, row.position, row.type)
         now = datetime.now(UTC)
         for offset, e in enumerate(events, start=1):
             position = len(self._log) + 1
@@ -118,6 +125,7 @@ class MemoryEventStore(StoreBase):
                     now,
                     e.data,
                     batch.metadata,
+                    e.tags,
                 )
             )
             positions.append(position)
@@ -141,7 +149,7 @@ class MemoryEventStore(StoreBase):
         return [self._log[p - 1] for p in chosen]
 
     async def _read_all_batch(
-        self, after: int, limit: int, types: frozenset[str] | None
+        self, after: int, limit: int, selection: Selection | None
     ) -> tuple[list[Row], int]:
         out: list[Row] = []
         index = max(after, 0)
@@ -149,11 +157,11 @@ class MemoryEventStore(StoreBase):
         scanned = after
         while index < end and len(out) < limit:
             row = self._log[index]
-            if types is None or row.type in types:
+            if selection is None or selection.matches(row.type, row.tags):
                 out.append(row)
             scanned = row.position
             index += 1
-            if types is not None and index - after >= limit * 10:
+            if selection is not None and index - after >= limit * 10:
                 break  # keep each batch's work bounded when the filter matches little
         return out, scanned
 

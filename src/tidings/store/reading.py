@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 from tidings.core.events import Event
+from tidings.core.query import Query, Selection
 from tidings.core.recorded import RecordedEvent
 from tidings.store.contracts import Row, StreamInfo
 from tidings.store.personal import PersonalData
@@ -63,16 +64,17 @@ class Reading(PersonalData):
         *,
         limit: int | None = None,
         types: Iterable[type[Event] | str] | None = None,
+        query: Query | None = None,
         keep_unknown: bool = False,
     ) -> AsyncIterator[RecordedEvent[Any]]:
-        names = self.codec.registry.with_sources(type_names(types))
+        selection = self._selection(types, query)
         after = max(0, _int64(after))  # positions count from 1
         self._check_open()
         remaining = limit
 
         def fetch(after: int) -> asyncio.Future[tuple[list[Row], int]]:
             size = self.batch_size if remaining is None else min(self.batch_size, remaining)
-            return asyncio.ensure_future(self._read_all_batch(after, size, names))
+            return asyncio.ensure_future(self._read_all_batch(after, size, selection))
 
         pending = fetch(after)
         try:
@@ -94,6 +96,15 @@ class Reading(PersonalData):
                 pending.cancel()
             elif not pending.cancelled():
                 pending.exception()  # a read ahead nobody will consume: retrieve, don't log
+
+    def _selection(
+        self, types: Iterable[type[Event] | str] | None, query: Query | None
+    ) -> Selection | None:
+        """The `types=` filter and the `query=` together (both must hold), as the backend
+        reads them; None when they select every event."""
+        if query is not None and not isinstance(query, Query):
+            raise TypeError(f"query= takes a Query, not {query!r}")
+        return Selection.of(query, self.codec.registry, type_names(types))
 
     async def stream_version(self, stream_id: str) -> int:
         stream_id = validate_stream_id(stream_id)
@@ -125,12 +136,14 @@ class Reading(PersonalData):
 
     @abstractmethod
     async def _read_all_batch(
-        self, after: int, limit: int, types: frozenset[str] | None
+        self, after: int, limit: int, selection: Selection | None
     ) -> tuple[list[Row], int]:
-        """Up to `limit` matching rows after `after`, and the last position scanned.
+        """Up to `limit` rows after `after` that `selection` selects (None: all), and the
+        last position scanned.
 
-        The scanned position may pass events filtered out by `types`, so the next batch
-        starts beyond them; it equals `after` only when nothing newer exists.
+        The scanned position may pass events the selection leaves out, so the next batch
+        starts beyond them; it equals `after` only when nothing newer exists. A selection
+        with tags or types reads an index, not the log.
         """
 
     @abstractmethod

@@ -10,9 +10,10 @@ from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 from tidings.core.events import Event
+from tidings.core.query import Query
 from tidings.core.recorded import RecordedEvent
 from tidings.store.reading import Reading
-from tidings.store.validation import _int64, type_names
+from tidings.store.validation import _int64
 
 __all__ = ["Subscriptions"]
 
@@ -30,9 +31,11 @@ class Subscriptions(Reading):
         after: int = 0,
         *,
         types: Iterable[type[Event] | str] | None = None,
+        query: Query | None = None,
         keep_unknown: bool = False,
     ) -> AsyncIterator[RecordedEvent[Any]]:
-        async for batch, _ in self.subscribe_batches(after, types=types, keep_unknown=keep_unknown):
+        batches = self.subscribe_batches(after, types=types, query=query, keep_unknown=keep_unknown)
+        async for batch, _ in batches:
             for record in batch:
                 yield record
 
@@ -41,12 +44,14 @@ class Subscriptions(Reading):
         after: int = 0,
         *,
         types: Iterable[type[Event] | str] | None = None,
+        query: Query | None = None,
         limit: int | None = None,
         keep_unknown: bool = False,
     ) -> AsyncIterator[tuple[list[RecordedEvent[Any]], int]]:
         """`subscribe` a batch at a time: `(records, scanned_to)`, for consumers that commit
-        per batch. With a `types` filter a batch may be empty while `scanned_to` moves on."""
-        names = self.codec.registry.with_sources(type_names(types))
+        per batch. With a `types` or `query` filter a batch may be empty while `scanned_to`
+        moves on."""
+        selection = self._selection(types, query)
         after = max(0, _int64(after))  # positions count from 1
         size = limit or self.batch_size
         first_wait, longest_wait = self.poll_interval
@@ -54,7 +59,7 @@ class Subscriptions(Reading):
         while True:
             self._check_open()
             seen = self._signal.seq
-            batch, scanned_to = await self._read_all_batch(after, size, names)
+            batch, scanned_to = await self._read_all_batch(after, size, selection)
             if scanned_to > after:
                 keys = await self._keys_to_open(batch)
                 yield list(self._decode(batch, keep_unknown, keys)), scanned_to

@@ -6,11 +6,13 @@ and decides a re-sent append the same way; these functions are that one shared d
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 from tidings.core.errors import (
     EventIdConflict,
+    InvalidEvents,
     InvalidExpectedVersion,
     InvalidMetadata,
     InvalidStreamId,
@@ -21,14 +23,18 @@ from tidings.store.contracts import ANY, STREAM_EXISTS, AppendResult, ExpectedVe
 
 __all__ = [
     "MAX_STREAM_ID_LENGTH",
+    "MAX_TAG_LENGTH",
     "expected_matches",
     "resolve_duplicates",
     "type_names",
     "validate_expected",
     "validate_stream_id",
+    "validate_tags",
 ]
 
 MAX_STREAM_ID_LENGTH = 512
+MAX_TAG_LENGTH = 255  # characters; a tag is an index key, not a document
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 def validate_stream_id(stream_id: object) -> str:
@@ -46,6 +52,26 @@ def validate_stream_id(stream_id: object) -> str:
     except UnicodeEncodeError as exc:
         raise InvalidStreamId(stream_id, f"not valid unicode text ({exc.reason})") from None
     return stream_id
+
+
+def validate_tags(tags: tuple[str, ...], stream_id: str, index: int, type: str) -> None:
+    """Refuse a tag no store can index: not text, empty, over `MAX_TAG_LENGTH` characters,
+    or holding a control character; `InvalidEvents` names the event and the tag."""
+    for tag in tags:
+        if not isinstance(tag, str):
+            problem = f"is a {tag.__class__.__name__}, not a str"
+        elif not tag:
+            problem = "is empty"
+        elif len(tag) > MAX_TAG_LENGTH:
+            problem = f"has {len(tag)} characters, over the limit of {MAX_TAG_LENGTH}"
+        elif _CONTROL.search(tag):
+            problem = "holds a control character"
+        else:
+            continue
+        raise InvalidEvents(
+            f"append to {stream_id!r}: events[{index}] ({type}) has the tag {tag!r:.80}, "
+            f"which {problem}"
+        )
 
 
 def _int64(value: int) -> int:

@@ -11,12 +11,18 @@ from __future__ import annotations
 
 from typing import Any
 
+from tidings.core.query import Selection
 from tidings.store.base import Row, StreamInfo
 from tidings.store.postgres.connection import PostgresCore
+from tidings.store.selecting import Placeholders, selected_positions
 
 __all__ = ["PostgresReading"]
 
-_COLUMNS = "position, id, stream_id, version, type, schema_version, recorded_at, data, metadata"
+_COLUMNS = (
+    "position, id, stream_id, version, type, schema_version, recorded_at, data, metadata, tags"
+)
+_COUNTED = 10_000  # positions past the settled one that are counted to find no hole at once
+_WALKED = 10_000  # positions read per round trip when a hole must be found
 
 
 class PostgresReading(PostgresCore):
@@ -36,8 +42,10 @@ class PostgresReading(PostgresCore):
         return rows
 
     async def _read_all_batch(
-        self, after: int, limit: int, types: frozenset[str] | None
+        self, after: int, limit: int, selection: Selection | None
     ) -> tuple[list[Row], int]:
+        if selection is not None:
+            return await self._read_selected(after, limit, selection)
         async with self._connection() as conn:
             for _ in range(3):  # a closed hole is read again at once, a few times at most
                 rows = await conn.fetch(
@@ -49,9 +57,87 @@ class PostgresReading(PostgresCore):
                 accepted, scanned, retry = await self._up_to_first_hole(conn, rows, after)
                 if not retry:
                     break
-            if types is not None:
-                accepted = [row for row in accepted if row[4] in types]
         return accepted, scanned
+
+    async def _read_selected(
+        self, after: int, limit: int, selection: Selection
+    ) -> tuple[list[Row], int]:
+        """A batch through the tag and type indexes, up to the settled position: below it
+        no hole can still fill, so reading by index skips nothing committed later."""
+        mark = Placeholders(numbered=True)
+        first, until, size = mark(after), mark(0), mark(limit)
+        positions = selected_positions(
+            selection,
+            mark,
+            after=first,
+            limit=size,
+            until=until,
+            events=f"{self._s}.tidings_events",
+            tags=f"{self._s}.tidings_tags",
+        )
+        sql = (
+            f"SELECT {_COLUMNS} FROM {self._s}.tidings_events WHERE position IN ({positions}) "
+            f"ORDER BY position LIMIT {size}"
+        )
+        async with self._connection() as conn:
+            settled = await self._settled(conn)
+            if settled <= after:
+                return [], after
+            mark.values[1] = settled
+            rows: list[Row] = await conn.fetch(sql, *mark.values)
+        scanned = rows[-1][0] if len(rows) == limit else settled
+        return rows, scanned
+
+    async def _settled(self, conn: Any) -> int:
+        """The newest position at or below which every position is settled: committed, or
+        a hole no transaction can fill any more. Cheap when nothing is in flight: one count
+        of the positions since the last settled one, or else one look at the sequence and
+        the oldest running transaction; only then a walk of the positions to the first
+        hole (the rules of `_up_to_first_hole`)."""
+        settled = self._settled_to
+        newest, count = await conn.fetchrow(
+            f"SELECT (SELECT coalesce(max(position), 0) FROM {self._s}.tidings_events), "
+            f"(SELECT count(*) FROM {self._s}.tidings_events "
+            "WHERE position > $1 AND position <= $1 + $2)",
+            settled,
+            _COUNTED,
+        )
+        if newest <= settled:
+            return int(newest)
+        skipped = sum(1 for p in self._skipped if settled < p <= newest) if self._skipped else 0
+        if newest - settled <= _COUNTED and count + skipped == newest - settled:
+            self._settled_to = newest
+            return int(newest)
+        # Every position drawn so far is at most the sequence's last value; once every
+        # transaction older than an id taken after reading it has ended, all are settled.
+        drawn = await conn.fetchval(
+            f"SELECT CASE WHEN is_called THEN last_value ELSE 0 END "
+            f"FROM {self._s}.tidings_positions"
+        )
+        guard = int(await conn.fetchval("SELECT pg_current_xact_id()::text"))
+        oldest = int(await conn.fetchval("SELECT pg_snapshot_xmin(pg_current_snapshot())::text"))
+        if oldest > guard and drawn >= newest:
+            self._settled_to = newest
+            return int(newest)
+        after = settled
+        for _ in range(1000):  # bounded; a hole that fills is read again
+            rows = await conn.fetch(
+                f"SELECT position FROM {self._s}.tidings_events WHERE position > $1 "
+                "AND position <= $2 ORDER BY position LIMIT $3",
+                after,
+                newest,
+                _WALKED,
+            )
+            accepted, scanned, retry = await self._up_to_first_hole(conn, rows, after)
+            if retry:
+                continue
+            if len(rows) == _WALKED and accepted and scanned == rows[-1][0]:
+                after = scanned
+                continue
+            after = scanned
+            break
+        self._settled_to = max(self._settled_to, after)
+        return after
 
     async def _correlation_rows(self, correlation_id: str, limit: int) -> list[Row]:
         rows = await self._fetch(
@@ -126,7 +212,5 @@ class PostgresReading(PostgresCore):
         return [StreamInfo(stream_id, version) for stream_id, version in rows]
 
     async def _last_position(self) -> int:
-        found = await self._fetchval(
-            f"SELECT coalesce(max(position), 0) FROM {self._s}.tidings_events"
-        )
-        return int(found)
+        async with self._connection() as conn:
+            return await self._settled(conn)

@@ -1,7 +1,8 @@
 """The PostgreSQL store's tables, version by version, and the migration that brings a schema
 up to date when the store opens (one process migrates, the others wait).
 
-Version 1 holds the append function `tidings_append` (PL/pgSQL), which `append` calls.
+Version 1 held the append function `tidings_append` (PL/pgSQL), which `append` calls;
+version 6 replaces it with the one that also stores tags and checks append conditions.
 """
 
 from __future__ import annotations
@@ -146,7 +147,151 @@ def _migrations(schema: str) -> list[tuple[int, list[str]]]:
                     WHERE metadata IS NOT NULL""",
             ],
         ),
+        (
+            6,
+            [  # dynamic consistency boundaries: tags, the tag and type indexes, conditions
+                f"ALTER TABLE {s}.tidings_events ADD COLUMN tags text[]",
+                f"""CREATE TABLE {s}.tidings_tags (
+                    tag      text   NOT NULL,
+                    position bigint NOT NULL,
+                    PRIMARY KEY (tag, position)
+                )""",
+                f"CREATE INDEX tidings_events_type ON {s}.tidings_events (type, position)",
+                f"DROP FUNCTION {s}.tidings_append(bytea, bigint, uuid[], text[], integer[], "
+                "text[], text)",
+                _append_function(s),
+            ],
+        ),
     ]
+
+
+def _append_function(s: str) -> str:
+    """`tidings_append`: one round trip per append, conditioned or not.
+
+    Locks, in this order (the same for every writer, so none deadlock): the stream's row;
+    then advisory keys, sorted (`p_locks`, shared or exclusive per `p_exclusive`; see
+    `append._locks`). A conditioned append holds its query's keys exclusively while it
+    checks and writes; every append holds its own events' keys shared while it draws
+    positions and commits. Appends whose queries and events do not overlap share no key
+    exclusively, so they never wait for each other.
+    """
+    return f"""CREATE FUNCTION {s}.tidings_append(
+        p_stream bytea, p_expected bigint, p_ids uuid[], p_types text[],
+        p_schema_versions integer[], p_data text[], p_metadata text, p_tags text[],
+        p_locks bigint[], p_exclusive boolean[], p_query jsonb, p_after bigint
+    ) RETURNS TABLE (ok boolean, version bigint, last_position bigint,
+                     conflict_position bigint, conflict_type text)
+    LANGUAGE plpgsql AS $$
+    DECLARE
+        v_actual bigint;
+        v_count integer := cardinality(p_ids);
+        v_positions bigint[];
+        v_item jsonb;
+        v_types text[];
+        v_tags text[];
+        v_type text;
+        v_found bigint;
+        v_found_type text;
+        v_conflict bigint;
+        v_conflict_type text;
+    BEGIN
+        -- The transaction id first: a reader's hole check relies on every writer
+        -- holding its id before it draws a position.
+        PERFORM pg_current_xact_id();
+        SELECT s.version INTO v_actual FROM {s}.tidings_streams s
+            WHERE s.stream_id = p_stream FOR UPDATE;
+        IF NOT FOUND THEN
+            INSERT INTO {s}.tidings_streams (stream_id, version)
+                VALUES (p_stream, 0) ON CONFLICT DO NOTHING;
+            SELECT s.version INTO v_actual FROM {s}.tidings_streams s
+                WHERE s.stream_id = p_stream FOR UPDATE;
+        END IF;
+        -- A clash or a retry of stored events returns before drawing positions,
+        -- so neither leaves a hole in the log.
+        IF NOT (p_expected = -1 OR (p_expected = -2 AND v_actual > 0)
+                OR p_expected = v_actual)
+           OR EXISTS (SELECT 1 FROM {s}.tidings_events e WHERE e.id = ANY(p_ids))
+        THEN
+            RETURN QUERY SELECT false, v_actual, 0::bigint, NULL::bigint, NULL::text;
+            RETURN;
+        END IF;
+        FOR i IN 1 .. coalesce(cardinality(p_locks), 0) LOOP
+            IF p_exclusive[i] THEN
+                PERFORM pg_advisory_xact_lock(p_locks[i]);
+            ELSE
+                PERFORM pg_advisory_xact_lock_shared(p_locks[i]);
+            END IF;
+        END LOOP;
+        -- The condition, under its keys: every earlier writer of a matching event has
+        -- committed (each statement reads a fresh snapshot), every later one waits.
+        IF p_query IS NOT NULL THEN
+            FOR v_item IN SELECT value FROM jsonb_array_elements(p_query) LOOP
+                v_found := NULL;
+                v_types := CASE WHEN jsonb_typeof(v_item -> 'types') = 'array' THEN
+                    ARRAY(SELECT jsonb_array_elements_text(v_item -> 'types')) END;
+                v_tags := ARRAY(SELECT jsonb_array_elements_text(v_item -> 'tags'));
+                IF cardinality(v_tags) > 0 THEN
+                    SELECT e.position, e.type INTO v_found, v_found_type
+                        FROM {s}.tidings_tags t JOIN {s}.tidings_events e
+                            ON e.position = t.position
+                        WHERE t.tag = v_tags[1] AND t.position > p_after
+                            AND e.tags @> v_tags
+                            AND (v_types IS NULL OR e.type = ANY(v_types))
+                        ORDER BY t.position LIMIT 1;
+                ELSIF v_types IS NULL THEN
+                    SELECT e.position, e.type INTO v_found, v_found_type
+                        FROM {s}.tidings_events e WHERE e.position > p_after
+                        ORDER BY e.position LIMIT 1;
+                ELSE
+                    FOREACH v_type IN ARRAY v_types LOOP
+                        SELECT e.position INTO v_found FROM {s}.tidings_events e
+                            WHERE e.type = v_type AND e.position > p_after
+                            ORDER BY e.position LIMIT 1;
+                        IF v_found IS NOT NULL
+                           AND (v_conflict IS NULL OR v_found < v_conflict) THEN
+                            v_conflict := v_found;
+                            v_conflict_type := v_type;
+                        END IF;
+                    END LOOP;
+                    v_found := NULL;
+                END IF;
+                IF v_found IS NOT NULL AND (v_conflict IS NULL OR v_found < v_conflict) THEN
+                    v_conflict := v_found;
+                    v_conflict_type := v_found_type;
+                END IF;
+            END LOOP;
+            IF v_conflict IS NOT NULL THEN
+                RETURN QUERY SELECT false, v_actual, 0::bigint, v_conflict, v_conflict_type;
+                RETURN;
+            END IF;
+        END IF;
+        IF v_count = 1 THEN
+            v_positions := ARRAY[nextval('{s}.tidings_positions')];
+        ELSE
+            SELECT array_agg(p ORDER BY p) INTO v_positions FROM (
+                SELECT nextval('{s}.tidings_positions') AS p
+                FROM generate_series(1, v_count)
+            ) drawn;
+        END IF;
+        INSERT INTO {s}.tidings_events (position, id, stream_id, version, type,
+            schema_version, recorded_at, data, metadata, tags)
+        SELECT v_positions[t.n], t.id, p_stream, v_actual + t.n, t.type, t.sv,
+            now(), t.data, p_metadata, string_to_array(t.tags, chr(31))
+        FROM unnest(p_ids, p_types, p_schema_versions, p_data, p_tags)
+            WITH ORDINALITY AS t(id, type, sv, data, tags, n);
+        IF EXISTS (SELECT 1 FROM unnest(p_tags) g WHERE g IS NOT NULL) THEN
+            INSERT INTO {s}.tidings_tags (tag, position)
+            SELECT g.tag, v_positions[t.n]
+            FROM unnest(p_tags) WITH ORDINALITY AS t(tags, n),
+                unnest(string_to_array(t.tags, chr(31))) AS g(tag)
+            WHERE t.tags IS NOT NULL;
+        END IF;
+        UPDATE {s}.tidings_streams SET version = v_actual + v_count
+            WHERE stream_id = p_stream;
+        RETURN QUERY SELECT true, v_actual + v_count, v_positions[v_count],
+            NULL::bigint, NULL::text;
+    END
+    $$"""
 
 
 async def _schema_version(conn: Any, schema: str) -> int | None:

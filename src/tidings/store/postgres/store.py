@@ -147,6 +147,7 @@ class PostgresEventStore(
         self._listening = False
         self._holes: dict[int, int] = {}  # first position of a hole -> guard transaction id
         self._skipped: set[int] = set()  # positions known never to be used
+        self._settled_to = 0  # every position up to it is committed or never will be
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> PostgresEventStore:

@@ -18,12 +18,13 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from uuid import UUID
 
-from tidings.core.codec import EncodedEvent
+from tidings.core.codec import TAG_SEPARATOR, EncodedEvent
 from tidings.core.errors import StoreClosed, StoreError, TidingsError, WrongExpectedVersion
-from tidings.store.appending import EncodedAppend
+from tidings.store.appending import Condition, EncodedAppend
 from tidings.store.base import AppendResult, expected_matches, resolve_duplicates
+from tidings.store.selecting import Placeholders, selected_positions
 from tidings.store.sqlite.connection import SQLiteCore, _as_tidings_error
-from tidings.store.sqlite.schema import _INSERT, _UPSERT_STREAM
+from tidings.store.sqlite.schema import _INSERT, _INSERT_TAG, _UPSERT_STREAM
 
 T = TypeVar("T")
 
@@ -168,6 +169,14 @@ class SQLiteAppending(SQLiteCore):
             if found:
                 return resolve_duplicates(stream_id, [e.id for e in batch.events], found)
             raise WrongExpectedVersion(stream_id, batch.expected, actual)
+        if batch.condition is not None:
+            # One writer: nothing can commit between this check and the insert below.
+            conflict = _first_match(conn, batch.condition)
+            if conflict is not None:
+                found = self._find_ids(conn, batch.events)
+                if found:
+                    return resolve_duplicates(stream_id, [e.id for e in batch.events], found)
+                raise batch.condition.failed(stream_id, *conflict)
         rows = [
             (
                 next_position + i,
@@ -179,15 +188,19 @@ class SQLiteAppending(SQLiteCore):
                 now,
                 e.data,
                 batch.metadata,
+                TAG_SEPARATOR.join(e.tags) if e.tags else None,
             )
             for i, e in enumerate(batch.events)
         ]
+        tags = [(tag, next_position + i) for i, e in enumerate(batch.events) for tag in e.tags]
         # A savepoint lets one append fail without undoing the others in its group; an
         # append alone in its transaction can simply roll the transaction back.
         if not alone:
             conn.execute("SAVEPOINT append")
         try:
             conn.executemany(_INSERT, rows)
+            if tags:
+                conn.executemany(_INSERT_TAG, tags)
             conn.execute(_UPSERT_STREAM, (stream_id, actual + len(rows)))
         except sqlite3.Error as exc:
             _undo(conn, exc, "append", alone)
@@ -238,6 +251,24 @@ class SQLiteAppending(SQLiteCore):
             ):
                 found[UUID(bytes=raw)] = (stream_id, version, position)
         return found
+
+
+def _first_match(conn: sqlite3.Connection, condition: Condition) -> tuple[int, str] | None:
+    """The position and type of the first event after the condition's position that its
+    query selects, or None: an append condition's check, through the indexes."""
+    if condition.selection is None:
+        sql = "SELECT position, type FROM tidings_events WHERE position > ? ORDER BY position"
+        row = conn.execute(sql + " LIMIT 1", (condition.after,)).fetchone()
+    else:
+        mark = Placeholders(numbered=False)
+        after, one = mark(condition.after), mark(1)
+        positions = selected_positions(condition.selection, mark, after=after, limit=one)
+        row = conn.execute(
+            f"SELECT position, type FROM tidings_events WHERE position IN ({positions}) "
+            "ORDER BY position LIMIT 1",
+            mark.named,
+        ).fetchone()
+    return (row[0], row[1]) if row else None
 
 
 def _undo(conn: sqlite3.Connection, exc: Exception, savepoint: str, alone: bool) -> None:

@@ -10,7 +10,9 @@ from __future__ import annotations
 import sqlite3
 
 from tidings.core.errors import StoreError
+from tidings.core.query import Selection
 from tidings.store.base import Row, StreamInfo
+from tidings.store.selecting import Placeholders, selected_positions
 from tidings.store.sqlite.connection import SQLiteCore
 from tidings.store.sqlite.schema import _COLUMNS
 
@@ -37,10 +39,20 @@ class SQLiteReading(SQLiteCore):
         return await self._run(work)
 
     async def _read_all_batch(
-        self, after: int, limit: int, types: frozenset[str] | None
+        self, after: int, limit: int, selection: Selection | None
     ) -> tuple[list[Row], int]:
+        if selection is not None:
+            mark = Placeholders(numbered=False)
+            first, size = mark(after), mark(limit)
+            positions = selected_positions(selection, mark, after=first, limit=size)
+            sql = (
+                f"SELECT {_COLUMNS} FROM tidings_events WHERE position IN ({positions}) "
+                f"ORDER BY position LIMIT {size}"
+            )
+            params = mark.named
+
         def work(conn: sqlite3.Connection) -> tuple[list[Row], int]:
-            if types is None:
+            if selection is None:
                 rows = conn.execute(
                     f"SELECT {_COLUMNS} FROM tidings_events WHERE position > ? "
                     "ORDER BY position LIMIT ?",
@@ -49,14 +61,9 @@ class SQLiteReading(SQLiteCore):
                 return rows, rows[-1][0] if rows else after
             # Filtered: the rows and the end of the log must come from one snapshot, or an
             # event committed in between could be passed over.
-            marks = ", ".join("?" * len(types))
             conn.execute("BEGIN")
             try:
-                rows = conn.execute(
-                    f"SELECT {_COLUMNS} FROM tidings_events WHERE position > ? "
-                    f"AND type IN ({marks}) ORDER BY position LIMIT ?",
-                    (after, *sorted(types), limit),
-                ).fetchall()
+                rows = conn.execute(sql, params).fetchall()
                 if len(rows) == limit:
                     scanned = rows[-1][0]
                 else:

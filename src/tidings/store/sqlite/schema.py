@@ -89,13 +89,28 @@ MIGRATIONS: list[tuple[int, list[str]]] = [
                 WHERE metadata IS NOT NULL""",
         ],
     ),
+    (
+        6,
+        [  # dynamic consistency boundaries: an event's tags, and the tag and type indexes
+            "ALTER TABLE tidings_events ADD COLUMN tags TEXT",  # joined by \x1f; NULL: none
+            """CREATE TABLE tidings_tags (
+                tag      TEXT    NOT NULL,
+                position INTEGER NOT NULL,
+                PRIMARY KEY (tag, position)
+            ) WITHOUT ROWID""",
+            "CREATE INDEX tidings_events_type ON tidings_events (type, position)",
+        ],
+    ),
 ]
 
-_COLUMNS = "position, id, stream_id, version, type, schema_version, recorded_at, data, metadata"
+_COLUMNS = (
+    "position, id, stream_id, version, type, schema_version, recorded_at, data, metadata, tags"
+)
 _INSERT = (
     "INSERT INTO tidings_events (position, id, stream_id, version, type, schema_version, "
-    "recorded_at, data, metadata) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    "recorded_at, data, metadata, tags) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
+_INSERT_TAG = "INSERT INTO tidings_tags (tag, position) VALUES (?, ?)"
 _UPSERT_STREAM = (
     "INSERT INTO tidings_streams (stream_id, version) VALUES (?, ?) "
     "ON CONFLICT (stream_id) DO UPDATE SET version = excluded.version"
