@@ -19,3 +19,22 @@ class Withdrew(Event, type="test.account.withdrew"):
 
 class Note(Event, type="test.note"):
     text: str
+
+
+# Dynamic consistency boundaries: events carrying tags (the DCB specification's examples).
+
+
+class CourseDefined(Event, type="test.course.defined", tags=("course:{course}",)):
+    course: str
+    capacity: int
+
+
+class StudentSubscribed(
+    Event, type="test.course.subscribed", tags=("course:{course}", "student:{student}")
+):
+    course: str
+    student: str
+
+
+class UserRegistered(Event, type="test.user.registered", tags=("username:{username}",)):
+    username: str

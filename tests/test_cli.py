@@ -59,6 +59,7 @@ JSON_KEYS = {
     "type",
     "schema_version",
     "recorded_at",
+    "tags",
     "data",
     "metadata",
 }
@@ -160,6 +161,7 @@ def test_events_json_lines(runner: CliRunner, cli_store: str) -> None:
     assert (first["type"], first["schema_version"]) == ("clitest.item.added", 1)
     assert first["data"] == {"name": "apple", "qty": 2}
     assert first["metadata"] == {"correlation_id": "req-1", "headers": {"tenant": "acme"}}
+    assert first["tags"] == []
     assert (second["version"], second["position"], second["metadata"]) == (2, 2, {})
 
 
@@ -177,6 +179,116 @@ def test_events_of_types_this_process_does_not_know(runner: CliRunner, cli_store
 def test_unknown_stream_is_one_line_and_exit_2(runner: CliRunner, cli_store: str) -> None:
     result = runner.invoke(app, ["events", "no-such-stream", "--store", cli_store])
     assert_one_line_error(result, "no-such-stream")
+
+
+# -- events --tag ----------------------------------------------------------------------------
+
+
+class Enrolled(Event, type="clitest.enrolled", tags=("course:{course}", "student:{student}")):
+    """A tagged event (a DCB one), registered in the default registry."""
+
+    course: str
+    student: str
+
+
+@pytest.fixture
+def tagged_store(tmp_path: Path) -> str:
+    """student-7: c1, then c2; student-8: c1; note-1: untagged; parcel-1: unknown, tagged."""
+    url = sqlite_url(tmp_path / "tags.db")
+    asyncio.run(append(url, "student-7", [Enrolled(course="c1", student="7")]))
+    asyncio.run(append(url, "note-1", [ItemAdded(name="course:c1")]))  # the text, not a tag
+    asyncio.run(append(url, "student-8", [Enrolled(course="c1", student="8")]))
+    asyncio.run(append(url, "student-7", [Enrolled(course="c2", student="7")]))
+    shipped = tidings.UnknownEvent(
+        type="clitest.parcel.shipped", version=1, data={"carrier": "ups"}, tags=("course:c1",)
+    )
+    asyncio.run(append(url, "parcel-1", [shipped]))
+    return url
+
+
+def test_events_tag_finds_them_in_every_stream_in_position_order(
+    runner: CliRunner, tagged_store: str
+) -> None:
+    result = runner.invoke(app, ["events", "--tag", "course:c1", "--json", "--store", tagged_store])
+    assert result.exit_code == 0, result.output
+    lines = json_lines(result.stdout)
+    assert [(e["stream_id"], e["position"]) for e in lines] == [
+        ("student-7", 1),
+        ("student-8", 3),
+        ("parcel-1", 5),  # a type this process does not know keeps its tags
+    ]
+    assert all(set(e) == JSON_KEYS for e in lines)
+    assert [e["tags"] for e in lines] == [
+        ["course:c1", "student:7"],
+        ["course:c1", "student:8"],
+        ["course:c1"],
+    ]
+
+
+def test_events_several_tags_means_all_of_them(runner: CliRunner, tagged_store: str) -> None:
+    both = ["--tag", "course:c1", "--tag", "student:7", "--json", "--store", tagged_store]
+    result = runner.invoke(app, ["events", *both])
+    assert result.exit_code == 0, result.output
+    assert [(e["stream_id"], e["version"]) for e in json_lines(result.stdout)] == [("student-7", 1)]
+    none = runner.invoke(
+        app,
+        ["events", "--tag", "course:c2", "--tag", "student:8", "--json", "--store", tagged_store],
+    )
+    assert none.exit_code == 0, none.output
+    assert none.stdout == ""
+
+
+def test_events_of_one_stream_with_a_tag(runner: CliRunner, tagged_store: str) -> None:
+    result = runner.invoke(
+        app, ["events", "student-7", "--tag", "course:c2", "--json", "--store", tagged_store]
+    )
+    assert result.exit_code == 0, result.output
+    [line] = json_lines(result.stdout)
+    assert (line["stream_id"], line["version"], line["tags"]) == (
+        "student-7",
+        2,
+        ["course:c2", "student:7"],
+    )
+    missing = runner.invoke(
+        app, ["events", "nobody", "--tag", "course:c2", "--store", tagged_store]
+    )
+    assert_one_line_error(missing, "nobody")
+
+
+def test_events_table_shows_the_tags(runner: CliRunner, tagged_store: str) -> None:
+    result = runner.invoke(app, ["events", "--tag", "course:c1", "--store", tagged_store])
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    assert "events tagged course:c1" in out
+    header = next(line for line in out.splitlines() if "version" in line)
+    assert header.split()[:2] == ["stream", "version"]  # from every stream: which one
+    assert "tags" in header.split()
+    assert "student:7" in out and "student:8" in out
+    assert "note-1" not in out  # its data holds the text, but it carries no tag
+    assert "clitest.parcel.shipped" in out and '{"carrier":"ups"}' in out
+    assert "course:c2" not in out
+    one = runner.invoke(app, ["events", "student-7", "--store", tagged_store])
+    assert one.exit_code == 0, one.output
+    assert "stream student-7" in one.stdout
+    assert "course:c1" in one.stdout and "course:c2" in one.stdout
+
+
+def test_events_needs_a_stream_or_a_tag(runner: CliRunner, tagged_store: str) -> None:
+    result = runner.invoke(app, ["events", "--store", tagged_store])
+    assert result.exit_code == 2
+    assert "STREAM" in result.output and "--tag" in result.output
+    assert "Traceback" not in result.output
+    empty = runner.invoke(app, ["events", "--tag", "", "--store", tagged_store])
+    assert empty.exit_code == 2
+    assert "Traceback" not in empty.output
+
+
+def test_events_help_explains_tag_with_an_example(runner: CliRunner) -> None:
+    result = runner.invoke(app, ["events", "--help"])
+    assert result.exit_code == 0, result.output
+    assert "--tag" in result.stdout
+    assert "--tag course:c1" in result.stdout
+    assert "every tag" in result.stdout
 
 
 # -- tail ------------------------------------------------------------------------------------
@@ -254,7 +366,7 @@ def test_tidings_store_environment_variable(runner: CliRunner, cli_store: str) -
 
 
 def test_usage_errors_keep_typers_exit_code(runner: CliRunner) -> None:
-    result = runner.invoke(app, ["events"])
+    result = runner.invoke(app, ["trace"])
     assert result.exit_code == 2
     assert "Missing argument" in result.output
 

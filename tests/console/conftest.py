@@ -35,6 +35,8 @@ SCRIPT = "<script>window.__pwned = true;</script>"
 CORRELATION = "corr-order-42"
 ITEMS = 60  # streams item-000 … item-059: more than a page
 LONG = 120  # events in the stream `long-1`: more than two pages
+ROOM = "room:Main Hall"  # a tag holding a space: searched as tag:"room:Main Hall"
+EVIL_TAG = 'label:"><img src=x onerror=alert(1)>'  # a tag is text too
 
 
 def run(coroutine: Coroutine[Any, Any, T]) -> T:
@@ -60,6 +62,10 @@ def event(type: str, **data: Any) -> UnknownEvent:
     return UnknownEvent(type=type, version=1, data=data)
 
 
+def tagged(type: str, tags: tuple[str, ...], **data: Any) -> UnknownEvent:
+    return UnknownEvent(type=type, version=1, data=data, tags=tags)
+
+
 @dataclass
 class Demo:
     url: str
@@ -71,14 +77,36 @@ async def _fill(url: str) -> Demo:
     async with open_store(url, codec=JSONCodec(LEDGER, keep_unknown=True)) as store:
         ledger = await run_ledger(store)
         for number in range(ITEMS):
-            await store.append(f"item-{number:03}", [event("item.added", n=number)])
+            await store.append(
+                f"item-{number:03}", [tagged("item.added", ("kind:item",), n=number)]
+            )
         await store.append(
             "long-1", [event("tick.counted", n=n, even=n % 2 == 0) for n in range(LONG)]
         )
         await store.append(
             "customer-evil",
-            [event("customer.renamed", name=SCRIPT, note="</pre><img src=x onerror=alert(1)>")],
+            [
+                tagged(
+                    "customer.renamed",
+                    (EVIL_TAG,),
+                    name=SCRIPT,
+                    note="</pre><img src=x onerror=alert(1)>",
+                )
+            ],
         )
+        # tagged events (dynamic consistency boundaries): found by the tag search
+        for course, student in (("c1", "7"), ("c2", "7"), ("c1", "8")):
+            await store.append(
+                f"student-{student}",
+                [
+                    tagged(
+                        "course.subscribed",
+                        (f"course:{course}", f"student:{student}", ROOM),
+                        course=course,
+                        student=student,
+                    )
+                ],
+            )
         ids: list[str] = []
 
         async def step(stream: str, type: str, cause: str, **data: Any) -> str:

@@ -8,12 +8,15 @@ import socket
 import time
 from urllib.parse import quote
 
+import markupsafe
 import pytest
 
 from tests.console.conftest import (
     CORRELATION,
+    EVIL_TAG,
     ITEMS,
     LONG,
+    ROOM,
     SCRIPT,
     TOKEN,
     Demo,
@@ -80,6 +83,95 @@ def test_search_is_a_prefix_search(console: Server) -> None:
     assert re.findall(r'/s/0/stream/([^"?]+)"', body) == ["order-42"]
     _, body, _ = console.get("/s/0/streams?q=nothing-like-this")
     assert "No streams" in body
+
+
+def search(text: str) -> str:
+    return "/s/0/streams?q=" + quote(text, safe="")
+
+
+def tagged_rows(body: str) -> list[tuple[int, str]]:
+    """The (position, stream) rows of a tag search's table."""
+    found = re.findall(
+        r'<td class="num">(\d+)</td>\s*<td><a class="rowlink" href="/s/0/stream/([^"?]+)', body
+    )
+    return [(int(position), stream) for position, stream in found]
+
+
+def test_tag_search_finds_the_events_of_every_stream(console: Server) -> None:
+    status, body, _ = console.get(search("tag:course:c1"))
+    assert status == 200, body[:500]
+    assert "Events tagged <code>course:c1</code>" in body
+    rows = tagged_rows(body)
+    assert [stream for _, stream in rows] == ["student-7", "student-8"]
+    assert rows == sorted(rows)  # in the order they were stored
+    assert "course:c2" not in body
+    # each row shows its tags, each a link to the events carrying it
+    assert body.count(f'href="{search("tag:student:7")}"') == 1
+    room = search('tag:"' + ROOM + '"')
+    assert f'href="{room}"' in body
+
+
+def test_tag_search_terms_must_all_hold(console: Server) -> None:
+    _, body, _ = console.get(search("tag:course:c1 tag:student:7"))
+    assert [stream for _, stream in tagged_rows(body)] == ["student-7"]
+    assert "<code>course:c1</code> and <code>student:7</code>" in body
+    _, body, _ = console.get(search("tag:course:c2  tag:student:8"))
+    assert tagged_rows(body) == [] and "No event carries all these tags" in body
+    _, body, _ = console.get(search(f'tag:"{ROOM}"'))  # a tag holding a space, quoted
+    assert [stream for _, stream in tagged_rows(body)] == ["student-7", "student-7", "student-8"]
+
+
+def test_tag_search_pages_by_position(console: Server) -> None:
+    _, body, _ = console.get(search("tag:kind:item"))
+    rows = tagged_rows(body)
+    assert [stream for _, stream in rows] == [f"item-{n:03}" for n in range(50)]
+    after = rows[-1][0]
+    assert f'href="?q=tag%3Akind%3Aitem&amp;after={after}"' in body
+    _, body, _ = console.get(search("tag:kind:item") + f"&after={after}")
+    assert [stream for _, stream in tagged_rows(body)] == [f"item-{n:03}" for n in range(50, ITEMS)]
+    assert "next page →</a>" not in body and 'href="?q=tag%3Akind%3Aitem"' in body
+
+
+def test_a_plain_search_that_is_a_tag_offers_its_events(console: Server) -> None:
+    _, body, _ = console.get(search("course:c1"))
+    assert "No streams" in body  # no stream id starts with it, but events carry it
+    assert 'href="?q=tag%3Acourse%3Ac1"' in body and "show the events tagged" in body
+    _, body, _ = console.get(search("order"))
+    assert "show the events tagged" not in body
+
+
+def test_a_bad_tag_search_is_400(console: Server) -> None:
+    for text in ("tag:", "tag:course:c1 order", "tag:a nope"):
+        status, body, _ = console.get(search(text))
+        assert status == 400, text
+        assert "tag:" in body
+
+
+def test_events_show_their_tags(console: Server) -> None:
+    _, body, _ = console.get("/s/0/stream/student-7")
+    assert "<dt>tags</dt>" in body
+    for tag in ("course:c1", "course:c2", "student:7"):
+        assert f'<a class="badge tag" href="{search("tag:" + tag)}"' in body
+        assert f"<code>{tag}</code>" in body
+    _, body, _ = console.get("/s/0/stream/order-42")  # an untagged event says so
+    assert re.search(r"<dt>tags</dt><dd>\s*<span class=\"muted\">none</span>", body)
+    _, body, _ = console.get(search("tag:course:c2"))
+    [(position, _)] = tagged_rows(body)
+    _, body, _ = console.get(f"/s/0/log?before={position + 1}")  # and in the log
+    assert '<th scope="col">tags</th>' in body
+    assert f'href="{search("tag:course:c2")}"' in body
+
+
+def test_a_tag_is_text_never_markup(console: Server) -> None:
+    found = search('tag:"' + EVIL_TAG.replace('"', '\\"') + '"')  # quoted: it holds spaces
+    for page in ("/s/0/stream/customer-evil", found, "/s/0/log?before=999999"):
+        _, body, _ = console.get(page)
+        assert "<img src=x" not in body, page
+    _, body, _ = console.get("/s/0/stream/customer-evil")
+    assert f"<code>{markupsafe.escape(EVIL_TAG)}</code>" in body
+    assert f'href="{found}"' in body  # its link finds it again
+    _, body, _ = console.get(found)
+    assert [stream for _, stream in tagged_rows(body)] == ["customer-evil"]
 
 
 def test_stream_pages_by_version(console: Server) -> None:

@@ -14,7 +14,7 @@ import textwrap
 import time
 import traceback
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from itertools import pairwise
 from pathlib import Path
@@ -26,7 +26,7 @@ import asyncpg  # type: ignore[import-untyped]
 import pytest
 
 import tidings
-from tests.backends import POSTGRES, discard, require, store_url
+from tests.backends import POSTGRES
 from tests.events import Deposited, Note
 from tests.store.tcp_proxy import TcpProxy, server_of, through
 from tidings import (
@@ -46,26 +46,6 @@ from tidings.store.postgres.append import _locks
 pytestmark = pytest.mark.postgres
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture
-def new_url(tmp_path: Path) -> Iterator[Callable[[], str]]:
-    """Make URLs of fresh, empty schemas; every one is dropped after the test."""
-    require("postgres")
-    made: list[str] = []
-
-    def make() -> str:
-        made.append(store_url("postgres", tmp_path))
-        return made[-1]
-
-    yield make
-    for url in made:
-        discard(url)
-
-
-@pytest.fixture
-def pg_url(new_url: Callable[[], str]) -> str:
-    return new_url()
 
 
 def schema_of(url: str) -> str:

@@ -80,7 +80,7 @@ class DecisionProjection(Generic[S]):
     def apply(self, state: S, record: RecordedEvent[Any]) -> S:
         """The state after `record` (its class's handler, or the nearest base class's)."""
         for cls in type(record.event).__mro__:
-            handler = self.handlers.get(cls)  # type: ignore[call-overload]
+            handler = self.handlers.get(cls)
             if handler is not None:
                 return handler(state, record.event)
         return state

@@ -8,7 +8,7 @@ Commands print these at the edge, so the same table or line serves the terminal,
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC
 from typing import Any
 
@@ -68,6 +68,7 @@ def record_dict(record: RecordedEvent[Any]) -> dict[str, Any]:
         **record_head(record),
         "schema_version": record.schema_version,
         "recorded_at": record.recorded_at.isoformat(),
+        "tags": list(record.tags),
         "data": event_data(record.event),
         "metadata": record.metadata.to_dict(),
     }
@@ -105,25 +106,38 @@ def compact_table(title: str, **options: Any) -> Table:
     )
 
 
-def events_table(stream_id: str, records: Iterable[RecordedEvent[Any]]) -> Table:
-    """A stream's events as a table, one row per version, data and metadata as JSON."""
-    table = compact_table(f"stream {stream_id}")
+def events_table(
+    stream_id: str | None, records: Iterable[RecordedEvent[Any]], tags: Sequence[str] = ()
+) -> Table:
+    """Events as a table, one row each, tags one a line, data and metadata as JSON.
+
+    One stream's (`stream_id`), or, with None, events of any stream (a `stream` column
+    comes first); `tags`, the tags they were selected by, go in the title."""
+    title = f"stream {stream_id}" if stream_id is not None else "events"
+    if tags:
+        title += " tagged " + ", ".join(tags)
+    table = compact_table(title)
     # Narrow terminals fold long cells instead of hiding columns; --json is for machines.
+    if stream_id is None:
+        table.add_column("stream", overflow="fold", min_width=8)
     table.add_column("version", justify="right", no_wrap=True)
     table.add_column("position", justify="right", no_wrap=True)
     table.add_column("type", overflow="fold", min_width=10)
     table.add_column("schema", justify="right", no_wrap=True)
     table.add_column("recorded_at (UTC)", overflow="fold", min_width=10)
+    table.add_column("tags", overflow="fold", min_width=6, ratio=1)
     table.add_column("data", overflow="fold", min_width=14, ratio=3)
     table.add_column("metadata", overflow="fold", min_width=8, ratio=1)
     for record in records:
         metadata = record.metadata.to_dict()
         table.add_row(
+            *([Text(record.stream_id)] if stream_id is None else []),
             Text(str(record.version)),
             Text(str(record.position)),
             Text(record.type),
             Text(str(record.schema_version)),
             Text(_when(record)),
+            Text("\n".join(record.tags)),
             Text(_compact(event_data(record.event))),
             Text(_compact(metadata) if metadata else ""),
         )

@@ -3,7 +3,8 @@
 Every command opens the store for reading only, with `create=False`, so a
 mistyped path is an error instead of a new empty database, and every store decodes with
 `JSONCodec(keep_unknown=True)`, so events whose classes this process never imported still
-show, as their type and raw data.
+show, as their type and raw data. `events --tag` reads a DCB query (`Query(QueryItem(tags=…))`)
+through the store's tag index: it never scans the log.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from rich.console import Console
 
 from tidings.cli import render
 from tidings.core.codec import JSONCodec
+from tidings.core.query import Query, QueryItem
 from tidings.core.recorded import RecordedEvent
 from tidings.store import EventStore, open_store
 
@@ -87,32 +89,66 @@ async def _streams(url: str, as_json: bool) -> None:
             _console().print(render.streams_table(found))
 
 
+TagOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--tag",
+        metavar="TAG",
+        help="Only events carrying TAG, as their class's tags= declares it, e.g. "
+        "--tag course:c1. Repeat it for events carrying every tag given: "
+        "--tag course:c1 --tag student:7. Without STREAM it searches every stream, in "
+        "the order the events were stored, through the store's tag index.",
+    ),
+]
+
+
 @app.command()
 def events(
     stream: Annotated[
-        str, typer.Argument(metavar="STREAM", help="The stream id, as `tidings streams` lists it.")
-    ],
+        str | None,
+        typer.Argument(
+            metavar="STREAM",
+            help="The stream id, as `tidings streams` lists it. Optional with --tag.",
+            show_default=False,
+        ),
+    ] = None,
+    tag: TagOption = None,
     store: StoreOption = DEFAULT_STORE,
     as_json: JSONOption = False,
 ) -> None:
-    """Show one stream's events in version order, with their data and metadata.
+    """Show one stream's events in version order, with their tags, data and metadata.
 
     A stream is the history of one thing (an account, an order): this is that history.
+    With --tag, only the events carrying every tag given: `tidings events --tag course:c1`
+    lists them from every stream, `tidings events STREAM --tag course:c1` from one.
     """
-    asyncio.run(_events(store, stream, as_json))
+    tags = list(dict.fromkeys(tag or ()))
+    if any(not t for t in tags):
+        raise typer.BadParameter("a tag is a non-empty text", param_hint="'--tag'")
+    if stream is None and not tags:
+        raise typer.BadParameter(
+            "missing: give a stream id, or --tag TAG for the events of every stream carrying TAG",
+            param_hint="'STREAM'",
+        )
+    asyncio.run(_events(store, stream, tags, as_json))
 
 
-async def _events(url: str, stream_id: str, as_json: bool) -> None:
+async def _events(url: str, stream_id: str | None, tags: list[str], as_json: bool) -> None:
     async with open_for_reading(url) as store:
-        if await store.stream_version(stream_id) == 0:
+        if stream_id is None:
+            found = store.read_all(query=Query(QueryItem(tags=tags)))
+        elif await store.stream_version(stream_id) == 0:
             typer.echo(render.error_line(f"no stream {stream_id!r} in {url}"), err=True)
             raise typer.Exit(2)
+        else:
+            found = store.read_stream(stream_id)
+        records = (r async for r in found if all(t in r.tags for t in tags))
         if as_json:
-            async for record in store.read_stream(stream_id):
+            async for record in records:
                 typer.echo(render.json_line(render.record_dict(record)))
         else:
-            records = [record async for record in store.read_stream(stream_id)]
-            _console().print(render.events_table(stream_id, records))
+            shown = [record async for record in records]
+            _console().print(render.events_table(stream_id, shown, tags))
 
 
 @app.command()

@@ -1,8 +1,9 @@
 """What the console's pages read from a store, each a bounded read by a cursor.
 
 Every page reads at most one page of rows through an index: streams by stream id (the
-`after` cursor), a stream's events by version, the global log by position. Nothing here
-counts or scans the whole store: the trace page reads one correlation through its index.
+`after` cursor), a stream's events by version, the global log by position, the events of a
+`tag:` search by the tag index (a DCB query). Nothing here counts or scans the whole store:
+the trace page reads one correlation through its index.
 Events are only ever decoded through the store's read methods, so personal fields arrive
 decrypted, or redacted once forgotten, exactly as every other reader sees them.
 """
@@ -10,12 +11,14 @@ decrypted, or redacted once forgotten, exactly as every other reader sees them.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 from tidings.cli import render
+from tidings.core.query import Query, QueryItem
 from tidings.core.recorded import RecordedEvent
 from tidings.store import EventStore, StreamInfo
 from tidings.store.base import StoreBase
@@ -28,14 +31,18 @@ __all__ = [
     "StatePage",
     "StreamPage",
     "StreamsPage",
+    "TaggedPage",
     "TraceNode",
     "TracePage",
     "changes",
     "event_data",
     "log_page",
     "record_json",
+    "search_tags",
     "stream_page",
     "streams_page",
+    "tag_search",
+    "tagged_page",
     "trace_page",
 ]
 
@@ -64,6 +71,7 @@ def record_json(record: RecordedEvent[Any]) -> dict[str, Any]:
         **render.record_head(record),
         "recorded_at": record.recorded_at.isoformat(timespec="milliseconds"),
         "correlation_id": record.correlation_id,
+        "tags": list(record.tags),
         "data": json.dumps(event_data(record), ensure_ascii=False, default=str),
     }
 
@@ -83,11 +91,13 @@ class StreamsPage:
     query: str
     after: str
     next_after: str | None
+    tagged: bool = False  # some event carries `query` as a tag: `tag:` finds them
 
 
 async def streams_page(store: EventStore, query: str = "", after: str = "") -> StreamsPage:
     """One page of streams in stream-id order after `after`; `query` keeps the ids that
-    start with it (a prefix search through the stream-id index: no scan)."""
+    start with it (a prefix search through the stream-id index: no scan). `tagged` says
+    whether some event carries `query` exactly as a tag (one read of the tag index)."""
     base = _store_base(store)
     cursor = after
     if query and cursor < query:
@@ -109,7 +119,76 @@ async def streams_page(store: EventStore, query: str = "", after: str = "") -> S
         cursor = batch[-1].stream_id
     if len(found) > PAGE:
         found, more = found[:PAGE], True
-    return StreamsPage(found, query, after, found[-1].stream_id if more else None)
+    tagged = bool(query) and await _any_tagged(store, query)
+    return StreamsPage(found, query, after, found[-1].stream_id if more else None, tagged)
+
+
+# -- events by tag ---------------------------------------------------------------------------
+
+_TAG_TERM = re.compile(r'tag:(?:"((?:[^"\\]|\\.)*)"|(\S*))')
+_ESCAPED = re.compile(r"\\(.)")
+
+
+def search_tags(search: str) -> list[str] | None:
+    """The tags of a tag search, None for a stream-id prefix search.
+
+    A search starting with `tag:` is a tag search: one or more terms `tag:TAG`, separated
+    by spaces, for the events carrying every one (`tag:course:c1 tag:student:7`); a tag
+    holding spaces is quoted, `tag:"two words"`, with `\\"` and `\\\\` inside the quotes for
+    a quote and a backslash. Raises ValueError for any other text in it, or an empty tag.
+    """
+    search = search.strip()
+    if not search.startswith("tag:"):
+        return None
+    tags: list[str] = []
+    at = 0
+    while at < len(search):
+        if search[at].isspace():
+            at += 1
+            continue
+        term = _TAG_TERM.match(search, at)
+        if term is None:
+            raise ValueError(
+                f"a tag search is terms of the form tag:TAG, not {search[at:].split()[0]!r}"
+            )
+        quoted, plain = term.groups()
+        tag = _ESCAPED.sub(r"\1", quoted) if quoted is not None else plain
+        if not tag:
+            raise ValueError("tag: needs a tag after it, e.g. tag:course:c1")
+        tags.append(tag)
+        at = term.end()
+    return list(dict.fromkeys(tags))
+
+
+def tag_search(tag: str) -> str:
+    """The search text that finds the events carrying `tag` (quoted if it holds spaces)."""
+    if any(c.isspace() for c in tag) or tag.startswith('"'):
+        return 'tag:"' + tag.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return f"tag:{tag}"
+
+
+async def _any_tagged(store: EventStore, tag: str) -> bool:
+    async for _ in store.read_all(query=Query(QueryItem(tags=[tag])), limit=1):
+        return True
+    return False
+
+
+@dataclass
+class TaggedPage:
+    tags: list[str]
+    records: list[RecordedEvent[Any]]  # oldest first
+    after: int
+    next_after: int | None
+
+
+async def tagged_page(store: EventStore, tags: list[str], after: int = 0) -> TaggedPage:
+    """The `PAGE` events after position `after` that carry every one of `tags`, from every
+    stream, oldest first: a DCB query read through the store's tag index (no scan)."""
+    query = Query(QueryItem(tags=tags))
+    records = [r async for r in store.read_all(after, query=query, limit=PAGE + 1)]
+    more = len(records) > PAGE
+    records = records[:PAGE]
+    return TaggedPage(tags, records, after, records[-1].position if more else None)
 
 
 # -- one stream ------------------------------------------------------------------------------

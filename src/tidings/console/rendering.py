@@ -34,6 +34,7 @@ _env.filters["q"] = lambda value: quote(str(value), safe="")
 _env.filters["path"] = lambda value: quote(str(value), safe="/")
 _env.filters["when"] = lambda moment: moment.isoformat(" ", timespec="milliseconds")[:23]
 _env.filters["data"] = queries.event_data
+_env.filters["tag_search"] = queries.tag_search
 _env.filters["compact"] = lambda value: json.dumps(value, ensure_ascii=False, default=str)
 
 

@@ -1,5 +1,6 @@
-"""The store's pages: its streams, one stream, a stream's state at a version (time travel,
-through the `--app` aggregate when there is one), and the global log.
+"""The store's pages: its streams (and the events a `tag:` search finds), one stream, a
+stream's state at a version (time travel, through the `--app` aggregate when there is one),
+and the global log.
 """
 
 from __future__ import annotations
@@ -19,8 +20,17 @@ async def home(request: Request) -> Response:
 
 
 async def streams(request: Request) -> Response:
+    """The search: a stream-id prefix, or `tag:TAG` terms for the events carrying them."""
     entry = request.app.state.console.entry(request.path_params["n"])
     query = request.query_params.get("q", "").strip()
+    try:
+        tags = queries.search_tags(query)
+    except ValueError as exc:
+        raise HTTPException(400, str(exc)) from None
+    if tags is not None:
+        tagged = await queries.tagged_page(entry.store, tags, _int(request, "after") or 0)
+        title = "tagged " + " ".join(tags)
+        return _render(request, "tagged.html", page=tagged, title=title)
     page = await queries.streams_page(entry.store, query, request.query_params.get("after", ""))
     head = await entry.store.last_position()
     return _render(request, "streams.html", page=page, head=head, title="streams")

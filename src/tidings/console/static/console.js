@@ -33,6 +33,23 @@
     tr.appendChild(streamCell);
     tr.appendChild(cell(String(event.version), "num"));
     tr.appendChild(cell(event.type, "type"));
+    const tagsCell = cell("", "tags");
+    (event.tags || []).forEach(function (tag) {
+      // the search text of queries.tag_search: quoted when the tag holds spaces
+      const search = /\s/.test(tag) || tag.startsWith('"')
+        ? 'tag:"' + tag.replace(/\\/g, "\\\\").replace(/"/g, '\\"') + '"'
+        : "tag:" + tag;
+      const a = document.createElement("a");
+      a.className = "badge tag";
+      a.href = "/s/" + n + "/streams?q=" + encodeURIComponent(search);
+      a.title = "every event tagged " + tag;
+      const code = document.createElement("code");
+      code.textContent = tag;
+      a.appendChild(code);
+      tagsCell.appendChild(a);
+      tagsCell.appendChild(document.createTextNode(" "));
+    });
+    tr.appendChild(tagsCell);
     tr.appendChild(cell(event.recorded_at.replace("T", " ").slice(0, 23), "when"));
     const data = event.data.length > 160 ? event.data.slice(0, 157) + "..." : event.data;
     tr.appendChild(cell(data, "excerpt"));
