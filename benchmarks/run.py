@@ -101,6 +101,7 @@ from rich.table import Table
 # Run as a script (`python benchmarks/run.py`), so this directory is on sys.path already.
 import aggregates
 import brokers
+import dcb
 import peer_eventsourcing
 import postgres_store
 import projections
@@ -339,7 +340,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="NAMES",
         help="run only these, comma-separated: sqlite (1-8, 19), postgres (9-11), redis, nats, "
         "rabbitmq, kafka (that broker's publish and consume rows), brokers (all of them), relay "
-        "(18, on the brokers named or all); results go to benchmarks/results-only.json",
+        "(18, on the brokers named or all), dcb (22-23, conditioned appends); results go to "
+        "benchmarks/results-only.json",
     )
     parser.add_argument(
         "--json",
@@ -407,7 +409,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-SECTIONS = ("sqlite", "postgres", "brokers", "relay")
+SECTIONS = ("sqlite", "postgres", "brokers", "relay", "dcb")
 
 
 @dataclass(frozen=True)
@@ -418,6 +420,7 @@ class Selection:
     postgres: bool
     brokers: tuple[str, ...]  # the brokers whose publish and consume rows run
     relay: tuple[str, ...]  # the brokers scenario 18 relays to
+    dcb: bool = True  # scenarios 22-23 (dcb.py)
 
     @classmethod
     def of(cls, only: set[str] | None) -> Selection:
@@ -430,6 +433,7 @@ class Selection:
             "postgres" in only,
             tuple(BROKER_NUMBERS) if "brokers" in only else named,
             relay if "relay" in only else (),
+            "dcb" in only,
         )
 
     @property
@@ -1151,7 +1155,7 @@ def main(argv: list[str] | None = None) -> int:
         console = Console(width=140)
     check_same_encoding()
     server: postgres_store.Server | str = "not selected with --only"
-    if selection.postgres:
+    if selection.postgres or selection.dcb:
         server = (
             "skipped with --postgres none"
             if args.postgres.lower() == "none"
@@ -1171,6 +1175,12 @@ def main(argv: list[str] | None = None) -> int:
             if selection.postgres:
                 pg_rows, skipped = postgres_rows(sizes, server, phases)
                 rows.extend(pg_rows)
+            if selection.dcb:
+                dcb_measured, dcb_skipped = dcb.dcb_rows(
+                    dcb.sizes_for(args.quick, args.rounds), server, directory, phases, Row, Skipped
+                )
+                rows.extend(dcb_measured)
+                skipped.extend(dcb_skipped)
             broker_measured, broker_skipped = broker_rows(
                 sizes, {key: targets[key] for key in selection.brokers}, phases
             )

@@ -67,6 +67,15 @@ def test_quick_benchmark_run_reports_every_scenario(tmp_path: Path) -> None:
             assert set(results["scenarios"]) >= rows, results["skipped"]
         else:
             assert set(results["skipped"]) >= rows
+    dcb = {  # scenarios 22-23: conditioned appends
+        "dcb_pg_disjoint_16",
+        "dcb_pg_overlap_16",
+        "dcb_pg_vs_plain",
+        "dcb_sqlite_disjoint_16",
+        "dcb_sqlite_overlap_16",
+    }
+    if _reachable(POSTGRES) or REQUIRE_SERVICES:
+        assert set(results["scenarios"]) >= dcb, results["skipped"]
     assert set(results["scenarios"]) >= {
         "single_event_appends",
         "batch_appends_100",

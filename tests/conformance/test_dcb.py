@@ -478,3 +478,52 @@ async def _plan(store: Any) -> str:
         await conn.execute(f"ANALYZE {store._s}.tidings_tags")
         rows = await conn.fetch(f"EXPLAIN {sql}", *mark.values)
     return "\n".join(row[0] for row in rows)
+
+
+async def test_read_query_returns_the_events_and_the_head_to_append_after(
+    store: tidings.EventStore,
+) -> None:
+    await courses(store)
+    q = Query(QueryItem(tags=["course:c1"]))
+    read = await store.read_query(q)
+    assert positions(read.events) == [1, 3]
+    assert read.head == 7  # complete up to the newest event, though the last match is 3
+    await store.append(
+        "s-10",
+        [StudentSubscribed(course="c1", student="10")],
+        condition=AppendCondition(q, read.head),
+    )
+    assert positions((await store.read_query(q, after=3)).events) == [8]
+    assert (await store.read_query(Query(QueryItem(tags=["none"])))).head == 8
+    with pytest.raises(AppendConditionFailed):
+        await store.append("s-11", [Note(text="x")], condition=AppendCondition(Query(), read.head))
+
+
+async def test_a_decision_model_folds_its_projections_and_retries(
+    store: tidings.EventStore,
+) -> None:
+    from tidings import DecisionModel, DecisionProjection
+
+    await courses(store)
+    model = DecisionModel(
+        capacity=DecisionProjection(0, {CourseDefined: lambda _, e: e.capacity}, ["course:c1"]),
+        taken=DecisionProjection(0, {StudentSubscribed: lambda n, e: n + 1}, ["course:c1"]),
+    )
+    decision = await model.read(store)
+    assert (decision.state.capacity, decision.state["taken"], decision.seen) == (2, 1, 2)
+    assert decision.condition == AppendCondition(model.query, after=7)
+
+    calls = 0
+
+    async def decide(state: Any) -> list[Event]:
+        nonlocal calls
+        calls += 1
+        if calls == 1:  # someone else takes the last seat meanwhile: a conflict, decide again
+            await store.append("s-x", [StudentSubscribed(course="c1", student="x")])
+        if state.taken >= state.capacity:
+            return []
+        return [StudentSubscribed(course="c1", student="y")]
+
+    assert await model.decide(store, "s-y", decide) is None  # the course is full by then
+    assert calls == 2
+    assert await store.stream_version("s-y") == 0

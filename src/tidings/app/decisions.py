@@ -146,15 +146,13 @@ class DecisionModel:
         """Fold the projections' events from `store` into their states, and the condition
         that fails when one of those events is appended after what was read."""
         query = self.query
-        head = await store.last_position()  # every event up to it is read below
+        read = await store.read_query(query)
         states = {name: p.initial for name, p in self.projections.items()}
-        seen = 0
-        async for record in store.read_all(query=query):
-            seen += 1
-            head = max(head, record.position)
+        for record in read.events:
             for name, projection in self.projections.items():
                 if projection.concerns(record):
                     states[name] = projection.apply(states[name], record)
+        seen, head = len(read.events), read.head
         return Decision(DecisionState(states), AppendCondition(query, after=head), seen)
 
     async def decide(

@@ -175,15 +175,19 @@ class JSONCodec:
         metadata = EMPTY
         event: Event
         personal = self.registry.personal  # no personal classes: no sealed values to look for
-        for row in rows:
-            if len(row) == 10:
-                position, raw_id, stream_id, version, type_, schema_version, at, data, meta, raw = (
-                    row
-                )
-                tags = () if raw is None else _tags_of(raw)
-            else:  # a row without tags (built by hand, or by an older caller)
-                position, raw_id, stream_id, version, type_, schema_version, at, data, meta = row
-                tags = ()
+        for (
+            position,
+            raw_id,
+            stream_id,
+            version,
+            type_,
+            schema_version,
+            at,
+            data,
+            meta,
+            raw,
+        ) in _with_tags(rows):
+            tags = () if raw is None else _tags_of(raw)
             try:
                 if stream_id.__class__ is not str or version.__class__ is not int:
                     raise ValueError("a stored stream id is text and its version a whole number")
@@ -334,6 +338,16 @@ _new_record = tuple.__new__
 TAG_SEPARATOR = "\x1f"
 """Joins an event's tags where a store keeps them as one text (no tag holds a control
 character)."""
+
+
+def _with_tags(rows: Iterable[Sequence[Any]]) -> Iterable[Sequence[Any]]:
+    """`rows` with ten columns: rows of nine (built by hand, or by an older caller, before
+    events had tags) get no tags. Looks at the first row only, so the read path pays nothing."""
+    if isinstance(rows, list):
+        if rows and len(rows[0]) == 9:
+            return [(*row, None) for row in rows]
+        return rows
+    return _with_tags(list(rows))
 
 
 def _tags_of(raw: Any) -> tuple[str, ...]:

@@ -3,11 +3,12 @@ append is made on (the DCB specification, dcb.events).
 
 ```python
 q = Query(QueryItem(types=[CourseDefined, Subscribed], tags=["course:c1"]))
-head = await store.last_position()
-seen = [r async for r in store.read_all(query=q)]
+read = await store.read_query(q)            # the events, and the head it is complete up to
 await store.append("student-7", [Subscribed(course="c1", student="7")],
-                   condition=AppendCondition(q, after=head))   # or AppendConditionFailed
+                   condition=AppendCondition(q, after=read.head))   # or AppendConditionFailed
 ```
+
+(`head = await store.last_position()` before `read_all(query=q)` works as well.)
 
 A `QueryItem` matches an event whose type is among its `types` (none: any type) and that
 carries every one of its `tags`; a `Query` matches what any of its items matches, and with no
@@ -134,7 +135,8 @@ class Query:
 class AppendCondition:
     """Append only if no event matching `query` was stored after position `after`.
 
-    `after` is the position the decision read up to (`last_position()` before reading);
+    `after` is the position the decision read up to (`read_query(...).head`, or
+    `last_position()` taken before reading);
     None means no matching event may exist at all. Checked and written atomically: the store
     raises `AppendConditionFailed` and stores nothing when a matching event is there.
     """

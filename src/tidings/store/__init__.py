@@ -19,6 +19,7 @@ from tidings.store.contracts import STREAM_EXISTS as STREAM_EXISTS
 from tidings.store.contracts import AppendResult as AppendResult
 from tidings.store.contracts import EventStore as EventStore
 from tidings.store.contracts import ExpectedVersion as ExpectedVersion
+from tidings.store.contracts import QueryResult as QueryResult
 from tidings.store.contracts import StreamInfo as StreamInfo
 from tidings.store.contracts import StreamState as StreamState
 from tidings.store.snapshots import Snapshot as Snapshot
@@ -33,6 +34,7 @@ __all__ = [  # by role: opening, the protocol, its arguments, what reads return
     "NO_STREAM",
     "STREAM_EXISTS",
     "AppendResult",
+    "QueryResult",
     "StreamInfo",
     "Snapshot",
     "ProjectionState",

@@ -24,6 +24,7 @@ __all__ = [
     "EventStore",
     "ExpectedVersion",
     "NO_STREAM",
+    "QueryResult",
     "Row",
     "STREAM_EXISTS",
     "StreamInfo",
@@ -60,6 +61,14 @@ class AppendResult:
 
     version: int
     position: int
+
+
+class QueryResult(NamedTuple):
+    """What `read_query` returns: the matching `events`, and the `head` the read is complete
+    up to (append with `AppendCondition(query, after=head)`)."""
+
+    events: list[RecordedEvent[Any]]
+    head: int
 
 
 class StreamInfo(NamedTuple):
@@ -146,6 +155,15 @@ class EventStore(AsyncContext, Protocol):
         from the last position seen never skips an event committed since, nor repeats one.
         `keep_unknown` as for `read_stream`.
         """
+        ...
+
+    async def read_query(
+        self, query: Query, after: int = 0, *, keep_unknown: bool = False
+    ) -> QueryResult:
+        """A decision's read (DCB): every event `query` matches after `after`, and the head
+        position the read is complete up to, in one go (one round trip on PostgreSQL when
+        nothing is in flight). `AppendCondition(query, after=result.head)` then fails if
+        anything matching was stored since."""
         ...
 
     def subscribe(

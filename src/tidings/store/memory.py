@@ -161,8 +161,6 @@ class MemoryEventStore(StoreBase):
                 out.append(row)
             scanned = row.position
             index += 1
-            if selection is not None and index - after >= limit * 10:
-                break  # keep each batch's work bounded when the filter matches little
         return out, scanned
 
     async def _stream_version(self, stream_id: str) -> int:

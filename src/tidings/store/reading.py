@@ -14,7 +14,7 @@ from typing import Any
 from tidings.core.events import Event
 from tidings.core.query import Query, Selection
 from tidings.core.recorded import RecordedEvent
-from tidings.store.contracts import Row, StreamInfo
+from tidings.store.contracts import QueryResult, Row, StreamInfo
 from tidings.store.personal import PersonalData
 from tidings.store.validation import _int64, type_names, validate_stream_id
 
@@ -80,9 +80,14 @@ class Reading(PersonalData):
         try:
             while True:
                 batch, scanned_to = await pending
+                full = len(batch) == (
+                    self.batch_size if remaining is None else min(self.batch_size, remaining)
+                )
                 if remaining is not None:
                     remaining -= len(batch)
-                more = scanned_to > after and (remaining is None or remaining > 0)
+                # A short batch is the end of what is readable now (a backend fills a
+                # batch when it can): no read ahead, no second round trip for nothing.
+                more = full and scanned_to > after and (remaining is None or remaining > 0)
                 if more:
                     pending = fetch(scanned_to)  # read ahead while the caller consumes
                 after = scanned_to
@@ -96,6 +101,24 @@ class Reading(PersonalData):
                 pending.cancel()
             elif not pending.cancelled():
                 pending.exception()  # a read ahead nobody will consume: retrieve, don't log
+
+    async def read_query(
+        self, query: Query, after: int = 0, *, keep_unknown: bool = False
+    ) -> QueryResult:
+        if not isinstance(query, Query):
+            raise TypeError(f"read_query takes a Query, not {query!r}")
+        selection = self._selection(None, query)
+        head = after = max(0, _int64(after))
+        self._check_open()
+        events: list[RecordedEvent[Any]] = []
+        size = min(self.batch_size, FIRST_BATCH)  # a decision reads a few events: one cheap read
+        while True:
+            batch, head = await self._read_all_batch(head, size, selection)
+            keys = await self._keys_to_open(batch)
+            events.extend(self._decode(batch, keep_unknown, keys))
+            if len(batch) < size:
+                return QueryResult(events, max(head, after))
+            size = self.batch_size
 
     def _selection(
         self, types: Iterable[type[Event] | str] | None, query: Query | None
@@ -139,7 +162,7 @@ class Reading(PersonalData):
         self, after: int, limit: int, selection: Selection | None
     ) -> tuple[list[Row], int]:
         """Up to `limit` rows after `after` that `selection` selects (None: all), and the
-        last position scanned.
+        last position scanned. Fewer than `limit` rows means nothing more is readable now.
 
         The scanned position may pass events the selection leaves out, so the next batch
         starts beyond them; it equals `after` only when nothing newer exists. A selection

@@ -70,11 +70,11 @@ class PostgresAppending(PostgresSubscriptions):
                     if ok:
                         self._announce()
                         return AppendResult(version=version, position=position)
+                    if conflict is not None and condition is not None:
+                        raise condition.failed(stream_id, conflict, kind)  # (ids not stored)
                     found = await self._find_ids(conn, ids)
                     if found:
                         return resolve_duplicates(stream_id, ids, found)
-                    if conflict is not None and condition is not None:
-                        raise condition.failed(stream_id, conflict, kind)
                     raise WrongExpectedVersion(stream_id, expected, version)
             except StoreError as exc:
                 if attempt == _APPEND_ATTEMPTS or not isinstance(exc.__cause__, _CONNECTION_ERRORS):

@@ -63,30 +63,74 @@ class PostgresReading(PostgresCore):
         self, after: int, limit: int, selection: Selection
     ) -> tuple[list[Row], int]:
         """A batch through the tag and type indexes, up to the settled position: below it
-        no hole can still fill, so reading by index skips nothing committed later."""
+        no hole can still fill, so reading by index skips nothing committed later.
+
+        One round trip when nothing is in flight: the statement reads the rows up to the
+        newest position together with a count of the positions since the last settled one;
+        a count that shows no hole makes the newest position settled. Otherwise the settled
+        position is found (`_settled`) and the batch is read again up to it."""
+        known = self._settled_to
+        sql, values = self._selected_sql(selection, after, limit, known)
+        async with self._connection() as conn:
+            found = await conn.fetch(sql, *values)
+            newest, counted = found[0][0], found[0][1]
+            rows: list[Row] = [row[2:] for row in found if row[2] is not None]
+            settled = max(known, newest)
+            if newest > known:
+                if self._no_hole(known, newest, counted):
+                    self._settled_to = max(self._settled_to, newest)
+                else:  # a hole: read again, up to what is settled now (a fresh snapshot)
+                    settled = await self._settled(conn)
+                    sql, values = self._selected_sql(selection, after, limit, None, settled)
+                    rows = list(await conn.fetch(sql, *values))
+        if len(rows) == limit:
+            return rows, rows[-1][0]
+        return rows, max(settled, after)
+
+    def _selected_sql(
+        self,
+        selection: Selection,
+        after: int,
+        limit: int,
+        known: int | None,
+        until: int | None = None,
+    ) -> tuple[str, list[Any]]:
+        """The statement of a selected batch and its values: with `known`, the rows up to
+        the newest position plus that position and the count of positions in (known,
+        known + _COUNTED], in one snapshot; else the rows up to `until`."""
         mark = Placeholders(numbered=True)
-        first, until, size = mark(after), mark(0), mark(limit)
+        first, size = mark(after), mark(limit)
+        events = f"{self._s}.tidings_events"
+        bound = "h.newest" if known is not None else mark(until)
         positions = selected_positions(
             selection,
             mark,
             after=first,
             limit=size,
-            until=until,
-            events=f"{self._s}.tidings_events",
+            until=bound,
+            events=events,
             tags=f"{self._s}.tidings_tags",
         )
-        sql = (
-            f"SELECT {_COLUMNS} FROM {self._s}.tidings_events WHERE position IN ({positions}) "
+        rows = (
+            f"SELECT {_COLUMNS} FROM {events} WHERE position IN ({positions}) "
             f"ORDER BY position LIMIT {size}"
         )
-        async with self._connection() as conn:
-            settled = await self._settled(conn)
-            if settled <= after:
-                return [], after
-            mark.values[1] = settled
-            rows: list[Row] = await conn.fetch(sql, *mark.values)
-        scanned = rows[-1][0] if len(rows) == limit else settled
-        return rows, scanned
+        if known is None:
+            return rows, mark.values
+        since = mark(known)
+        return (
+            "SELECT h.newest, h.counted, e.* FROM (SELECT coalesce(max(position), 0) AS newest, "
+            f"(SELECT count(*) FROM {events} WHERE position > {since} "
+            f"AND position <= {since} + {_COUNTED}) AS counted FROM {events}) AS h "
+            f"LEFT JOIN LATERAL ({rows}) AS e ON true"
+        ), mark.values
+
+    def _no_hole(self, settled: int, newest: int, counted: int) -> bool:
+        """Whether `counted` positions in (settled, newest] leave no hole there."""
+        if newest - settled > _COUNTED:
+            return False
+        skipped = sum(1 for p in self._skipped if settled < p <= newest) if self._skipped else 0
+        return bool(counted + skipped == newest - settled)
 
     async def _settled(self, conn: Any) -> int:
         """The newest position at or below which every position is settled: committed, or
@@ -104,8 +148,7 @@ class PostgresReading(PostgresCore):
         )
         if newest <= settled:
             return int(newest)
-        skipped = sum(1 for p in self._skipped if settled < p <= newest) if self._skipped else 0
-        if newest - settled <= _COUNTED and count + skipped == newest - settled:
+        if self._no_hole(settled, newest, count):
             self._settled_to = newest
             return int(newest)
         # Every position drawn so far is at most the sequence's last value; once every

@@ -261,6 +261,12 @@ def _append_function(s: str) -> str:
                 END IF;
             END LOOP;
             IF v_conflict IS NOT NULL THEN
+                -- The same events, committed while this waited for its keys, are a retry
+                -- (the caller returns the original result); anything else is the conflict.
+                IF EXISTS (SELECT 1 FROM {s}.tidings_events e WHERE e.id = ANY(p_ids)) THEN
+                    v_conflict := NULL;
+                    v_conflict_type := NULL;
+                END IF;
                 RETURN QUERY SELECT false, v_actual, 0::bigint, v_conflict, v_conflict_type;
                 RETURN;
             END IF;

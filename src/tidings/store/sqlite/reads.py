@@ -74,6 +74,8 @@ class SQLiteReading(SQLiteCore):
                 conn.execute("COMMIT")
             return rows, max(scanned, after)
 
+        if selection is not None and limit <= _INLINE_ROWS:
+            return self._inline(work)  # a few index ranges of a decision's read
         return await self._run(work)
 
     async def _stream_version(self, stream_id: str) -> int:
@@ -104,7 +106,7 @@ class SQLiteReading(SQLiteCore):
             row = conn.execute("SELECT coalesce(max(position), 0) FROM tidings_events").fetchone()
             return int(row[0])
 
-        return await self._run(work)
+        return self._inline(work)  # the last row of the primary key: microseconds
 
     # -- tracing ---------------------------------------------------------------------------
 
