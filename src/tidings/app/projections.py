@@ -137,14 +137,32 @@ class Projection:
     """
 
     name: str = "projection"
+    segments: int = 1
+    """Segments the projection is split into (`segments=4`): each stream's events go to one
+    (`tidings.app.segments.segment_of`), each segment has its own checkpoint and lease, so
+    several workers share one projection. A document must belong to one stream's segment."""
     __handlers__: ClassVar[HandlerTable]
 
-    def __init_subclass__(cls, *, name: str | None = None, **kwargs: Any) -> None:
+    def __init_subclass__(
+        cls, *, name: str | None = None, segments: int | None = None, **kwargs: Any
+    ) -> None:
         super().__init_subclass__(**kwargs)
         if name is not None:
             cls.name = name
         elif "name" not in cls.__dict__:
             cls.name = re.sub(r"(?<=[a-z0-9])([A-Z])", r"_\1", cls.__name__).lower()
+        if segments is not None:
+            if (
+                isinstance(segments, bool)
+                or not isinstance(segments, int)
+                or not 1 <= segments <= 1024
+            ):
+                raise ConfigurationError(
+                    f"{cls.__qualname__}: segments={segments!r} must be an integer from 1 to 1024"
+                )
+            cls.segments = segments
+        if "[" in cls.name or "]" in cls.name:
+            raise ConfigurationError(f"{cls.__qualname__}: a projection name cannot hold [ or ]")
         cls.__handlers__ = HandlerTable(cls)
 
     view: View

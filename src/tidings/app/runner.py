@@ -16,35 +16,27 @@ async with ProjectionRunner(store, [OrdersByUser()]) as runner:   # runs in the 
 from __future__ import annotations
 
 import asyncio
+import copy
+import dataclasses
 import logging
 import os
 import socket
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Self
+from typing import Self
 
-from tidings import telemetry
-from tidings.app.projections import Projection, ReadModel, View
-from tidings.core.errors import (
-    ConfigurationError,
-    EventDecodeError,
-    ProjectionError,
-    StoreClosed,
-    TidingsError,
-)
+from tidings.app.feed import Feed, Progress
+from tidings.app.projections import Projection, ReadModel
+from tidings.app.segments import Balancer, segment_count
+from tidings.core.errors import ConfigurationError
 from tidings.core.ids import uuid7
 from tidings.core.lifecycle import AsyncResource
-from tidings.store.base import EventStore, ProjectionConflict, StoreBase
+from tidings.store.base import EventStore, StoreBase
 
 __all__ = ["ProjectionRunner", "ProjectionStatus", "projection_status"]
 
 log = logging.getLogger("tidings.projections")
-
-_RETRY_FIRST, _RETRY_LONGEST = 0.1, 5.0  # seconds between retries after a store error
-
-Progress = Callable[[str, int, int], None]
-"""Called as `progress(projection name, position reached, target position)`."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,25 +52,42 @@ class ProjectionStatus:
     updated_at: datetime | None
     rebuilding: bool
     error: str | None = None
+    owner: str | None = None
+    """The runner holding its lease (with leases), or running it here (without)."""
+    segment: int | None = None
+    """Which segment of the projection this row is (None: it has no segments)."""
+    segments: int = 1
 
 
 async def projection_status(store: EventStore) -> list[ProjectionStatus]:
-    """The status of every projection with a checkpoint in `store` (no classes needed).
+    """The status of every projection with a checkpoint in `store` (no classes needed), one
+    row per segment of a projection with segments, each with the owner of its lease.
 
     Lag in events counts the log's events past the checkpoint; lag in seconds is the age of
     the oldest of them (0 when caught up).
     """
     store = _store(store)
     head = await store.last_position()
+    states = await store.projection_states()
+    owners = await store.lease_owners("projection:")
+    names = {state.name for state in states}
     out = []
-    for state in await store.projection_states():
+    for state in states:
+        name, segment, segments = state.name, None, 1
+        if "[" in state.name:
+            base = state.name[: state.name.index("[")]
+            found = segment_count(state.name, base)
+            if found is not None:
+                name, (segment, segments) = base, found
+        elif any(row.startswith(f"{state.name}[") for row in names):
+            continue  # a segmented projection's own row: its segments' rows stand for it
         lag_seconds = 0.0
         if state.position < head:
             async for record in store.read_all(after=state.position, limit=1):
                 lag_seconds = max(0.0, (datetime.now(UTC) - record.recorded_at).total_seconds())
         out.append(
             ProjectionStatus(
-                state.name,
+                name,
                 state.generation,
                 state.position,
                 head,
@@ -86,135 +95,12 @@ async def projection_status(store: EventStore) -> list[ProjectionStatus]:
                 lag_seconds,
                 state.updated_at,
                 state.building_generation is not None,
+                owner=owners.get(f"projection:{state.name}"),
+                segment=segment,
+                segments=segments,
             )
         )
     return out
-
-
-class _Worker:
-    """One projection's loop: position, generation, and the errors it stopped on."""
-
-    def __init__(self, runner: ProjectionRunner, projection: Projection) -> None:
-        self.runner = runner
-        self.projection = projection
-        self.name = projection.name
-        self.types = projection.types()
-        self.generation = 1
-        self.position = 0
-        self.error: ProjectionError | EventDecodeError | None = None
-        self.task: asyncio.Task[None] | None = None
-        self.leased = False  # whether this runner holds the projection's lease (with leases)
-
-    async def load(self) -> None:
-        state = await self.runner.store.projection_state(self.name)
-        self.generation, self.position = (
-            (1, 0) if state is None else (state.generation, state.position)
-        )
-
-    async def run_until(self, target: int | None, progress: Progress | None = None) -> None:
-        """Apply batches until `target` (None: forever), reloading on a moved checkpoint."""
-        store = self.runner.store
-        while True:
-            await self.load()
-            if target is not None and self.position >= target:
-                return
-            try:
-                async for records, scanned_to in store.subscribe_batches(
-                    self.position, types=self.types, limit=self.runner.batch_size
-                ):
-                    await self.apply(self.generation, self.position, records, scanned_to)
-                    self.position = scanned_to
-                    self.runner._advanced()
-                    if progress is not None:
-                        progress(self.name, scanned_to, target or scanned_to)
-                    if target is not None and scanned_to >= target:
-                        return
-            except ProjectionConflict as exc:
-                log.info("%s; reloading its checkpoint", exc)
-
-    async def apply(
-        self, generation: int, position: int, records: list[Any], scanned_to: int
-    ) -> None:
-        store = self.runner.store
-        view = View(store.document_reader(self.name, generation))
-        with telemetry.projection_span(self.name, records, scanned_to):
-            if records:
-                await self.projection.apply(records, view)
-            await store.commit_projection(
-                self.name, generation, position, scanned_to, view.encoded()
-            )
-
-    async def forever(self) -> None:
-        """Follow the log until cancelled; with a lease, only while this runner holds it."""
-        if self.runner.lease is None:
-            await self.follow()
-            return
-        ttl = self.runner.lease
-        lease = f"projection:{self.name}"
-        owner = self.runner.owner
-        store = self.runner.store
-        try:
-            while True:
-                if not await _quietly(store.acquire_lease(lease, owner, ttl)):
-                    self.leased = False
-                    await asyncio.sleep(ttl / 3)
-                    continue
-                self.leased = True
-                log.info("%s holds the lease on projection %s", owner, self.name)
-                following = asyncio.create_task(self.follow())
-                lost = False
-                try:
-                    while not following.done():
-                        await asyncio.wait({following}, timeout=ttl / 3)
-                        if not following.done() and not await _quietly(
-                            store.acquire_lease(lease, owner, ttl)
-                        ):
-                            log.warning("%s lost the lease on projection %s", owner, self.name)
-                            lost = True
-                            break
-                finally:
-                    if not following.done():
-                        following.cancel()
-                    await asyncio.gather(following, return_exceptions=True)
-                    self.leased = False
-                if not lost:
-                    return  # it stopped by itself: a handler error, or the store closed
-        finally:
-            self.leased = False
-            if not store._closed:
-                await asyncio.shield(_quietly(store.release_lease(lease, owner)))
-
-    async def follow(self) -> None:
-        """Apply new events as they come; a handler error or an event that cannot be decoded
-        stops it, a store error is retried."""
-        delay = _RETRY_FIRST
-        while True:
-            reached = self.position
-            try:
-                await self.run_until(None)
-            except (ProjectionError, EventDecodeError) as exc:  # a stored event it cannot
-                # decode stays undecodable: stop on it, named, as on a handler's error
-                self.error = exc
-                log.error("projection stopped: %s", exc)
-                self.runner._advanced()
-                return
-            except StoreClosed:
-                return
-            except (TidingsError, OSError) as exc:  # a locked or lost database: try again
-                if self.position > reached:  # it worked since the last failure: a new outage
-                    delay = _RETRY_FIRST
-                log.warning("projection %s: %s; retrying in %.1fs", self.name, exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, _RETRY_LONGEST)
-
-
-async def _quietly(call: Any) -> Any:
-    """Await a lease call; a store error counts as "not held" (and is logged)."""
-    try:
-        return await call
-    except (TidingsError, OSError) as exc:
-        log.warning("lease: %s", exc)
-        return False
 
 
 class ProjectionRunner(AsyncResource):
@@ -224,10 +110,12 @@ class ProjectionRunner(AsyncResource):
         store: the event store holding the log, the checkpoints and the read models.
         projections: projection instances, each with a distinct `name`.
         batch_size: events per transaction.
-        lease: with several worker processes on one store, run each projection only while
-            holding its lease for this many seconds (renewed every third of it). When its
-            holder dies another runner takes over within about 1.3 x `lease`, from the
-            committed checkpoint. None (the default) runs every projection here.
+        lease: with several worker processes on one store, run each projection (each
+            segment of one declared with `segments=`) only while holding its lease for this
+            many seconds (renewed every third of it); runners divide a projection's segments
+            fairly among themselves. When a holder dies another runner takes over within about
+            1.3 x `lease`, from the committed checkpoint. None (the default) runs every
+            projection, every segment, here.
         owner: this runner's name in the lease table (default: host, pid and a random part).
     """
 
@@ -246,14 +134,21 @@ class ProjectionRunner(AsyncResource):
             raise ConfigurationError(f"lease must be a positive number of seconds, not {lease}")
         self.lease = lease
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid7().hex[-8:]}"
-        self._workers: dict[str, _Worker] = {}
+        self._workers: dict[str, Feed] = {}  # by checkpoint row: a projection, or a segment
+        self._feeds: dict[str, list[Feed]] = {}  # by projection name
+        self._balancers: dict[str, asyncio.Task[None]] = {}
         items = [projections] if isinstance(projections, Projection) else list(projections)
         for projection in items:
             if not isinstance(projection, Projection):
                 raise ConfigurationError(f"not a Projection instance: {projection!r}")
-            if projection.name in self._workers:
+            if projection.name in self._feeds:
                 raise ConfigurationError(f"two projections are named {projection.name!r}")
-            self._workers[projection.name] = _Worker(self, projection)
+            n = projection.segments
+            # Segments run at once: each applies through its own copy (its own `view`).
+            copies = [projection, *(copy.copy(projection) for _ in range(n - 1))]
+            feeds = [Feed(self, copies[k], k, n) for k in range(n)]
+            self._feeds[projection.name] = feeds
+            self._workers.update((feed.name, feed) for feed in feeds)
         self._changed = asyncio.Event()
         self._running = False
 
@@ -268,28 +163,58 @@ class ProjectionRunner(AsyncResource):
         """Start feeding every projection in the background until `stop`."""
         if not self._running:
             self._running = True
-            for worker in self._workers.values():
-                await worker.load()
-                worker.task = asyncio.create_task(
-                    worker.forever(), name=f"projection {worker.name}"
-                )
+            for name in self._feeds:
+                await self._start_feeds(name)
         return self
+
+    async def _start_feeds(self, name: str) -> None:
+        """Start one projection: each feed on its own, or its segments by a `Balancer`."""
+        feeds = self._feeds[name]
+        for feed in feeds:
+            await feed.load()
+        if self.lease is None or len(feeds) == 1:
+            for feed in feeds:
+                feed.task = asyncio.create_task(feed.forever(), name=f"projection {feed.name}")
+            return
+
+        def start(k: int) -> asyncio.Task[None]:
+            task = asyncio.create_task(feeds[k].follow(), name=f"projection {feeds[k].name}")
+            feeds[k].task = task
+            return task
+
+        def held(k: int, holding: bool) -> None:
+            feeds[k].leased = holding
+            if not holding:
+                feeds[k].task = None
+
+        balancer = Balancer(self.store, name, len(feeds), self.owner, self.lease, start, held)
+        self._balancers[name] = asyncio.create_task(balancer.run(), name=f"segments of {name}")
+
+    async def _stop_feeds(self, name: str) -> bool:
+        """Stop one projection's background work; whether it was running."""
+        tasks = [feed.task for feed in self._feeds[name] if feed.task is not None]
+        balancer = self._balancers.pop(name, None)
+        tasks += [balancer] if balancer is not None else []
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for feed in self._feeds[name]:
+            feed.task = None
+            feed.leased = False
+        return bool(tasks)
 
     async def stop(self) -> None:
         """Stop the background work; what was committed stays committed."""
         self._running = False
-        tasks = [w.task for w in self._workers.values() if w.task is not None]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        for worker in self._workers.values():
-            worker.task = None
+        for name in self._feeds:
+            await self._stop_feeds(name)
 
     async def run(self) -> None:
         """Run in the foreground until cancelled (e.g. as a worker's main task)."""
         await self.start()
         try:
-            tasks = [w.task for w in self._workers.values() if w.task is not None]
+            tasks = [*self._balancers.values()]
+            tasks += [w.task for w in self._workers.values() if w.task is not None]
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)  # one stopped
             for worker in self._workers.values():
                 if worker.error is not None:
@@ -337,7 +262,7 @@ class ProjectionRunner(AsyncResource):
         projection stopped on.
         """
         workers = (
-            [self._worker(name) for name in projections]
+            [feed for name in projections for feed in self._projection_feeds(name)]
             if projections
             else list(self._workers.values())
         )
@@ -356,7 +281,7 @@ class ProjectionRunner(AsyncResource):
                         if worker.error is not None:
                             raise worker.error
                         if self.lease is not None and not worker.leased:
-                            await worker.load()  # another worker holds it: read its checkpoint
+                            await worker.load(check=False)  # another holds it: its checkpoint
                     if all(worker.position >= position for worker in workers):
                         return
                     try:  # with leases, other processes move checkpoints: look again soon
@@ -391,13 +316,11 @@ class ProjectionRunner(AsyncResource):
         Returns the position the new model is at.
         """
         name = projection if isinstance(projection, str) else projection.name
-        worker = self._worker(name)
-        running = worker.task is not None
-        if running:
-            assert worker.task is not None
-            worker.task.cancel()
-            await asyncio.gather(worker.task, return_exceptions=True)
-            worker.task = None
+        feeds = self._projection_feeds(name)
+        running = await self._stop_feeds(name)
+        # The whole log into the new generation, here, unsegmented; then the swap makes the
+        # projection's segment checkpoints anew, as many as its class says now.
+        builder = Feed(self, feeds[0].projection)
         try:
             state = await self.store.start_rebuild(name)
             generation = state.building_generation
@@ -408,63 +331,74 @@ class ProjectionRunner(AsyncResource):
                 progress(name, 0, head)
             if head > 0:
                 async for records, scanned_to in self.store.subscribe_batches(
-                    0, types=worker.types, limit=self.batch_size
+                    0, types=builder.types, limit=self.batch_size
                 ):
-                    await worker.apply(generation, position, records, scanned_to)
+                    await builder.apply(generation, position, records, scanned_to)
                     position = scanned_to
                     if progress is not None:
                         progress(name, scanned_to, head)
                     if scanned_to >= head:
                         break
-            await self.store.finish_rebuild(name, generation)
-            worker.error = None
-            await worker.load()
+            await self.store.finish_rebuild(name, generation, segments=len(feeds))
+            for feed in feeds:
+                feed.error = None
+                await feed.load()
             self._advanced()
             return position
         finally:
             if running:
-                worker.task = asyncio.create_task(worker.forever(), name=f"projection {name}")
+                await self._start_feeds(name)
 
     def read_model(self, projection: str | type[Projection] | Projection) -> ReadModel:
         """The query side of one of this runner's projections."""
         name = projection if isinstance(projection, str) else projection.name
-        return ReadModel(self.store, self._worker(name).name)
+        return ReadModel(self.store, self._projection_feeds(name)[0].projection.name)
 
     async def status(self) -> list[ProjectionStatus]:
-        """The status of this runner's projections, with any error one stopped on."""
-        mine = {s.name: s for s in await projection_status(self.store) if s.name in self._workers}
+        """The status of this runner's projections, one row per segment, with the owner of
+        each (this runner without leases) and any error one stopped on."""
+        found = {
+            (s.name, s.segment): s
+            for s in await projection_status(self.store)
+            if s.name in self._feeds
+        }
         head = await self.store.last_position()
         out = []
-        for name, worker in self._workers.items():
-            found = mine.get(name) or ProjectionStatus(name, 1, 0, head, head, 0.0, None, False)
-            error = str(worker.error) if worker.error else None
-            out.append(
-                ProjectionStatus(
-                    found.name,
-                    found.generation,
-                    found.position,
-                    found.head,
-                    found.lag_events,
-                    found.lag_seconds,
-                    found.updated_at,
-                    found.rebuilding,
-                    error,
+        for name, feeds in self._feeds.items():
+            for feed in feeds:
+                segment = feed.segment if feed.segments > 1 else None
+                row = found.get((name, segment)) or ProjectionStatus(
+                    name, 1, 0, head, head, 0.0, None, False
                 )
-            )
+                owner = (
+                    row.owner
+                    if self.lease is not None
+                    else (self.owner if feed.task is not None else None)
+                )
+                out.append(
+                    dataclasses.replace(
+                        row,
+                        error=str(feed.error) if feed.error else None,
+                        owner=owner,
+                        segment=segment,
+                        segments=feed.segments,
+                    )
+                )
         return out
 
     def leases(self) -> dict[str, bool]:
-        """Whether this runner holds each projection's lease (all True without leases)."""
+        """Whether this runner holds each projection's (or segment's) lease, by checkpoint
+        name (without leases: whether it runs it)."""
         return {
             name: worker.leased if self.lease is not None else worker.task is not None
             for name, worker in self._workers.items()
         }
 
-    def _worker(self, name: str) -> _Worker:
+    def _projection_feeds(self, name: str) -> list[Feed]:
         try:
-            return self._workers[name]
+            return self._feeds[name]
         except KeyError:
-            known = ", ".join(sorted(self._workers)) or "none"
+            known = ", ".join(sorted(self._feeds)) or "none"
             raise ConfigurationError(f"no projection named {name!r} here; known: {known}") from None
 
 

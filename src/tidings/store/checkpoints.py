@@ -23,8 +23,21 @@ __all__ = [
     "ProjectionState",
     "advance_projection",
     "begin_rebuild",
+    "documents_owner",
+    "segment_name",
+    "segment_rows",
     "swap_rebuild",
 ]
+
+
+def segment_name(name: str, segment: int, segments: int) -> str:
+    """The checkpoint row of one segment of projection `name`: `name[segment/segments]`."""
+    return f"{name}[{segment}/{segments}]"
+
+
+def segment_prefix(name: str) -> str:
+    """What every segment row of projection `name` starts with."""
+    return f"{name}["
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +83,9 @@ class ProjectionCommit:
     expected_position: int
     position: int
     writes: Mapping[str, str | None]
+    documents: str | None = None
+    """The projection whose documents `writes` go to, when `name` is one of its segments'
+    checkpoints (None: `name`'s own)."""
 
 
 def advance_projection(
@@ -96,6 +112,36 @@ def advance_projection(
     if generation == current.generation:
         return dataclasses.replace(current, position=position, updated_at=now)
     return dataclasses.replace(current, building_position=position, updated_at=now)
+
+
+def documents_owner(
+    main: ProjectionState | None, commit: ProjectionCommit, now: datetime
+) -> ProjectionState | None:
+    """For a segment's commit: the projection's own row to create (its first commit), or
+    None when it stands; `ProjectionConflict` when the segment writes a generation that is
+    neither live nor being rebuilt (a rebuild swapped it out)."""
+    assert commit.documents is not None
+    if main is None:
+        if commit.generation != 1:
+            raise ProjectionConflict(commit.name, "its projection has no checkpoint")
+        return ProjectionState(commit.documents, 1, 0, now)
+    if commit.generation not in (main.generation, main.building_generation):
+        raise ProjectionConflict(
+            commit.name, f"generation {commit.generation} of its projection's documents is gone"
+        )
+    return None
+
+
+def segment_rows(
+    name: str, segments: int, generation: int, position: int, now: datetime
+) -> list[ProjectionState]:
+    """The checkpoint rows of `segments` segments (none for 1), all at `position`."""
+    if segments <= 1:
+        return []
+    return [
+        ProjectionState(segment_name(name, k, segments), generation, position, now)
+        for k in range(segments)
+    ]
 
 
 def begin_rebuild(current: ProjectionState | None, name: str, now: datetime) -> ProjectionState:
@@ -138,16 +184,20 @@ class Checkpoints(StoreCore):
         expected_position: int,
         position: int,
         writes: Mapping[str, str | None],
+        *,
+        documents: str | None = None,
     ) -> None:
         """Apply document `writes` (key to JSON, or None to delete) and move the checkpoint of
         `generation` from `expected_position` to `position`, in one transaction.
 
-        A checkpoint that is no longer at `expected_position` (another runner got there, or a
-        rebuild swapped generations) raises `ProjectionConflict` and changes nothing.
+        `documents` names the projection whose documents these are when `name` is the
+        checkpoint of one of its segments. A checkpoint that is no longer at
+        `expected_position` (another runner got there, or a rebuild swapped generations)
+        raises `ProjectionConflict` and changes nothing.
         """
         self._check_open()
         await self._commit_projection(
-            ProjectionCommit(name, generation, expected_position, position, writes)
+            ProjectionCommit(name, generation, expected_position, position, writes, documents)
         )
 
     async def start_rebuild(self, name: str) -> ProjectionState:
@@ -155,10 +205,14 @@ class Checkpoints(StoreCore):
         self._check_open()
         return await self._start_rebuild(name)
 
-    async def finish_rebuild(self, name: str, generation: int) -> None:
-        """Make the rebuilt `generation` live and drop the old one, in one transaction."""
+    async def finish_rebuild(self, name: str, generation: int, *, segments: int = 1) -> None:
+        """Make the rebuilt `generation` live and drop the old one, in one transaction; with
+        `segments` above 1, the projection's segment checkpoints are made anew (that many,
+        each at the rebuilt position) in the same transaction."""
         self._check_open()
-        await self._finish_rebuild(name, generation)
+        if segments < 1:
+            raise ValueError(f"segments must be at least 1, not {segments}")
+        await self._finish_rebuild(name, generation, segments)
 
     # -- backend primitives ----------------------------------------------------------------
 
@@ -177,5 +231,6 @@ class Checkpoints(StoreCore):
         """Set `building_generation` to a new, empty generation at position 0."""
 
     @abstractmethod
-    async def _finish_rebuild(self, name: str, generation: int) -> None:
-        """Swap `generation` in as live with its checkpoint; delete the old documents."""
+    async def _finish_rebuild(self, name: str, generation: int, segments: int) -> None:
+        """Swap `generation` in as live with its checkpoint; delete the old documents and
+        every segment row of `name`; write `segment_rows(...)` for `segments`."""

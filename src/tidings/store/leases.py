@@ -28,6 +28,12 @@ class Leases(StoreCore):
         self._check_open()
         await self._release_lease(name, owner)
 
+    async def lease_owners(self, prefix: str = "") -> dict[str, str]:
+        """Every unexpired lease whose name starts with `prefix`, and its owner: who runs
+        what, for status pages and for workers dividing a projection's segments."""
+        self._check_open()
+        return await self._lease_owners(prefix)
+
     # -- backend primitives ----------------------------------------------------------------
 
     @abstractmethod
@@ -37,3 +43,7 @@ class Leases(StoreCore):
     @abstractmethod
     async def _release_lease(self, name: str, owner: str) -> None:
         """Delete the lease if `owner` holds it."""
+
+    @abstractmethod
+    async def _lease_owners(self, prefix: str) -> dict[str, str]:
+        """Unexpired leases named `prefix...`, by name, with their owners."""

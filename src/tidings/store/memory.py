@@ -34,7 +34,12 @@ from tidings.store.base import (
     swap_rebuild,
     url_options,
 )
-from tidings.store.checkpoints import ProjectionCommit
+from tidings.store.checkpoints import (
+    ProjectionCommit,
+    documents_owner,
+    segment_prefix,
+    segment_rows,
+)
 
 __all__ = ["MemoryEventStore"]
 
@@ -203,9 +208,14 @@ class MemoryEventStore(StoreBase):
         return [self._projections[n] for n in sorted(self._projections)]
 
     async def _commit_projection(self, commit: ProjectionCommit) -> None:
-        name = commit.name
-        state = advance_projection(self._projections.get(name), commit, datetime.now(UTC))
-        docs = self._documents.setdefault((name, commit.generation), {})
+        name, now = commit.name, datetime.now(UTC)
+        state = advance_projection(self._projections.get(name), commit, now)
+        owner = commit.documents or name
+        if commit.documents is not None:
+            main = documents_owner(self._projections.get(owner), commit, now)
+            if main is not None:
+                self._projections[owner] = main
+        docs = self._documents.setdefault((owner, commit.generation), {})
         for key, doc in commit.writes.items():
             if doc is None:
                 docs.pop(key, None)
@@ -222,12 +232,16 @@ class MemoryEventStore(StoreBase):
         self._projections[name] = state
         return state
 
-    async def _finish_rebuild(self, name: str, generation: int) -> None:
-        current = self._projections.get(name)
-        state = swap_rebuild(current, name, generation, datetime.now(UTC))
+    async def _finish_rebuild(self, name: str, generation: int, segments: int) -> None:
+        current, now = self._projections.get(name), datetime.now(UTC)
+        state = swap_rebuild(current, name, generation, now)
         if current is not None:
             self._documents.pop((name, current.generation), None)
         self._projections[name] = state
+        for old in [n for n in self._projections if n.startswith(segment_prefix(name))]:
+            del self._projections[old]
+        for row in segment_rows(name, segments, generation, state.position, now):
+            self._projections[row.name] = row
 
     def _live(self, name: str, generation: int | None) -> dict[str, str]:
         if generation is None:
@@ -281,3 +295,11 @@ class MemoryEventStore(StoreBase):
     async def _release_lease(self, name: str, owner: str) -> None:
         if self._leases.get(name, ("", 0.0))[0] == owner:
             del self._leases[name]
+
+    async def _lease_owners(self, prefix: str) -> dict[str, str]:
+        now = time.monotonic()
+        return {
+            name: owner
+            for name, (owner, expires) in self._leases.items()
+            if name.startswith(prefix) and expires >= now
+        }

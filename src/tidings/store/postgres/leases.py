@@ -9,7 +9,7 @@ __all__ = ["PostgresLeases"]
 
 
 class PostgresLeases(PostgresCore):
-    """`_acquire_lease` and `_release_lease`."""
+    """`_acquire_lease`, `_release_lease` and `_lease_owners`."""
 
     async def _acquire_lease(self, name: str, owner: str, ttl: float) -> bool:
         holder = await self._fetchval(
@@ -32,3 +32,11 @@ class PostgresLeases(PostgresCore):
             name,
             owner,
         )
+
+    async def _lease_owners(self, prefix: str) -> dict[str, str]:
+        rows = await self._fetch(
+            f"SELECT name, owner FROM {self._s}.tidings_leases WHERE starts_with(name, $1) "
+            "AND expires_at >= now()",
+            prefix,
+        )
+        return {name: owner for name, owner in rows}

@@ -18,7 +18,12 @@ from tidings.store.base import (
     begin_rebuild,
     swap_rebuild,
 )
-from tidings.store.checkpoints import ProjectionCommit
+from tidings.store.checkpoints import (
+    ProjectionCommit,
+    documents_owner,
+    segment_prefix,
+    segment_rows,
+)
 from tidings.store.postgres.connection import PostgresCore
 
 __all__ = ["PostgresPersonalData", "PostgresProjections"]
@@ -101,28 +106,39 @@ class PostgresProjections(PostgresCore):
         )
 
     @asynccontextmanager
-    async def _projection_transaction(self, name: str) -> Any:
-        """A transaction holding the projection's checkpoint row (or its absence) locked."""
+    async def _projection_transaction(self, name: str, documents: str | None = None) -> Any:
+        """A transaction holding the projection's checkpoint row (or its absence) locked;
+        for a segment's checkpoint, its projection's row is read first, shared (the order a
+        rebuild's swap locks them in too, so neither waits for the other in a cycle). Yields
+        the connection, the row, and the projection's row (None when not a segment)."""
         async with self._connection() as conn, conn.transaction():
             # Serialises first commits too, when there is no row to lock yet.
             await conn.execute(
                 "SELECT pg_advisory_xact_lock(hashtext($1))", f"tidings:{self.schema}:{name}"
             )
-            yield conn, await self._locked_projection(conn, name)
+            main = await self._shared_projection(conn, documents) if documents else None
+            yield conn, await self._locked_projection(conn, name), main
 
     async def _commit_projection(self, commit: ProjectionCommit) -> None:
         name, generation, writes = commit.name, commit.generation, commit.writes
+        owner = commit.documents or name
         upserts = [(key, doc) for key, doc in writes.items() if doc is not None]
         deletes = [key for key, doc in writes.items() if doc is None]
-        async with self._projection_transaction(name) as (conn, current):
+        async with self._projection_transaction(name, commit.documents) as (conn, current, main):
             now = await conn.fetchval("SELECT now()")
             state = advance_projection(current, commit, now)
+            if commit.documents is not None:
+                # Shared with the other segments and a rebuild: created only if nobody did
+                # (a rebuild starting meanwhile must not be overwritten).
+                created = documents_owner(main, commit, now)
+                if created is not None:
+                    await self._create_projection(conn, created)
             if upserts:
                 await conn.execute(
                     f"INSERT INTO {self._s}.tidings_documents (projection, generation, key, doc) "
                     "SELECT $1, $2, k, d FROM unnest($3::bytea[], $4::text[]) AS t(k, d) "
                     "ON CONFLICT (projection, generation, key) DO UPDATE SET doc = excluded.doc",
-                    name,
+                    owner,
                     generation,
                     [key for key, _ in upserts],
                     [doc for _, doc in upserts],
@@ -131,14 +147,14 @@ class PostgresProjections(PostgresCore):
                 await conn.execute(
                     f"DELETE FROM {self._s}.tidings_documents WHERE projection = $1 "
                     "AND generation = $2 AND key = ANY($3::bytea[])",
-                    name,
+                    owner,
                     generation,
                     deletes,
                 )
             await self._save_projection(conn, state)
 
     async def _start_rebuild(self, name: str) -> ProjectionState:
-        async with self._projection_transaction(name) as (conn, current):
+        async with self._projection_transaction(name) as (conn, current, _):
             state = begin_rebuild(current, name, await conn.fetchval("SELECT now()"))
             await conn.execute(  # what an aborted rebuild left behind
                 f"DELETE FROM {self._s}.tidings_documents WHERE projection = $1 "
@@ -149,9 +165,10 @@ class PostgresProjections(PostgresCore):
             await self._save_projection(conn, state)
         return state
 
-    async def _finish_rebuild(self, name: str, generation: int) -> None:
-        async with self._projection_transaction(name) as (conn, current):
-            state = swap_rebuild(current, name, generation, await conn.fetchval("SELECT now()"))
+    async def _finish_rebuild(self, name: str, generation: int, segments: int) -> None:
+        async with self._projection_transaction(name) as (conn, current, _):
+            now = await conn.fetchval("SELECT now()")
+            state = swap_rebuild(current, name, generation, now)
             await conn.execute(
                 f"DELETE FROM {self._s}.tidings_documents WHERE projection = $1 "
                 "AND generation <> $2",
@@ -159,6 +176,30 @@ class PostgresProjections(PostgresCore):
                 generation,
             )
             await self._save_projection(conn, state)
+            await conn.execute(
+                f"DELETE FROM {self._s}.tidings_projections WHERE starts_with(name, $1)",
+                segment_prefix(name),
+            )
+            for row in segment_rows(name, segments, generation, state.position, now):
+                await self._save_projection(conn, row)
+
+    async def _shared_projection(self, conn: Any, name: str) -> ProjectionState | None:
+        row = await conn.fetchrow(
+            f"SELECT {self._projection_columns()} WHERE name = $1 FOR SHARE", name
+        )
+        return None if row is None else ProjectionState(*row)
+
+    async def _create_projection(self, conn: Any, state: ProjectionState) -> None:
+        await conn.execute(
+            f"INSERT INTO {self._s}.tidings_projections (name, generation, position, updated_at, "
+            "building_generation, building_position) VALUES ($1, $2, $3, now(), $4, $5) "
+            "ON CONFLICT (name) DO NOTHING",
+            state.name,
+            state.generation,
+            state.position,
+            state.building_generation,
+            state.building_position,
+        )
 
     def _live_generation(self) -> str:
         return (

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import sqlite3
+import time
 
 from tidings.store.sqlite.connection import SQLiteCore
 
 
 class SQLiteLeases(SQLiteCore):
-    """`_acquire_lease` and `_release_lease`."""
+    """`_acquire_lease`, `_release_lease` and `_lease_owners`."""
 
     async def _acquire_lease(self, name: str, owner: str, ttl: float) -> bool:
         def work(conn: sqlite3.Connection, now: int) -> bool:
@@ -29,3 +30,16 @@ class SQLiteLeases(SQLiteCore):
             conn.execute("DELETE FROM tidings_leases WHERE name = ? AND owner = ?", (name, owner))
 
         await self._write(work)
+
+    async def _lease_owners(self, prefix: str) -> dict[str, str]:
+        now = time.time_ns() // 1000
+
+        def work(conn: sqlite3.Connection) -> dict[str, str]:
+            rows = conn.execute(
+                "SELECT name, owner FROM tidings_leases WHERE substr(name, 1, ?) = ? "
+                "AND expires_at >= ?",
+                (len(prefix), prefix, now),
+            ).fetchall()
+            return dict(rows)
+
+        return self._inline(work)  # a handful of rows by primary key range

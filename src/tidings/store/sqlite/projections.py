@@ -21,7 +21,12 @@ from tidings.store.base import (
     begin_rebuild,
     swap_rebuild,
 )
-from tidings.store.checkpoints import ProjectionCommit
+from tidings.store.checkpoints import (
+    ProjectionCommit,
+    documents_owner,
+    segment_prefix,
+    segment_rows,
+)
 from tidings.store.sqlite.connection import SQLiteCore
 from tidings.store.sqlite.schema import _from_micros, _to_micros
 
@@ -84,12 +89,17 @@ class SQLiteProjections(SQLiteCore):
 
     async def _commit_projection(self, commit: ProjectionCommit) -> None:
         name, generation, writes = commit.name, commit.generation, commit.writes
-        upserts = [(name, generation, k, doc) for k, doc in writes.items() if doc is not None]
-        deletes = [(name, generation, k) for k, doc in writes.items() if doc is None]
+        owner = commit.documents or name
+        upserts = [(owner, generation, k, doc) for k, doc in writes.items() if doc is not None]
+        deletes = [(owner, generation, k) for k, doc in writes.items() if doc is None]
 
         def work(conn: sqlite3.Connection, now: int) -> None:
             current = _read_projection(conn, name)
             state = advance_projection(current, commit, _from_micros(now))
+            if commit.documents is not None:
+                main = documents_owner(_read_projection(conn, owner), commit, _from_micros(now))
+                if main is not None:
+                    _save_projection(conn, main, now)
             if upserts:
                 conn.executemany(_UPSERT_DOCUMENT, upserts)
             if deletes:
@@ -114,7 +124,7 @@ class SQLiteProjections(SQLiteCore):
 
         return await self._write(work)
 
-    async def _finish_rebuild(self, name: str, generation: int) -> None:
+    async def _finish_rebuild(self, name: str, generation: int, segments: int) -> None:
         def work(conn: sqlite3.Connection, now: int) -> None:
             current = _read_projection(conn, name)
             state = swap_rebuild(current, name, generation, _from_micros(now))
@@ -123,6 +133,13 @@ class SQLiteProjections(SQLiteCore):
                 (name, generation),
             )
             _save_projection(conn, state, now)
+            prefix = segment_prefix(name)
+            conn.execute(
+                "DELETE FROM tidings_projections WHERE substr(name, 1, ?) = ?",
+                (len(prefix), prefix),
+            )
+            for row in segment_rows(name, segments, generation, state.position, _from_micros(now)):
+                _save_projection(conn, row, now)
 
         await self._write(work)
 
