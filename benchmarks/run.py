@@ -51,6 +51,16 @@ storage, started on a free loopback port for the run and stopped at the end; or 
 a Kafka cluster): 20 publish, 21 consume and ack, against raw aiokafka doing the same (a,
 target 0.8x) and faststream's KafkaBroker (b, target 1.15x).
 
+Scenarios 22-23 (dcb.py) are conditioned appends (dynamic consistency boundaries): deciders
+that read a query with `read_query` and append one event on its `AppendCondition`, 1 and 16 at
+once, on disjoint and on overlapping queries; 22 on PostgreSQL against eventsourcing 9.5.6's
+DCB recorder (`eventsourcing.dcb.postgres_tt`, target 2x at 16 disjoint deciders) and against
+plain stream appends (target 0.7x), 23 on SQLite against plain appends (target 0.7x).
+
+Scenario 24 (segments.py) is a projection's catch-up with `segments=2` and about 50 us of CPU
+per event in its handler, by two worker processes dividing the segments by lease against one
+worker process running both (target 1.6x).
+
 `make bench-scale` (`run.py --scale`) runs, instead of all of the above, the scaling section
 (scale.py): how the stores' cost grows with the log, at 10^5, 10^6 and 10^7 events
 (`--scale-sizes 20000,50000` for a small run): append, read_all and subscription catch-up
@@ -62,9 +72,9 @@ benchmarks/scale.png (matplotlib, from the dev extra).
     .venv/bin/python benchmarks/run.py --scale                             # make bench-scale
     .venv/bin/python benchmarks/run.py --scale --scale-sizes 20000,50000   # a smoke run
 
-`--only` runs some scenarios: `sqlite` (1-8, 19), `postgres` (9-11), a broker (`redis`, `nats`,
-`rabbitmq`, `kafka`: its publish and consume rows), `brokers` (all of those), `relay` (18, on the
-brokers named, or all); e.g. `--only kafka`. Its results go to benchmarks/results-only.json
+`--only` runs some scenarios: `sqlite` (1-8, 19, 24), `postgres` (9-11), a broker (`redis`,
+`nats`, `rabbitmq`, `kafka`: its publish and consume rows), `brokers` (all of those), `relay`
+(18, on the brokers named, or all), `dcb` (22-23); e.g. `--only kafka`. Its results go to benchmarks/results-only.json
 unless --json says otherwise.
 
 Prints one table (tidings, the baseline, their ratio, the target, pass or missed) and writes the
@@ -107,6 +117,7 @@ import postgres_store
 import projections
 import relay
 import scale
+import segments
 import sqlite_store
 import tidings
 import upcasting
@@ -129,6 +140,7 @@ class Sizes:
     aggregate_loads: int
     catch_up_events: int
     catch_up_rounds: int
+    segment_events: int
     peer_accounts: int
     peer_load_passes: int
     pg_single_appends: int
@@ -158,6 +170,7 @@ FULL = Sizes(
     aggregate_loads=2000,
     catch_up_events=200_000,
     catch_up_rounds=2,
+    segment_events=80_000,
     peer_accounts=300,
     peer_load_passes=3,
     pg_single_appends=2000,
@@ -182,6 +195,7 @@ QUICK = Sizes(
     aggregate_loads=200,
     catch_up_events=20_000,
     catch_up_rounds=1,
+    segment_events=8_000,
     peer_accounts=40,
     peer_load_passes=2,
     pg_single_appends=200,
@@ -338,7 +352,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--only",
         default=None,
         metavar="NAMES",
-        help="run only these, comma-separated: sqlite (1-8, 19), postgres (9-11), redis, nats, "
+        help="run only these, comma-separated: sqlite (1-8, 19, 24), postgres (9-11), redis, nats, "
         "rabbitmq, kafka (that broker's publish and consume rows), brokers (all of them), relay "
         "(18, on the brokers named or all), dcb (22-23, conditioned appends); results go to "
         "benchmarks/results-only.json",
@@ -557,6 +571,7 @@ def run(sizes: Sizes, directory: str, phases: Phases) -> list[Row]:
     rows.append(upcasting_row(sizes, directory, phases))
     rows.append(aggregate_row(sizes, directory, phases))
     rows.append(catch_up_row(sizes, directory, phases))
+    rows.append(segments_row(sizes, directory, phases))
     rows.extend(peer_rows(sizes, directory, phases))
     return rows
 
@@ -631,6 +646,26 @@ def catch_up_row(sizes: Sizes, directory: str, phases: Phases) -> Row:
         "raw sqlite3 loop, same reads and writes",
         0.7,
         ">= 0.7x raw",
+        measured,
+    )
+
+
+def segments_row(sizes: Sizes, directory: str, phases: Phases) -> Row:
+    n, r = sizes.segment_events, sizes.catch_up_rounds
+    with phases.phase(
+        f"24. segmented catch-up, {n:,} events, 2 workers vs 1 ({r} round{'s' * (r > 1)})",
+        r * 2 * n,
+    ) as advance:
+        measured = segments.catch_up(directory, n, r, advance)
+    return Row(
+        "segments_catch_up",
+        f"24. projection catch-up (segments=2, {segments.WORK_US:g} us per event), 2 workers",
+        "events/s",
+        best(measured.tidings),
+        best(measured.raw),
+        "1 worker process, the same projection",
+        1.6,
+        ">= 1.6x one worker",
         measured,
     )
 

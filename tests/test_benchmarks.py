@@ -84,6 +84,7 @@ def test_quick_benchmark_run_reports_every_scenario(tmp_path: Path) -> None:
         "read_all_upcast",
         "aggregate_load_snapshots",
         "projection_catch_up",
+        "segments_catch_up",
         "save_vs_eventsourcing",
         "concurrent_save_vs_eventsourcing",
         "load_vs_eventsourcing",

@@ -274,3 +274,31 @@ async def test_a_killed_worker_s_segment_is_taken_over_and_nothing_is_applied_tw
         expected = await ReadModel(clean, "segment_tally").all()
     assert actual == expected
     assert sum(doc["version"] for doc in actual.values()) == len(records)
+
+
+def test_projections_status_shows_one_row_per_segment_with_its_owner(tmp_path: Path) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from tidings.cli.main import app
+
+    url = f"sqlite:///{tmp_path / 'status.db'}"
+
+    async def build() -> None:
+        async with tidings.open_store(url) as store:
+            await fill(store, streams=6, each=2)
+            await ProjectionRunner(store, Balances()).catch_up()
+            await store.acquire_lease("projection:seg_balances[1/4]", "worker-7", 60)
+
+    asyncio.run(build())
+    cli = CliRunner(env={"COLUMNS": "250", "TIDINGS_STORE": None})
+    shown = cli.invoke(app, ["projections", "status", "--store", url])
+    assert shown.exit_code == 0, shown.output
+    assert "seg_balances [1/4]" in shown.output and "worker-7" in shown.output
+    lines = cli.invoke(app, ["projections", "status", "--store", url, "--json"]).output.split("\n")
+    rows = [json.loads(line) for line in lines if line.strip()]
+    assert [(r["name"], r["segment"], r["segments"]) for r in rows] == [
+        ("seg_balances", k, 4) for k in range(4)
+    ]
+    assert [r["owner"] for r in rows] == [None, "worker-7", None, None]

@@ -56,11 +56,13 @@ app = typer.Typer(
 
 @app.command()
 def status(store: StoreOption = DEFAULT_STORE, as_json: JSONOption = False) -> None:
-    """One row per projection with a checkpoint in the store, and how far behind it is.
+    """One row per projection with a checkpoint in the store (one per segment of a
+    projection with segments=), how far behind it is, and which worker holds it.
 
     Lag counts the events in the log past the projection's position, and the age of the
-    oldest of them in seconds. A rebuild in progress shows as `rebuilding: yes`. No
-    application code is needed.
+    oldest of them in seconds. A rebuild in progress shows as `rebuilding: yes`; the owner
+    is the `tidings worker` holding the lease (--owner, or host:pid:random). No application
+    code is needed.
     """
     asyncio.run(_status(store, as_json))
 
@@ -87,6 +89,9 @@ def status_dict(item: ProjectionStatus) -> dict[str, Any]:
         "lag_seconds": round(item.lag_seconds, 3),
         "updated_at": item.updated_at.isoformat() if item.updated_at else None,
         "rebuilding": item.rebuilding,
+        "segment": item.segment,
+        "segments": item.segments,
+        "owner": item.owner,
     }
 
 
@@ -101,19 +106,24 @@ def status_table(statuses: Iterable[ProjectionStatus], head: int) -> Table:
         table.add_column(header, justify="right", no_wrap=True)
     table.add_column("updated at (UTC)")
     table.add_column("rebuilding", no_wrap=True)
+    table.add_column("owner", overflow="fold")
     for item in statuses:
         behind = "red" if item.lag_events else ""
         when = "-"
         if item.updated_at is not None:
             when = item.updated_at.astimezone(UTC).isoformat(" ", timespec="seconds")[:19]
+        name = (
+            item.name if item.segment is None else f"{item.name} [{item.segment}/{item.segments}]"
+        )
         table.add_row(
-            Text(item.name),
+            Text(name),
             Text(str(item.generation)),
             Text(str(item.position)),
             Text(str(item.lag_events), style=behind),
             Text(f"{item.lag_seconds:.1f}", style=behind),
             Text(when),
             Text("yes" if item.rebuilding else "no", style="yellow" if item.rebuilding else ""),
+            Text(item.owner or "-", style="" if item.owner else "dim"),
         )
     return table
 

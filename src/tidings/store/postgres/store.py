@@ -126,8 +126,7 @@ class PostgresEventStore(
             raise ConfigurationError(f"pool sizes min_size={min_size}, max_size={max_size}")
         self.url = url
         self.dsn = _dsn(url)
-        parts = urlsplit(self.dsn)
-        self.address = f"{parts.hostname or 'localhost'}:{parts.port or 5432}"
+        self.address = _address(self.dsn)
         self.schema = schema
         self._s = f'"{schema}"'
         self.channel = f"tidings_{schema}"
@@ -213,6 +212,20 @@ class PostgresEventStore(
         finally:
             if self._pool is not None:
                 await self._close_pool(self._pool)
+
+
+def _address(dsn: str) -> str:
+    """The host(s) and port(s) a DSN names, for messages: `db:5432`, or `h1:5432,h2:5433` for
+    a multi-host URL (libpq's form, which asyncpg reads too: it tries each host in turn and,
+    with `target_session_attrs=read-write`, keeps only a writable primary)."""
+    hosts = urlsplit(dsn).netloc.rpartition("@")[2]
+    found = []
+    for host in (hosts or "localhost").split(","):
+        name, _, port = host.rpartition(":")
+        if not name or not port.isdigit():
+            name, port = host, "5432"
+        found.append(f"{name or 'localhost'}:{port}")
+    return ",".join(found)
 
 
 def _dsn(url: str) -> str:
