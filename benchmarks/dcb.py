@@ -54,6 +54,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
+import os
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -100,6 +101,7 @@ class DCBSizes:
     pg_block_decisions: int
     sqlite_blocks: int
     sqlite_block_decisions: int
+    cost_appends: int = 1000  # per side and round, in 22g/23e (a condition's cost alone)
     warm_decisions: int = 2  # per decider and side, untimed, before the first block
 
     def warm(self, deciders: int) -> int:
@@ -114,7 +116,12 @@ FULL = DCBSizes(
     rounds=2, pg_blocks=6, pg_block_decisions=64, sqlite_blocks=6, sqlite_block_decisions=96
 )
 QUICK = DCBSizes(
-    rounds=1, pg_blocks=2, pg_block_decisions=64, sqlite_blocks=2, sqlite_block_decisions=96
+    rounds=1,
+    pg_blocks=2,
+    pg_block_decisions=64,
+    sqlite_blocks=2,
+    sqlite_block_decisions=96,
+    cost_appends=200,
 )
 
 
@@ -630,12 +637,14 @@ DCB_SCENARIOS = {
     "dcb_pg_overlap_1": "22b. PG conditioned appends, 1 decider, overlap, vs eventsourcing",
     "dcb_pg_disjoint_16": "22c. PG conditioned appends, 16 deciders, disjoint, vs eventsourcing",
     "dcb_pg_overlap_16": "22d. PG conditioned appends, 16 deciders, overlap, vs eventsourcing",
-    "dcb_pg_vs_plain_1": "22e. PG conditioned vs plain appends, 1 decider, disjoint",
-    "dcb_pg_vs_plain": "22f. PG conditioned vs plain appends, 16 deciders, disjoint",
-    "dcb_sqlite_disjoint_1": "23a. SQLite conditioned vs plain appends, 1 decider, disjoint",
-    "dcb_sqlite_overlap_1": "23b. SQLite conditioned vs plain appends, 1 decider, overlap",
-    "dcb_sqlite_disjoint_16": "23c. SQLite conditioned vs plain appends, 16 deciders, disjoint",
-    "dcb_sqlite_overlap_16": "23d. SQLite conditioned vs plain appends, 16 deciders, overlap",
+    "dcb_pg_vs_plain_1": "22e. PG decisions vs plain appends, 1 decider, disjoint",
+    "dcb_pg_vs_plain": "22f. PG decisions vs plain appends, 16 deciders, disjoint",
+    "dcb_pg_condition_cost": "22g. PG conditioned append alone vs plain append, 1 writer",
+    "dcb_sqlite_disjoint_1": "23a. SQLite decisions vs plain appends, 1 decider, disjoint",
+    "dcb_sqlite_overlap_1": "23b. SQLite decisions vs plain appends, 1 decider, overlap",
+    "dcb_sqlite_disjoint_16": "23c. SQLite decisions vs plain appends, 16 deciders, disjoint",
+    "dcb_sqlite_overlap_16": "23d. SQLite decisions vs plain appends, 16 deciders, overlap",
+    "dcb_sqlite_condition_cost": "23e. SQLite conditioned append alone vs plain append, 1 writer",
 }
 # tidings / eventsourcing at 16 disjoint deciders is the issue's target; the others ask for
 # parity with eventsourcing and, against plain appends, what the condition may cost.
@@ -718,7 +727,65 @@ def dcb_rows(
         lite = measure_sqlite(directory, sizes, advance)
     for scenario in lite:
         rows.append(_plain_row(row, f"dcb_sqlite_{scenario.key}", scenario, sizes, None))
+
+    urls = {"sqlite": "sqlite:///" + os.path.join(directory, "dcb-condition-cost.db")}
+    if not isinstance(server, str):
+        urls["pg"] = server.store_url(server.schema("dcb_cost"))
+    for backend, url in urls.items():
+        n = sizes.cost_appends
+        with phases.phase(
+            f"22g/23e. {backend} conditioned append alone ({rounds})", r * 2 * n
+        ) as advance:
+            cost = asyncio.run(_condition_cost(url, n, r, advance))
+        key = f"dcb_{backend}_condition_cost"
+        rows.append(
+            row(
+                key,
+                DCB_SCENARIOS[key],
+                "appends/s",
+                max(cost.tidings),
+                max(cost.raw),
+                "plain appends of the same tagged events, same store, blocks taking turns",
+                PLAIN_TARGET,
+                f">= {PLAIN_TARGET:g}x plain",
+                cost,
+            )
+        )
     return rows, skips
+
+
+async def _condition_cost(url: str, n: int, rounds: int, advance: Advance) -> Measured:
+    """One writer: appends of one tagged event with an `AppendCondition` on a new tag (what a
+    unique-name claim does, without its read) against the same appends with none, in blocks
+    of 100 taking turns on one store; best of `rounds`."""
+    measured = Measured(
+        info={"appends_per_side_and_round": n, "block": 100, "url": url.split("?")[0]}
+    )
+    async with open_store(url) as store:
+        for number in range(rounds):
+            spent = {"conditioned": 0.0, "plain": 0.0}
+            for block in range(n // 100):
+                order = ("plain", "conditioned") if block % 2 else ("conditioned", "plain")
+                for side in order:
+                    started = time.perf_counter()
+                    for i in range(100):
+                        name = f"{side}-{number}-{block}-{i}"
+                        event = Registered(name=name)
+                        if side == "plain":
+                            await store.append(f"user-{name}", [event])
+                        else:
+                            query = Query(QueryItem(types=[Registered], tags=[f"user:{name}"]))
+                            await store.append(
+                                f"user-{name}", [event], condition=AppendCondition(query)
+                            )
+                    spent[side] += time.perf_counter() - started
+                advance(200)
+            measured.tidings.append(n // 100 * 100 / spent["conditioned"])  # appends per second
+            measured.raw.append(n // 100 * 100 / spent["plain"])
+        if url.startswith("postgresql"):
+            async with store._connection() as conn:  # type: ignore[attr-defined]
+                await conn.execute(f"DROP SCHEMA {store._s} CASCADE")  # type: ignore[attr-defined]
+    return measured
 
 
 def _plain_row(
@@ -789,7 +856,7 @@ def _main() -> None:  # pragma: no cover - a development aid; run.py is the benc
             f"{item.scenario:70} {item.tidings:9.0f} {item.baseline:9.0f} {ratio:6.2f}x "
             f"({item.target_text}) conflicts {item.extra.get('conflicts')}"
         )
-        rates = item.measured.info["appends_per_s"]
+        rates = item.measured.info.get("appends_per_s", {"tidings": item.measured.tidings})
         print(f"{'':70} per round {rates}")
     for skip in skips:
         print("skipped", skip)

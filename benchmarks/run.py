@@ -74,8 +74,8 @@ benchmarks/scale.png (matplotlib, from the dev extra).
 
 `--only` runs some scenarios: `sqlite` (1-8, 19, 24), `postgres` (9-11), a broker (`redis`,
 `nats`, `rabbitmq`, `kafka`: its publish and consume rows), `brokers` (all of those), `relay`
-(18, on the brokers named, or all), `dcb` (22-23); e.g. `--only kafka`. Its results go to benchmarks/results-only.json
-unless --json says otherwise.
+(18, on the brokers named, or all), `dcb` (22-23); e.g. `--only kafka`. Its results go to
+benchmarks/results-only.json unless --json says otherwise.
 
 Prints one table (tidings, the baseline, their ratio, the target, pass or missed) and writes the
 same numbers to benchmarks/results.json (a --quick run writes results-quick.json instead, so it

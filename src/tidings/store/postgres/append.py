@@ -5,6 +5,7 @@ retried once with the same ids, and a retry of stored events is told from a clas
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from typing import Any
@@ -96,6 +97,7 @@ class PostgresAppending(PostgresSubscriptions):
         return {row[0]: (row[1], row[2], row[3]) for row in rows}
 
 
+@functools.lru_cache(maxsize=4096)  # `*`, `bulk` and the types recur on every append
 def _key(schema: str, name: str) -> int:
     """A signed 64-bit advisory-lock key for `name` in this schema (stable across
     processes and releases: a hash, not Python's salted `hash`)."""
