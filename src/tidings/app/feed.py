@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from tidings import telemetry
 from tidings.app.projections import Projection, View
-from tidings.app.segments import segment_count, segment_of
+from tidings.app.segments import quietly, segment_count, segment_of
 from tidings.core.errors import (
     ConfigurationError,
     EventDecodeError,
@@ -206,12 +206,3 @@ async def check_segments(store: Any, projection: Projection) -> None:
             f"segment count only by a rebuild, which builds the new count beside the old one "
             f"(ProjectionRunner.rebuild({name!r}), or `tidings projections rebuild {name}`)"
         )
-
-
-async def quietly(call: Any) -> Any:
-    """Await a lease call; a store error counts as "not held" (and is logged)."""
-    try:
-        return await call
-    except (TidingsError, OSError) as exc:
-        log.warning("lease: %s", exc)
-        return False

@@ -28,7 +28,7 @@ from typing import Any
 
 from tidings.core.errors import TidingsError
 
-__all__ = ["Balancer", "segment_of"]
+__all__ = ["Balancer", "quietly", "segment_of"]
 
 log = logging.getLogger("tidings.projections")
 
@@ -94,21 +94,19 @@ class Balancer:
             for k in list(self._running):
                 await self._stop(k)
             if not self.store._closed:
-                await asyncio.shield(
-                    self._quietly(self.store.release_lease(self._member, self.owner))
-                )
+                await asyncio.shield(quietly(self.store.release_lease(self._member, self.owner)))
 
     async def _balance(self) -> None:
         store, owner = self.store, self.owner
-        await self._quietly(store.acquire_lease(self._member, owner, self.ttl))
-        members_found = await self._quietly(store.lease_owners(f"projection:{self.name}:member:"))
-        held_found = await self._quietly(store.lease_owners(f"projection:{self.name}["))
+        await quietly(store.acquire_lease(self._member, owner, self.ttl))
+        members_found = await quietly(store.lease_owners(f"projection:{self.name}:member:"))
+        held_found = await quietly(store.lease_owners(f"projection:{self.name}["))
         if members_found is False or held_found is False:
             return  # the store is unreachable: keep what runs, try again next time
         members = set(members_found.values()) | {owner}
         held = {k: held_found.get(self.lease(k)) for k in range(self.segments)}
         for k in list(self._running):  # renew, or let go of what is no longer ours
-            if held.get(k) != owner or not await self._quietly(
+            if held.get(k) != owner or not await quietly(
                 store.acquire_lease(self.lease(k), owner, self.ttl)
             ):
                 await self._stop(k)
@@ -121,7 +119,7 @@ class Balancer:
         while mine and (len(mine) > fair or len(mine) > least + 1):
             k = mine.pop()
             await self._stop(k)
-            await self._quietly(store.release_lease(self.lease(k), owner))
+            await quietly(store.release_lease(self.lease(k), owner))
             held[k], gave = None, True
         if gave or len(mine) > least:
             return  # what is free now is for the least loaded members to take
@@ -129,7 +127,7 @@ class Balancer:
         for k in free:
             if len(mine) >= fair:
                 break
-            if await self._quietly(store.acquire_lease(self.lease(k), owner, self.ttl)):
+            if await quietly(store.acquire_lease(self.lease(k), owner, self.ttl)):
                 log.info("%s takes segment %d/%d of %s", owner, k, self.segments, self.name)
                 self._running[k] = self._start(k)
                 self._held(k, True)
@@ -142,10 +140,11 @@ class Balancer:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
 
-    @staticmethod
-    async def _quietly(call: Any) -> Any:
-        try:
-            return await call
-        except (TidingsError, OSError) as exc:
-            log.warning("lease: %s", exc)
-            return False
+
+async def quietly(call: Any) -> Any:
+    """Await a lease call; a store error counts as "not held" (and is logged)."""
+    try:
+        return await call
+    except (TidingsError, OSError) as exc:
+        log.warning("lease: %s", exc)
+        return False

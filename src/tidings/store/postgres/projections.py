@@ -90,14 +90,22 @@ class PostgresProjections(PostgresCore):
         )
         return None if row is None else ProjectionState(*row)
 
-    async def _save_projection(self, conn: Any, state: ProjectionState) -> None:
+    async def _save_projection(
+        self, conn: Any, state: ProjectionState, *, replace: bool = True
+    ) -> None:
+        """Write a checkpoint row; `replace=False` leaves a row someone else made alone."""
+        keep = (
+            "DO UPDATE SET generation = excluded.generation, "
+            "position = excluded.position, updated_at = excluded.updated_at, "
+            "building_generation = excluded.building_generation, "
+            "building_position = excluded.building_position"
+            if replace
+            else "DO NOTHING"
+        )
         await conn.execute(
             f"INSERT INTO {self._s}.tidings_projections (name, generation, position, updated_at, "
             "building_generation, building_position) VALUES ($1, $2, $3, now(), $4, $5) "
-            "ON CONFLICT (name) DO UPDATE SET generation = excluded.generation, "
-            "position = excluded.position, updated_at = excluded.updated_at, "
-            "building_generation = excluded.building_generation, "
-            "building_position = excluded.building_position",
+            f"ON CONFLICT (name) {keep}",
             state.name,
             state.generation,
             state.position,
@@ -132,7 +140,7 @@ class PostgresProjections(PostgresCore):
                 # (a rebuild starting meanwhile must not be overwritten).
                 created = documents_owner(main, commit, now)
                 if created is not None:
-                    await self._create_projection(conn, created)
+                    await self._save_projection(conn, created, replace=False)
             if upserts:
                 await conn.execute(
                     f"INSERT INTO {self._s}.tidings_documents (projection, generation, key, doc) "
@@ -188,18 +196,6 @@ class PostgresProjections(PostgresCore):
             f"SELECT {self._projection_columns()} WHERE name = $1 FOR SHARE", name
         )
         return None if row is None else ProjectionState(*row)
-
-    async def _create_projection(self, conn: Any, state: ProjectionState) -> None:
-        await conn.execute(
-            f"INSERT INTO {self._s}.tidings_projections (name, generation, position, updated_at, "
-            "building_generation, building_position) VALUES ($1, $2, $3, now(), $4, $5) "
-            "ON CONFLICT (name) DO NOTHING",
-            state.name,
-            state.generation,
-            state.position,
-            state.building_generation,
-            state.building_position,
-        )
 
     def _live_generation(self) -> str:
         return (
