@@ -391,6 +391,9 @@ STATUS_KEYS = {
     "lag_seconds",
     "updated_at",
     "rebuilding",
+    "segment",
+    "segments",
+    "owner",
 }
 
 
@@ -430,16 +433,24 @@ def test_projections_status_table(runner: CliRunner, status_store: str) -> None:
     assert result.exit_code == 0, result.output
     out = result.stdout
     assert "head of the log: position 4" in out
-    for header in ("projection", "gen", "position", "lag", "updated at (UTC)", "rebuilding"):
+    for header in (
+        "projection",
+        "gen",
+        "position",
+        "lag",
+        "updated at (UTC)",
+        "rebuilding",
+        "owner",
+    ):
         assert header in out
     [counts] = [line for line in out.splitlines() if "clitest_item_counts" in line]
     [other] = [line for line in out.splitlines() if "clitest_other" in line]
-    # name, generation, position, lag in events, lag in seconds, date, time, rebuilding
+    # name, generation, position, lag in events, lag in seconds, date, time, rebuilding, owner
     cells = counts.split()
-    assert cells[1:4] == ["1", "3", "1"] and cells[-1] == "no"
+    assert cells[1:4] == ["1", "3", "1"] and cells[-2:] == ["no", "-"]
     float(cells[4])
     datetime.fromisoformat(f"{cells[5]} {cells[6]}")
-    assert other.split()[2:4] == ["0", "4"] and other.split()[-1] == "yes"
+    assert other.split()[2:4] == ["0", "4"] and other.split()[-2:] == ["yes", "-"]
 
 
 def test_projections_status_of_a_store_without_projections(

@@ -11,6 +11,7 @@ import os
 import queue
 import sqlite3
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -130,8 +131,26 @@ class SQLiteEventStore(
         """Open the writer connection, switch to WAL and migrate the schema (in a thread).
 
         With `create=False` nothing is changed in a file that holds no tidings tables, and a
-        current schema is only read, never locked.
+        current schema is only read, never locked. Several processes opening one new file at
+        once can find it locked in ways SQLite does not wait for (the switch to WAL, a
+        recovery): that is tried again, for up to `busy_timeout`.
         """
+        deadline = time.monotonic() + self.busy_timeout / 1000
+        pause = 0.01
+        while True:
+            try:
+                return self._prepare_once()
+            except StoreError as exc:
+                cause = exc.__cause__
+                locked = isinstance(cause, sqlite3.OperationalError) and (
+                    "locked" in str(cause) or "busy" in str(cause)
+                )
+                if not locked or time.monotonic() + pause > deadline:
+                    raise
+                time.sleep(pause)
+                pause = min(pause * 2, 0.5)
+
+    def _prepare_once(self) -> sqlite3.Connection:
         if not self.create and not os.path.exists(self.path):
             raise StoreNotFound(self.path)
         with _mapped_errors(self.path):
