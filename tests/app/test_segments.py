@@ -1,14 +1,12 @@
 """Projections split into segments: a stable hash of the stream id, a checkpoint and a lease
-per segment, runners dividing segments fairly, a dead worker's segments taken over, and
-segment counts changed only by a rebuild; on every store."""
+per segment, runners dividing segments fairly and taking over, and segment counts changed only
+by a rebuild; on every store. Worker processes SIGKILLed under load:
+tests/reliability/test_segment_kills.py."""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-import os
-import signal
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -17,7 +15,6 @@ from typing import Any
 import pytest
 
 import tidings
-from tests.app.test_worker_takeover import Worker
 from tests.backends import discard, require, store_url
 from tests.events import Deposited
 from tidings import ConfigurationError, Projection, ProjectionRunner, ReadModel, RecordedEvent, on
@@ -172,108 +169,6 @@ async def test_a_live_segment_count_changes_only_by_a_rebuild(store: tidings.Eve
     assert not any(
         r.startswith("seg_balances[") for r in {s.name for s in await store.projection_states()}
     )
-
-
-# -- a worker process SIGKILLed under load ---------------------------------------------------
-
-APP = """
-from tidings import Event, JSONCodec, Projection, RecordedEvent, TypeRegistry, on
-
-REGISTRY = TypeRegistry()
-CODEC = JSONCodec(REGISTRY)
-
-
-class Counted(Event, type="test.segments.counted", registry=REGISTRY):
-    n: int
-
-
-class Tally(Projection, name="segment_tally", segments=2):
-    @on(Counted)
-    def counted(self, event: Counted, record: RecordedEvent) -> None:
-        doc = self.view.get(record.stream_id, {"version": 0, "sum": 0})
-        if record.version != doc["version"] + 1:
-            raise RuntimeError(f"{record.stream_id}: version {record.version} after {doc}")
-        self.view.put(record.stream_id, {"version": record.version, "sum": doc["sum"] + event.n})
-"""
-
-LEASE = 1.0
-
-
-async def start_worker(url: str, folder: Path, owner: str) -> Worker:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(folder), *sys.path])}
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "tidings.cli.main", "worker", "--store", url, "--app",
-        "segments_app", "--lease", str(LEASE), "--owner", owner, "--batch-size", "20",
-        cwd=folder, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    return Worker(process)
-
-
-async def test_a_killed_worker_s_segment_is_taken_over_and_nothing_is_applied_twice(
-    shared_url: str, tmp_path: Path
-) -> None:
-    (tmp_path / "segments_app.py").write_text(APP)
-    sys.path.insert(0, str(tmp_path))
-    try:
-        import segments_app  # type: ignore[import-not-found]
-    finally:
-        sys.path.remove(str(tmp_path))
-    counted, codec = segments_app.Counted, segments_app.CODEC
-    async with tidings.open_store(shared_url, codec=codec) as store:
-        for batch in range(20):
-            for stream in range(8):
-                await store.append(f"t-{stream}", [counted(n=batch * 8 + i) for i in range(5)])
-        first = await start_worker(shared_url, tmp_path, "first")
-        second: Worker | None = None
-        writing = True
-
-        async def keep_writing() -> None:
-            n = 0
-            while writing:
-                await store.append(f"live-{n % 6}", [counted(n=n)])
-                n += 1
-                await asyncio.sleep(0.01)
-
-        writer = asyncio.create_task(keep_writing())
-        try:
-            await first.wait_for_line("holds segment_tally[1/2]", 30)
-            second = await start_worker(shared_url, tmp_path, "second")
-            deadline = time.monotonic() + 20
-            while not any(line.startswith("holds segment_tally[") for line in second.lines):
-                assert time.monotonic() < deadline, (first.lines, second.lines)
-                await asyncio.sleep(0.05)
-            await first.stop(signal.SIGKILL)  # under load, holding one segment
-            killed_at = time.monotonic()
-            deadline = killed_at + 3 * LEASE + 5
-            while sum(line.startswith("holds segment_tally[") for line in second.lines) < 2:
-                assert time.monotonic() < deadline, second.lines
-                await asyncio.sleep(0.05)
-            took = time.monotonic() - killed_at
-            await asyncio.sleep(0.5)
-        finally:
-            writing = False
-            await writer
-        head = await store.last_position()
-        for _ in range(600):
-            states = [
-                s for s in await store.projection_states() if s.name.startswith("segment_tally[")
-            ]
-            if len(states) == 2 and all(s.position >= head for s in states):
-                break
-            await asyncio.sleep(0.05)
-        actual = await ReadModel(store, "segment_tally").all()
-        records = [r async for r in store.read_all()]
-        if second is not None:
-            await second.stop()
-            assert second.process.returncode == 0, second.lines
-    assert took <= 2 * LEASE + 2, f"{took:.1f}s to take the dead worker's segment over"
-    async with tidings.open_store("memory://", codec=codec) as clean:
-        for record in records:
-            await clean.append(record.stream_id, [record.event])
-        await ProjectionRunner(clean, segments_app.Tally()).catch_up()
-        expected = await ReadModel(clean, "segment_tally").all()
-    assert actual == expected
-    assert sum(doc["version"] for doc in actual.values()) == len(records)
 
 
 def test_projections_status_shows_one_row_per_segment_with_its_owner(tmp_path: Path) -> None:

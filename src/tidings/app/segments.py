@@ -91,10 +91,16 @@ class Balancer:
                     return  # a handler error, or the store closed: the runner reports it
                 await asyncio.sleep(self.ttl / 3)
         finally:
-            for k in list(self._running):
+            held = list(self._running)
+            for k in held:
                 await self._stop(k)
-            if not self.store._closed:
-                await asyncio.shield(quietly(self.store.release_lease(self._member, self.owner)))
+            if not self.store._closed:  # let the others take over at once, not at expiry
+                leases = [self._member, *(self.lease(k) for k in held)]
+                await asyncio.shield(self._release(leases))
+
+    async def _release(self, leases: list[str]) -> None:
+        for lease in leases:
+            await quietly(self.store.release_lease(lease, self.owner))
 
     async def _balance(self) -> None:
         store, owner = self.store, self.owner
