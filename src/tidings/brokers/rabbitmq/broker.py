@@ -331,11 +331,12 @@ class RabbitMQBroker(_Topology, BrokerBase):
 
     async def _read_dead_letters(self, drop: str | None) -> list[DeadLetter]:
         channel = await self._plain_channel()
+        found: list[DeadLetter] = []
+        returned = 0  # taken and not acked: they go back when the channel closes
         try:
             queue = await channel.declare_queue(DLQ, durable=True, arguments=_QUORUM)
             result = queue.declaration_result
             count = result.message_count if result and result.message_count else 0
-            found: list[DeadLetter] = []
             for _ in range(count):
                 incoming = await queue.get(no_ack=False, fail=False, timeout=5)
                 if incoming is None:
@@ -344,15 +345,34 @@ class RabbitMQBroker(_Topology, BrokerBase):
                     dead = self._dead_letter(incoming)
                 except (ValueError, KeyError, TypeError) as exc:
                     log.warning("skipping an unreadable dead letter: %s", exc)
+                    returned += 1
                     continue
                 if dead.id == drop:
                     await incoming.ack()
                 else:
                     found.append(dead)
-            found.sort(key=lambda dead: dead.failed_at)  # stable: queue order on ties
-            return found
+                    returned += 1
         finally:
             await _close(channel)  # everything taken and not acked goes back
+        await self._until_returned(returned)
+        found.sort(key=lambda dead: dead.failed_at)  # stable: queue order on ties
+        return found
+
+    async def _until_returned(self, returned: int) -> None:
+        """Wait (under the lock, briefly) until what a browse gave back is ready in the queue
+        again: the server requeues a closed channel's messages after the close, and a browse
+        or a replay right after would count, and so miss, only those already back."""
+        deadline = time.monotonic() + 5
+        channel = await self._plain_channel()
+        try:
+            while True:
+                queue = await channel.declare_queue(DLQ, durable=True, arguments=_QUORUM)
+                result = queue.declaration_result
+                if (result.message_count or 0) >= returned or time.monotonic() > deadline:
+                    return
+                await asyncio.sleep(0.01)
+        finally:
+            await _close(channel)
 
     async def _lock(self) -> aio_pika.abc.AbstractChannel:
         """A channel holding the exclusive consumer of the dead-letter lock queue."""
