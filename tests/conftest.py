@@ -37,3 +37,12 @@ def open_store(store_url: str) -> Callable[..., tidings.EventStore]:
         return tidings.open_store(store_url, **options)
 
     return factory
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def shared_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh store that other processes can open too (not `memory://`), dropped after."""
+    require(request.param)
+    url = backend_url(request.param, tmp_path)
+    yield url
+    discard(url)

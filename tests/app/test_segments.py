@@ -15,7 +15,6 @@ from typing import Any
 import pytest
 
 import tidings
-from tests.backends import discard, require, store_url
 from tests.events import Deposited
 from tidings import ConfigurationError, Projection, ProjectionRunner, ReadModel, RecordedEvent, on
 from tidings.app.segments import segment_of
@@ -41,14 +40,6 @@ class Unsegmented(Balances, name="seg_balances", segments=1):
 
 class Doubled(Balances, name="seg_balances", segments=2):
     pass
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def shared_url(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
-    require(request.param)
-    url = store_url(request.param, tmp_path)
-    yield url
-    discard(url)
 
 
 async def fill(store: tidings.EventStore, streams: int = 12, each: int = 5) -> None:

@@ -11,10 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 import tidings
-from tests.backends import discard, require, store_url
 
 APP = """
 from tidings import Event, JSONCodec, Projection, RecordedEvent, TypeRegistry, on
@@ -90,14 +87,6 @@ async def start_worker(url: str, folder: Path, owner: str) -> Worker:
         cwd=folder, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     return Worker(process)
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def shared_url(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
-    require(request.param)
-    url = store_url(request.param, tmp_path)
-    yield url
-    discard(url)
 
 
 async def test_a_killed_owner_is_replaced_within_ten_seconds(

@@ -12,8 +12,6 @@ from __future__ import annotations
 import asyncio
 import sys
 import textwrap
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Annotated, Any
 
 import pytest
@@ -21,7 +19,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import tidings
-from tests.backends import discard, require, store_url
 from tests.events import CourseDefined, Note, StudentSubscribed, UserRegistered
 from tidings import (
     NO_STREAM,
@@ -318,15 +315,6 @@ _CLAIMER = textwrap.dedent(
     asyncio.run(main())
     """
 )
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def shared_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A fresh store that other processes can open too (not `memory://`)."""
-    require(request.param)
-    url = store_url(request.param, tmp_path)
-    yield url
-    discard(url)
 
 
 async def test_twenty_processes_race_for_one_name_and_one_wins(shared_url: str) -> None:

@@ -22,7 +22,6 @@ import pytest
 
 import tidings
 from tests.app.test_worker_takeover import Worker
-from tests.backends import discard, require, store_url
 from tests.reliability.harness import Row, reliability, report, scale, stopwatch
 
 pytestmark = [
@@ -54,14 +53,6 @@ class Tally(Projection, name="segment_tally", segments=2):
             raise RuntimeError(f"{record.stream_id}: version {record.version} after {doc}")
         self.view.put(record.stream_id, {"version": record.version, "sum": doc["sum"] + event.n})
 """
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def shared_url(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
-    require(request.param)
-    url = store_url(request.param, tmp_path)
-    yield url
-    discard(url)
 
 
 async def start_worker(url: str, folder: Path, owner: str) -> Worker:

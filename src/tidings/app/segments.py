@@ -19,6 +19,7 @@ renewal: within about 1.3 leases.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import math
@@ -33,6 +34,7 @@ __all__ = ["Balancer", "quietly", "segment_of"]
 log = logging.getLogger("tidings.projections")
 
 
+@functools.lru_cache(maxsize=65_536)  # per event of a segmented feed: a stream recurs
 def segment_of(stream_id: str, segments: int) -> int:
     """The segment (0 to `segments` - 1) that `stream_id`'s events belong to."""
     if segments <= 1:

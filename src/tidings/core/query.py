@@ -112,14 +112,6 @@ class Query:
         """Whether an event of `type` carrying `tags` matches (by stored name)."""
         return not self.items or any(item.matches(type, tags) for item in self.items)
 
-    def __or__(self, other: Query) -> Query:
-        """Both queries' items: the events either matches (an empty query stays all)."""
-        if not isinstance(other, Query):
-            return NotImplemented
-        if not self.items or not other.items:
-            return Query()
-        return Query(*self.items, *other.items)
-
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Query):
             return NotImplemented
@@ -199,13 +191,6 @@ class Selection(NamedTuple):
         if any(t is None and not tags for t, tags in resolved):
             return None
         return cls(resolved)
-
-    @property
-    def types_only(self) -> frozenset[str] | None:
-        """The type names, when no item has tags (the plain `types=` filter)."""
-        if any(tags or t is None for t, tags in self.items):
-            return None
-        return frozenset().union(*(t for t, _ in self.items if t is not None))
 
     def matches(self, type: str, tags: Collection[str]) -> bool:
         """Whether a stored event of `type` with `tags` is selected."""
