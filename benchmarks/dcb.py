@@ -113,7 +113,7 @@ class DCBSizes:
 # The blocks are the same size in both runs (an overlap block's accounts start empty, so a
 # decision's read depends on the block's size only): the quick run has fewer of them.
 FULL = DCBSizes(
-    rounds=2, pg_blocks=6, pg_block_decisions=64, sqlite_blocks=6, sqlite_block_decisions=96
+    rounds=2, pg_blocks=6, pg_block_decisions=256, sqlite_blocks=6, sqlite_block_decisions=384
 )
 QUICK = DCBSizes(
     rounds=1,

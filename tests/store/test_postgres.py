@@ -188,6 +188,20 @@ def assert_same_log(got: list[RecordedEvent[Any]], log: list[RecordedEvent[Any]]
 # -- many writers, one contested stream, subscribers following ------------------------------
 
 
+async def test_a_pool_of_one_connection_serves_concurrent_callers_and_closes(
+    pg_url: str,
+) -> None:
+    """With `max_size=1` no connection is kept out of the pool: it once was, and then
+    concurrent callers and the notifier waited for the pool's one connection for ever (the
+    bound here is a deadlock's, far above the milliseconds this takes)."""
+    async with asyncio.timeout(30):
+        async with tidings.open_store(pg_url, max_size=1) as store:
+            await asyncio.gather(
+                *(store.append(f"note-{n}", [Note(text=str(n))]) for n in range(20))
+            )
+            assert await store.last_position() == 20
+
+
 async def test_concurrent_writers_contested_stream_and_subscribers(pg_url: str) -> None:
     """16 writers over a pool of 4 connections append 20,000 events to 100 shared streams,
     while 4 racers fight over one stream with expected versions and 2 subscribers follow."""

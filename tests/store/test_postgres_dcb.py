@@ -109,3 +109,51 @@ async def test_a_decision_does_not_read_past_an_event_in_flight(pg_url: str) -> 
         with pytest.raises(AppendConditionFailed):
             await asyncio.wait_for(decided, 5)
         assert await store.last_position() == 2
+
+
+async def sequential_scans(url: str, events: int) -> dict[str, int]:
+    """Sequential scans of the store's tables, once the server's statistics count `events`
+    events inserted (a connection reports them at the end of a transaction a second or
+    more after its last report)."""
+    async with raw_connection() as conn:
+        for _ in range(100):
+            rows = await conn.fetch(
+                "SELECT relname, seq_scan, n_tup_ins FROM pg_stat_user_tables "
+                "WHERE schemaname = $1 AND relname IN "
+                "('tidings_events', 'tidings_tags', 'tidings_streams')",
+                schema_of(url),
+            )
+            if any(row[0] == "tidings_events" and row[2] == events for row in rows):
+                return {row[0]: int(row[1]) for row in rows}
+            await asyncio.sleep(0.05)
+    raise AssertionError(f"the statistics never counted {events} events: {rows}")
+
+
+async def test_a_connection_that_planned_on_a_small_log_still_appends_by_index(
+    pg_url: str,
+) -> None:
+    """PL/pgSQL keeps each statement's plan for its session, made from the statistics of
+    the moment: the append function once kept sequential scans planned while the log was
+    small, so one connection's appends slowed with every event stored. Appends, conditioned
+    or not, and decisions' reads on one connection that planned them early make none."""
+    async with tidings.open_store(pg_url, min_size=1, max_size=1) as store:
+        for n in range(10):  # past the 5 custom plans, on a log of a few events
+            await store.append(f"user-{n}", [UserRegistered(username=f"u{n}")])
+        await asyncio.sleep(1.1)
+        await store.last_position()
+    before = await sequential_scans(pg_url, 10)
+    async with tidings.open_store(pg_url, min_size=1, max_size=1) as store:
+        for n in range(10, 400):
+            name = f"u{n}"
+            if n % 2:
+                await store.append(f"user-{n}", [UserRegistered(username=name)])
+                continue
+            read = await store.read_query(claim_query(name))
+            await store.append(
+                f"user-{n}",
+                [UserRegistered(username=name)],
+                condition=AppendCondition(claim_query(name), after=read.head),
+            )
+        await asyncio.sleep(1.1)  # a transaction now reports them (once a second at most)
+        assert await store.last_position() == 400
+    assert await sequential_scans(pg_url, 400) == before

@@ -63,6 +63,7 @@ class PostgresCore(StoreBase):
     _listening: bool
     _holes: dict[int, int]
     _skipped: set[int]
+    _young: dict[int, float]
     _settled_to: int
 
     async def _close_pool(self, pool: Any) -> None:

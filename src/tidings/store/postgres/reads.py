@@ -9,6 +9,7 @@ draws positions, and a hole is closed when the oldest running transaction id is 
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from tidings.core.query import Selection
@@ -21,7 +22,8 @@ __all__ = ["PostgresReading"]
 _COLUMNS = (
     "position, id, stream_id, version, type, schema_version, recorded_at, data, metadata, tags"
 )
-_COUNTED = 10_000  # positions past the settled one that are counted to find no hole at once
+_SETTLING = 10_000  # positions past the settled one a reach statement looks at
+_PATIENCE = 0.2  # seconds a hole may stay before `_settled` asks whether it can still fill
 _WALKED = 10_000  # positions read per round trip when a hole must be found
 
 
@@ -65,24 +67,22 @@ class PostgresReading(PostgresCore):
         """A batch through the tag and type indexes, up to the settled position: below it
         no hole can still fill, so reading by index skips nothing committed later.
 
-        One round trip when nothing is in flight: the statement reads the rows up to the
-        newest position together with a count of the positions since the last settled one;
-        a count that shows no hole makes the newest position settled. Otherwise the settled
-        position is found (`_settled`) and the batch is read again up to it."""
+        One round trip, in flight or not: the statement finds, in its own snapshot, the
+        newest position and the last one before the first hole since the last settled
+        position (`_SETTLING`), and reads the selected rows up to that one. A young hole is
+        a writer still committing: the batch stops below it. Only a hole that stays, one
+        known never to fill, or a reader far behind takes `_settled`'s further steps."""
         known = self._settled_to
         sql, values = self._selected_sql(selection, after, limit, known)
         async with self._connection() as conn:
             found = await conn.fetch(sql, *values)
-            newest, counted = found[0][0], found[0][1]
+            newest, reached = found[0][0], found[0][1]
             rows: list[Row] = [row[2:] for row in found if row[2] is not None]
-            settled = max(known, newest)
-            if newest > known:
-                if self._no_hole(known, newest, counted):
-                    self._settled_to = max(self._settled_to, newest)
-                else:  # a hole: read again, up to what is settled now (a fresh snapshot)
-                    settled = await self._settled(conn)
-                    sql, values = self._selected_sql(selection, after, limit, None, settled)
-                    rows = list(await conn.fetch(sql, *values))
+            settled = self._reached(known, newest, reached)
+            if settled is None:  # read again, up to what is settled now (a fresh snapshot)
+                settled = await self._settled(conn)
+                sql, values = self._selected_sql(selection, after, limit, None, settled)
+                rows = list(await conn.fetch(sql, *values))
         if len(rows) == limit:
             return rows, rows[-1][0]
         return rows, max(settled, after)
@@ -95,13 +95,13 @@ class PostgresReading(PostgresCore):
         known: int | None,
         until: int | None = None,
     ) -> tuple[str, list[Any]]:
-        """The statement of a selected batch and its values: with `known`, the rows up to
-        the newest position plus that position and the count of positions in (known,
-        known + _COUNTED], in one snapshot; else the rows up to `until`."""
+        """The statement of a selected batch and its values: with `known`, the newest
+        position, the last one before the first hole after `known`, and the rows up to that
+        one, in one snapshot; else the rows up to `until`."""
         mark = Placeholders(numbered=True)
         first, size = mark(after), mark(limit)
         events = f"{self._s}.tidings_events"
-        bound = "h.newest" if known is not None else mark(until)
+        bound = "h.reached" if known is not None else mark(until)
         positions = selected_positions(
             selection,
             mark,
@@ -117,40 +117,56 @@ class PostgresReading(PostgresCore):
         )
         if known is None:
             return rows, mark.values
-        since = mark(known)
-        return (
-            "SELECT h.newest, h.counted, e.* FROM (SELECT coalesce(max(position), 0) AS newest, "
-            f"(SELECT count(*) FROM {events} WHERE position > {since} "
-            f"AND position <= {since} + {_COUNTED}) AS counted FROM {events}) AS h "
-            f"LEFT JOIN LATERAL ({rows}) AS e ON true"
+        return (  # (materialized: else the planner repeats the reach for every row)
+            f"WITH h AS MATERIALIZED ({self._reach_sql(mark(known))}) "
+            f"SELECT h.newest, h.reached, e.* FROM h LEFT JOIN LATERAL ({rows}) AS e ON true"
         ), mark.values
 
-    def _no_hole(self, settled: int, newest: int, counted: int) -> bool:
-        """Whether `counted` positions in (settled, newest] leave no hole there."""
-        if newest - settled > _COUNTED:
-            return False
-        skipped = sum(1 for p in self._skipped if settled < p <= newest) if self._skipped else 0
-        return bool(counted + skipped == newest - settled)
+    def _reach_sql(self, since: str) -> str:
+        """`SELECT newest, reached`: the newest position, and the last position up to which
+        every one after `since` is present (at most `_SETTLING` past it), in one snapshot.
+        A window over the positions since `since`: the first whose successor is not the
+        next number ends the unbroken run."""
+        events = f"{self._s}.tidings_events"
+        return (
+            "SELECT n.newest, (SELECT min(g.position) FROM (SELECT w.position, "
+            "lead(w.position) OVER (ORDER BY w.position) AS next FROM ("
+            f"SELECT {since}::bigint AS position UNION ALL SELECT position FROM {events} "
+            f"WHERE position > {since} AND position <= least(n.newest, {since} + {_SETTLING})"
+            ") AS w) AS g WHERE g.next IS DISTINCT FROM g.position + 1) AS reached "
+            f"FROM (SELECT coalesce(max(position), 0) AS newest FROM {events}) AS n"
+        )
+
+    def _reached(self, known: int, newest: int, reached: int) -> int | None:
+        """The settled position a reach statement shows, or None when `_settled` must
+        decide: the hole at `reached + 1` is one known never to fill, has stayed longer
+        than `_PATIENCE`, or the run stopped at `_SETTLING` positions without a hole."""
+        for position in [p for p in self._young if p <= reached]:
+            del self._young[position]
+        if reached >= newest:
+            self._settled_to = max(self._settled_to, newest)
+            return max(known, newest)
+        hole, now = reached + 1, time.monotonic()
+        seen = self._young.setdefault(hole, now)
+        if hole in self._skipped or reached - known >= _SETTLING or now - seen > _PATIENCE:
+            self._young[hole] = now  # `_settled` looks at it now; it waits again after
+            return None
+        self._settled_to = max(self._settled_to, reached)
+        return max(known, reached)
 
     async def _settled(self, conn: Any) -> int:
         """The newest position at or below which every position is settled: committed, or
-        a hole no transaction can fill any more. Cheap when nothing is in flight: one count
-        of the positions since the last settled one, or else one look at the sequence and
-        the oldest running transaction; only then a walk of the positions to the first
-        hole (the rules of `_up_to_first_hole`)."""
+        a hole no transaction can fill any more. One statement when nothing is in flight or
+        a writer is still committing (`_reached`); else one look at the sequence and the
+        oldest running transaction; only then a walk of the positions to the first hole
+        (the rules of `_up_to_first_hole`)."""
         settled = self._settled_to
-        newest, count = await conn.fetchrow(
-            f"SELECT (SELECT coalesce(max(position), 0) FROM {self._s}.tidings_events), "
-            f"(SELECT count(*) FROM {self._s}.tidings_events "
-            "WHERE position > $1 AND position <= $1 + $2)",
-            settled,
-            _COUNTED,
+        newest, reached = await conn.fetchrow(
+            f"SELECT newest, reached FROM ({self._reach_sql('$1')}) AS h", settled
         )
-        if newest <= settled:
-            return int(newest)
-        if self._no_hole(settled, newest, count):
-            self._settled_to = newest
-            return int(newest)
+        quick = self._reached(settled, newest, reached)
+        if quick is not None:
+            return quick
         # Every position drawn so far is at most the sequence's last value; once every
         # transaction older than an id taken after reading it has ended, all are settled.
         drawn = await conn.fetchval(

@@ -146,6 +146,7 @@ class PostgresEventStore(
         self._listening = False
         self._holes: dict[int, int] = {}  # first position of a hole -> guard transaction id
         self._skipped: set[int] = set()  # positions known never to be used
+        self._young: dict[int, float] = {}  # a hole the reads stop at -> when first seen
         self._settled_to = 0  # every position up to it is committed or never will be
 
     @classmethod
@@ -181,7 +182,8 @@ class PostgresEventStore(
         self._pool = pool
         try:
             await self._prepare()
-            self._held = await pool.acquire()
+            if self.max_size > 1:  # else the pool's one connection would never come back
+                self._held = await pool.acquire()
         except BaseException:
             await pool.close()
             raise
