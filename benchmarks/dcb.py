@@ -118,9 +118,9 @@ FULL = DCBSizes(
 QUICK = DCBSizes(
     rounds=1,
     pg_blocks=2,
-    pg_block_decisions=64,
+    pg_block_decisions=256,
     sqlite_blocks=2,
-    sqlite_block_decisions=96,
+    sqlite_block_decisions=384,
     cost_appends=200,
 )
 

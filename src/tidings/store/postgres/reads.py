@@ -125,15 +125,14 @@ class PostgresReading(PostgresCore):
     def _reach_sql(self, since: str) -> str:
         """`SELECT newest, reached`: the newest position, and the last position up to which
         every one after `since` is present (at most `_SETTLING` past it), in one snapshot.
-        A window over the positions since `since`: the first whose successor is not the
-        next number ends the unbroken run."""
+        In the unbroken run after `since`, a position less its rank is `since`; past the
+        first hole it is more, so the run's length is a count."""
         events = f"{self._s}.tidings_events"
         return (
-            "SELECT n.newest, (SELECT min(g.position) FROM (SELECT w.position, "
-            "lead(w.position) OVER (ORDER BY w.position) AS next FROM ("
-            f"SELECT {since}::bigint AS position UNION ALL SELECT position FROM {events} "
-            f"WHERE position > {since} AND position <= least(n.newest, {since} + {_SETTLING})"
-            ") AS w) AS g WHERE g.next IS DISTINCT FROM g.position + 1) AS reached "
+            f"SELECT n.newest, {since} + (SELECT count(*) FROM (SELECT position - "
+            f"row_number() OVER (ORDER BY position) AS d FROM {events} WHERE position > {since} "
+            f"AND position <= least(n.newest, {since} + {_SETTLING})) AS w "
+            f"WHERE w.d = {since}) AS reached "
             f"FROM (SELECT coalesce(max(position), 0) AS newest FROM {events}) AS n"
         )
 
@@ -141,8 +140,9 @@ class PostgresReading(PostgresCore):
         """The settled position a reach statement shows, or None when `_settled` must
         decide: the hole at `reached + 1` is one known never to fill, has stayed longer
         than `_PATIENCE`, or the run stopped at `_SETTLING` positions without a hole."""
-        for position in [p for p in self._young if p <= reached]:
-            del self._young[position]
+        if self._young:
+            for position in [p for p in self._young if p <= reached]:
+                del self._young[position]
         if reached >= newest:
             self._settled_to = max(self._settled_to, newest)
             return max(known, newest)
