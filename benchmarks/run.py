@@ -61,6 +61,11 @@ Scenario 24 (segments.py) is a projection's catch-up with `segments=2` and about
 per event in its handler, by two worker processes dividing the segments by lease against one
 worker process running both (target 1.6x).
 
+Scenario 25 (partitions.py, on the Kafka of 20-21) is a consumer group scaled out by
+processes: 1, 2, 4 and 6 member processes on a topic of 4 partitions, each member handling one
+event at a time with 5 ms of awaited I/O; the row is 4 members against 1 (target 3x), the
+others are recorded (6 members: no faster than 4, as two of them get no partition).
+
 `make bench-scale` (`run.py --scale`) runs, instead of all of the above, the scaling section
 (scale.py): how the stores' cost grows with the log, at 10^5, 10^6 and 10^7 events
 (`--scale-sizes 20000,50000` for a small run): append, read_all and subscription catch-up
@@ -73,9 +78,9 @@ benchmarks/scale.png (matplotlib, from the dev extra).
     .venv/bin/python benchmarks/run.py --scale --scale-sizes 20000,50000   # a smoke run
 
 `--only` runs some scenarios: `sqlite` (1-8, 19, 24), `postgres` (9-11), a broker (`redis`,
-`nats`, `rabbitmq`, `kafka`: its publish and consume rows), `brokers` (all of those), `relay`
-(18, on the brokers named, or all), `dcb` (22-23); e.g. `--only kafka`. Its results go to
-benchmarks/results-only.json unless --json says otherwise.
+`nats`, `rabbitmq`, `kafka`: its publish and consume rows, and 25 for Kafka), `brokers` (all
+of those), `relay` (18, on the brokers named, or all), `dcb` (22-23); e.g. `--only kafka`.
+Its results go to benchmarks/results-only.json unless --json says otherwise.
 
 Prints one table (tidings, the baseline, their ratio, the target, pass or missed) and writes the
 same numbers to benchmarks/results.json (a --quick run writes results-quick.json instead, so it
@@ -112,6 +117,7 @@ from rich.table import Table
 import aggregates
 import brokers
 import dcb
+import partitions
 import peer_eventsourcing
 import postgres_store
 import projections
@@ -152,6 +158,7 @@ class Sizes:
     broker_messages: int
     broker_warm: int
     relay_events: int
+    group_events: int  # scenario 25, a multiple of partitions.KEYS
 
 
 PG_WRITERS = 16
@@ -182,6 +189,7 @@ FULL = Sizes(
     broker_messages=5000,
     broker_warm=50,
     relay_events=20_000,
+    group_events=2048,
 )
 QUICK = Sizes(
     single_appends=1000,
@@ -207,6 +215,7 @@ QUICK = Sizes(
     broker_messages=200,
     broker_warm=20,
     relay_events=1000,
+    group_events=1024,
 )
 
 
@@ -924,7 +933,39 @@ def broker_rows(
                     pair,
                 )
             )
+        if key == "kafka":
+            rows.append(group_row(sizes, target, phases))
     return rows, skipped
+
+
+GROUP_TARGET = 3.0  # 4 members on 4 partitions against 1: 75% of linear
+
+
+def group_row(sizes: Sizes, target: brokers.Target, phases: Phases) -> Row:
+    """Scenario 25: a Kafka consumer group of 4 member processes against 1 (2 and 6 in the
+    row's info)."""
+    n = sizes.group_events
+    r = 1 if sizes.rounds == 1 else 2
+    sides = len(partitions.MEMBERS)
+    with phases.phase(
+        f"25. Kafka group, {'/'.join(map(str, partitions.MEMBERS))} members on "
+        f"{partitions.PARTITIONS} partitions ({r} round{'s' * (r > 1)} x {sides} sides)",
+        r * sides * n,
+    ) as advance:
+        assert isinstance(target, brokers.KafkaTarget)
+        measured = partitions.scale_out(target.tidings_url, n, r, advance)
+    return Row(
+        "kafka_group_scale_out",
+        f"25. Kafka group, {partitions.PARTITIONS} members vs 1 ({partitions.PARTITIONS} "
+        f"partitions, {partitions.WORK_MS:g} ms I/O per event)",
+        "events/s",
+        best(measured.tidings),
+        best(measured.raw),
+        "1 member process, the same group work",
+        GROUP_TARGET,
+        f">= {GROUP_TARGET:g}x one member",
+        measured,
+    )
 
 
 # Scenario 18, per broker: the outbox relay from the SQLite store against a raw loop.
@@ -1008,7 +1049,8 @@ def table(rows: list[Row], skipped: list[Skipped], title: str) -> Table:
             "publishing a SQLite store to each broker (OutboxRelay.catch_up(), batches of 500, "
             "a checkpoint per batch) against a raw sqlite3 + client loop doing the same. "
             "20-21: 12-17 on Kafka (a Tansu broker on memory storage unless --kafka names a "
-            "cluster) against raw aiokafka (a) and faststream (b)."
+            "cluster) against raw aiokafka (a) and faststream (b). 25: events/s of a Kafka "
+            "consumer group of 4 member processes against 1 (5 ms awaited I/O per event)."
         ),
         caption_justify="left",
     )
