@@ -13,10 +13,10 @@ The rate is of the events handled while every busy member is at work (from the l
 first event to the first one's last), as the members' clocks (one machine) stamped them, so
 a member that started a moment late does not count as slowness (Tansu answers one member's
 SyncGroup about 1 s after the others' now and then: a broker artefact, not the group's rate;
-a side whose window is shorter than `MIN_WINDOW` is timed from its first event). Sides M = 1, 2, 4, 6 in
-turn, best of the rounds. Each side is checked: every event handled, and within each member
-each key's events in publish order (a key lives in one partition, a partition in one
-member); events handled twice (a rebalance mid-stream) are counted and recorded.
+a side whose window is shorter than `MIN_WINDOW` is timed from its first event). Sides
+M = 1, 2, 4, 6 in turn, best of the rounds. Each side is checked: every event handled, and
+within each member each key's events in publish order (a key lives in one partition, a
+partition in one member); events handled twice (a rebalance mid-stream) are counted and recorded.
 
 With I/O-bound handlers a member's rate is about 1 / (WORK_MS + its overhead), so the group's
 grows with members up to the partition count (4) and not beyond: a fifth and sixth member get
