@@ -223,27 +223,33 @@ async def _side(
     }
 
 
-def scale_out(url: str, events: int, rounds: int, advance: Callable[[int], None]) -> Measured:
+def scale_out(
+    url: str,
+    events: int,
+    rounds: int,
+    advance: Callable[[int], None],
+    sides: tuple[int, ...] = MEMBERS,
+) -> Measured:
     """Events/s of a consumer group: `tidings` = 4 member processes, `raw` = 1; every
-    member count's rates in `info`."""
+    member count's rates (of `sides`, which must hold 1 and 4) in `info`."""
     url = _urls(url)
     tag = uuid.uuid4().hex[:8]
     topic = f"bench-{tag}-partitions"
     groups = {
         (number, members): f"bench-{tag}-{number}-{members}"
         for number in range(rounds)
-        for members in MEMBERS
+        for members in sides
     }
     asyncio.run(_publish(url, topic, list(groups.values()), events))
-    rates: dict[int, list[float]] = {members: [] for members in MEMBERS}
-    twice: dict[int, int] = dict.fromkeys(MEMBERS, 0)
-    busy: dict[int, int] = dict.fromkeys(MEMBERS, 0)
+    rates: dict[int, list[float]] = {members: [] for members in sides}
+    twice: dict[int, int] = dict.fromkeys(sides, 0)
+    busy: dict[int, int] = dict.fromkeys(sides, 0)
     spread: dict[int, list[int]] = {}
-    stagger: dict[int, float] = dict.fromkeys(MEMBERS, 0.0)
+    stagger: dict[int, float] = dict.fromkeys(sides, 0.0)
     with tempfile.TemporaryDirectory() as folder:
         Path(folder, "partitions_member.py").write_text(WORKER)
         for number in range(rounds):
-            order = MEMBERS if number % 2 == 0 else MEMBERS[::-1]
+            order = sides if number % 2 == 0 else sides[::-1]
             for members in order:
                 found = asyncio.run(
                     _side(url, folder, topic, groups[number, members], members, events, advance)
@@ -263,13 +269,13 @@ def scale_out(url: str, events: int, rounds: int, advance: Callable[[int], None]
             "keys": KEYS,
             "handler": f"await asyncio.sleep({WORK_MS / 1000:g}) per event, one at a time "
             "per member (Service concurrency=1)",
-            "members": list(MEMBERS),
-            "events_per_s_by_members": {str(m): round(best[m]) for m in MEMBERS},
-            "speedup_by_members": {str(m): round(best[m] / best[1], 2) for m in MEMBERS},
-            "members_with_work": {str(m): busy[m] for m in MEMBERS},
-            "events_per_member": {str(m): spread[m] for m in MEMBERS},
-            "largest_start_stagger_s": {str(m): round(stagger[m], 3) for m in MEMBERS},
-            "handled_twice_by_members": {str(m): twice[m] for m in MEMBERS},
+            "members": list(sides),
+            "events_per_s_by_members": {str(m): round(best[m]) for m in sides},
+            "speedup_by_members": {str(m): round(best[m] / best[1], 2) for m in sides},
+            "members_with_work": {str(m): busy[m] for m in sides},
+            "events_per_member": {str(m): spread[m] for m in sides},
+            "largest_start_stagger_s": {str(m): round(stagger[m], 3) for m in sides},
+            "handled_twice_by_members": {str(m): twice[m] for m in sides},
             "timed": "while every busy member is at work: from the last one's first event to "
             "the first one's last (member clocks; one machine); joins and their stagger excluded",
         },

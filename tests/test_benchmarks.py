@@ -2,8 +2,9 @@
 
 The PostgreSQL scenarios (9-11) run against the server the store tests use
 (`$TIDINGS_TEST_POSTGRES`), the broker and outbox relay scenarios (12-18) against Redis, NATS
-and RabbitMQ; a server that is not running must have its rows reported as skipped, saying
-why, and the rest of the run must still complete.
+and RabbitMQ, Kafka's (20-21, 25) against the Tansu broker the run starts; a server that is
+not running must have its rows reported as skipped, saying why, and the rest of the run must
+still complete.
 """
 
 from __future__ import annotations
@@ -67,6 +68,12 @@ def test_quick_benchmark_run_reports_every_scenario(tmp_path: Path) -> None:
             assert set(results["scenarios"]) >= rows, results["skipped"]
         else:
             assert set(results["skipped"]) >= rows
+    kafka = {f"kafka_{side}" for side in BROKER_ROWS} | {"kafka_group_scale_out"}
+    if REQUIRE_SERVICES or not set(results["skipped"]) & kafka:  # Tansu, started by the run
+        assert set(results["scenarios"]) >= kafka, results["skipped"]
+        group = results["scenarios"]["kafka_group_scale_out"]["parameters"]
+        assert group["members_with_work"] == {"1": 1, "4": 4}  # every partition had a member
+        assert group["events_per_member"]["4"] == [group["events"] // 4] * 4
     dcb = {  # scenarios 22-23: conditioned appends
         "dcb_pg_disjoint_16",
         "dcb_pg_overlap_16",
