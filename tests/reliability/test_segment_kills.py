@@ -129,6 +129,12 @@ async def test_sigkilled_workers_segments_are_taken_over_and_nothing_is_applied_
                         )
                     )
                     workers = [b, await start_worker(shared_url, tmp_path, f"w{kill + 2}")]
+                # The last newcomer gets its share too (and is past its start-up, where a
+                # SIGTERM could only kill it: its handler is not installed yet).
+                a, b = workers
+                await until(
+                    lambda a=a, b=b: holding(a) and holding(b), 30, "both workers holding"
+                )
                 await asyncio.sleep(0.5)
             finally:
                 writing = False
