@@ -34,6 +34,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, urlencode
 
 from sqlite_store import Measured
 
@@ -105,8 +106,10 @@ def balanced_keys() -> list[str]:
 
 
 def _urls(url: str) -> str:
-    """The broker URL with this scenario's partition count."""
-    return url + ("&" if "?" in url else "?") + f"partitions={PARTITIONS}"
+    """The broker URL with this scenario's partition count (in place of any other)."""
+    base, _, query = url.partition("?")
+    options = {**dict(parse_qsl(query)), "partitions": str(PARTITIONS)}
+    return f"{base}?{urlencode(options)}"
 
 
 async def _publish(url: str, topic: str, groups: list[str], events: int) -> None:
