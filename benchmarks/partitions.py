@@ -96,7 +96,7 @@ def balanced_keys() -> list[str]:
 
     per: dict[int, list[str]] = defaultdict(list)
     n = 0
-    while min((len(per[p]) for p in range(PARTITIONS)), default=0) < KEYS // PARTITIONS:
+    while min(len(per[p]) for p in range(PARTITIONS)) < KEYS // PARTITIONS:
         key = f"k{n}"
         part = (murmur2(key.encode()) & 0x7FFFFFFF) % PARTITIONS
         if len(per[part]) < KEYS // PARTITIONS:

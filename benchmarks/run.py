@@ -159,6 +159,8 @@ class Sizes:
     broker_warm: int
     relay_events: int
     group_events: int  # scenario 25, a multiple of partitions.KEYS
+    group_sides: tuple[int, ...]  # its member counts (1 and 4 among them)
+    group_rounds: int
 
 
 PG_WRITERS = 16
@@ -190,6 +192,8 @@ FULL = Sizes(
     broker_warm=50,
     relay_events=20_000,
     group_events=2048,
+    group_sides=partitions.MEMBERS,
+    group_rounds=2,
 )
 QUICK = Sizes(
     single_appends=1000,
@@ -216,6 +220,8 @@ QUICK = Sizes(
     broker_warm=20,
     relay_events=1000,
     group_events=1024,
+    group_sides=(1, partitions.PARTITIONS),  # a smoke run: the row's two sides
+    group_rounds=1,
 )
 
 
@@ -944,10 +950,7 @@ GROUP_TARGET = 3.0  # 4 members on 4 partitions against 1: 75% of linear
 def group_row(sizes: Sizes, target: brokers.Target, phases: Phases) -> Row:
     """Scenario 25: a Kafka consumer group of 4 member processes against 1 (2 and 6 in the
     row's info; a quick run measures only 1 and 4)."""
-    n = sizes.group_events
-    quick = sizes.rounds == 1
-    r = 1 if quick else 2
-    sides = (1, partitions.PARTITIONS) if quick else partitions.MEMBERS  # a smoke run: 2 sides
+    n, r, sides = sizes.group_events, sizes.group_rounds, sizes.group_sides
     with phases.phase(
         f"25. Kafka group, {'/'.join(map(str, sides))} members on "
         f"{partitions.PARTITIONS} partitions ({r} round{'s' * (r > 1)} x {len(sides)} sides)",
