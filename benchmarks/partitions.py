@@ -195,8 +195,7 @@ async def _side(
             if proc.returncode is None:
                 proc.terminate()
         await asyncio.gather(*(proc.wait() for proc in procs))
-        for reader in readers:
-            reader.cancel()
+        await asyncio.gather(*readers)  # to each member's end of output: late doubles count
     stamps = [stamp for member in handled for stamp, _, _ in member]
     total = sum(len(member) for member in handled)
     for member in handled:  # a key's events in publish order within each member
@@ -221,7 +220,7 @@ async def _side(
         "rate_from_first": from_first,
         "stagger_s": began - min(stamps),
         "handled_twice": total - events,
-        "busy_members": sum(1 for member in handled if member),
+        "busy_members": len(busy),
         "per_member": sorted(len(member) for member in handled),
     }
 
